@@ -1,0 +1,152 @@
+"""FAISS index wrapper: HNSW (inner product on normalised vectors) or exact flat, with a manifest.
+
+On disk an index is two files in one folder:
+  `<name>.<sha12>.faiss`  the FAISS index, named by its content hash;
+  `<name>.json`           the manifest sidecar, pointing at that file.
+Both are written atomically and the manifest goes last, so its rename is the single commit point: a
+process killed mid-write leaves the previous manifest pointing at the previous, whole index file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from numpy.typing import NDArray
+
+from clipsearch.manifest import ArtifactError, now_iso, read_json, save_with, sha256_file, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+METRIC = "inner_product"
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    kind: str = "hnsw"  # "hnsw" or "flat"
+    m: int = 16
+    ef_construction: int = 200
+    ef_search: int = 100
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("hnsw", "flat"):
+            raise ValueError(f"index kind must be 'hnsw' or 'flat', not {self.kind!r}")
+        if min(self.m, self.ef_construction, self.ef_search) < 1:
+            raise ValueError("M, efConstruction and efSearch must be positive")
+
+
+def as_float32(vectors: np.ndarray) -> NDArray[np.float32]:
+    arr = np.ascontiguousarray(vectors, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2-D array of vectors, got shape {arr.shape}")
+    return arr
+
+
+def build_faiss(vectors: np.ndarray, params: IndexParams) -> faiss.Index:
+    x = as_float32(vectors)
+    d = x.shape[1]
+    if params.kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    else:
+        index = faiss.IndexHNSWFlat(d, params.m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params.ef_construction
+        index.hnsw.efSearch = params.ef_search
+    index.add(x)
+    return index
+
+
+class VectorIndex:
+    """A FAISS index plus its manifest; `search` returns (scores, row ids) like FAISS."""
+
+    def __init__(self, index: faiss.Index, params: IndexParams, manifest: dict[str, Any]):
+        self.index = index
+        self.params = params
+        self.manifest = manifest
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, params: IndexParams, **manifest_extra: Any) -> "VectorIndex":
+        t0 = time.perf_counter()
+        index = build_faiss(vectors, params)
+        manifest = {
+            "kind": params.kind,
+            "metric": METRIC,
+            "params": asdict(params),
+            "count": int(index.ntotal),
+            "dim": int(index.d),
+            "build_seconds": round(time.perf_counter() - t0, 3),
+            **manifest_extra,
+        }
+        return cls(index, params, manifest)
+
+    def search(self, queries: np.ndarray, k: int, ef_search: int | None = None
+               ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        q = as_float32(queries)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query dim {q.shape[1]} != index dim {self.dim}")
+        k = max(1, min(int(k), self.ntotal))
+        if self.params.kind == "hnsw":
+            # per-call parameters keep concurrent searches with different efSearch thread-safe
+            sp = faiss.SearchParametersHNSW(efSearch=max(ef_search or self.params.ef_search, k))
+            scores, ids = self.index.search(q, k, params=sp)
+        else:
+            scores, ids = self.index.search(q, k)
+        return scores, ids
+
+    def save(self, folder: str | Path, name: str) -> Path:
+        """Write `<name>.<sha12>.faiss` then `<name>.json`; remove this name's older index files."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp_name = folder / f".{name}.staging.faiss"
+        save_with(tmp_name, lambda p: faiss.write_index(self.index, str(p)))
+        sha = sha256_file(tmp_name)
+        final = folder / f"{name}.{sha[:12]}.faiss"
+        tmp_name.replace(final)
+        manifest = {**self.manifest, "index_file": final.name, "index_sha256": sha, "created": now_iso()}
+        write_json_atomic(folder / f"{name}.json", manifest)
+        self.manifest = manifest
+        for old in folder.glob(f"{name}.*.faiss"):
+            if old != final:
+                old.unlink(missing_ok=True)
+        return folder / f"{name}.json"
+
+    @classmethod
+    def load(cls, manifest_path: str | Path, verify: bool = True) -> "VectorIndex":
+        manifest_path = Path(manifest_path)
+        manifest = read_json(manifest_path)
+        try:
+            index_path = manifest_path.parent / manifest["index_file"]
+            params = IndexParams(**manifest["params"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"index manifest {manifest_path} is malformed ({exc})") from exc
+        if not index_path.is_file():
+            raise ArtifactError(f"index file missing: {index_path}")
+        if verify and sha256_file(index_path) != manifest.get("index_sha256"):
+            raise ArtifactError(f"index file {index_path.name} does not match its manifest (corrupt?)")
+        try:
+            index = faiss.read_index(str(index_path))
+        except RuntimeError as exc:
+            raise ArtifactError(f"cannot read FAISS index {index_path.name}: corrupt file") from exc
+        if index.ntotal != manifest.get("count") or index.d != manifest.get("dim"):
+            raise ArtifactError(f"index {index_path.name} has {index.ntotal}x{index.d} vectors, "
+                                f"manifest says {manifest.get('count')}x{manifest.get('dim')}")
+        return cls(index, params, manifest)
+
+
+def recall_vs_exact(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean overlap |approx top-k ∩ exact top-k| / k (FAISS's "k-recall@k")."""
+    k = exact_ids.shape[1]
+    hits = sum(len(set(a[a >= 0]) & set(e)) for a, e in zip(approx_ids[:, :k], exact_ids))
+    return hits / (k * exact_ids.shape[0])

