@@ -1,0 +1,1 @@
+"""Offline pipeline: dataset download/preparation, embedding, indexing, evaluation."""
