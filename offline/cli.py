@@ -1,0 +1,233 @@
+"""`python -m offline <stage>`: one subcommand per stage, and `build` to run them in order.
+
+Every stage is idempotent: run twice with the same inputs, the second run reuses the outputs.
+`main(argv)` returns an exit code instead of exiting, so tests call it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("offline")
+
+DEFAULT_OUT = Path("artifacts")
+DEFAULT_DATA = Path("data/flickr8k")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="artifacts folder every stage reads from and writes to (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch/faiss CPU threads; 0 = all cores (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="recompute even if outputs are up to date")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", type=Path, required=required, default=None if required else None,
+                   help="dataset: a folder in the original Flickr8k layout (Flicker8k_Dataset/ or Images/ "
+                        "+ Flickr8k.token.txt + split lists) or the Kaggle layout (Images/ + captions.txt), "
+                        "or a .jsonl/.csv file of {image, caption} records")
+    p.add_argument("--split", choices=("official", "random"), default="official",
+                   help="how to split images into train/val/test (default: %(default)s)")
+    p.add_argument("--ratios", default="0.7,0.15,0.15",
+                   help="train,val,test image fractions for --split random (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --split random (default: %(default)s)")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    from clipsearch.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="open_clip model name, or lit-effnet-minilm (offline model) (default: %(default)s)")
+    p.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
+                   help="open_clip pretrained tag (downloads), a local checkpoint file, or 'none' for "
+                        "random weights (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="DataLoader workers decoding JPEGs beside the forward pass (default: %(default)s)")
+
+
+def _add_eval_split(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-split", default="test", choices=("train", "val", "test"),
+                   help="which split to embed, index and evaluate (default: %(default)s)")
+
+
+def _add_index(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--m", type=int, default=16, help="HNSW M (default: %(default)s)")
+    p.add_argument("--ef-construction", type=int, default=200, help="HNSW efConstruction (default: %(default)s)")
+    p.add_argument("--ef-search", type=int, default=100, help="HNSW efSearch (default: %(default)s)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the efSearch sweep and its plot")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m offline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    p = sub.add_parser("prepare", help="validate a dataset and write image-disjoint splits (JSONL)")
+    _add_common(p)
+    _add_data(p, required=True)
+
+    p = sub.add_parser("download", help="download and unpack the public Flickr8k archives")
+    p.add_argument("--dest", type=Path, default=DEFAULT_DATA, help="where to put the data (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="download again even if present")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    p = sub.add_parser("embed", help="embed a split's images and captions")
+    _add_common(p)
+    _add_model(p)
+    _add_eval_split(p)
+
+    p = sub.add_parser("index", help="build HNSW + exact indexes and run the efSearch sweep")
+    _add_common(p)
+    _add_eval_split(p)
+    _add_index(p)
+
+    p = sub.add_parser("evaluate", help="Recall@K both directions, exact and through HNSW")
+    _add_common(p)
+    _add_eval_split(p)
+
+    p = sub.add_parser("build", help="prepare → (finetune) → embed → index → evaluate")
+    _add_common(p)
+    _add_data(p, required=False)
+    p.add_argument("--download", action="store_true",
+                   help="download Flickr8k into --data (default data/flickr8k) if it is not there")
+    _add_model(p)
+    _add_eval_split(p)
+    _add_index(p)
+    return parser
+
+
+def _setup(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("huggingface_hub", "urllib3", "httpx", "root", "timm", "open_clip"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    threads = getattr(args, "threads", 0) or os.cpu_count() or 1
+    import faiss
+    import torch
+
+    # explicit thread counts: torch and faiss each default to all cores and oversubscribe together
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def _ratios(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise ValueError(f"--ratios must be three comma-separated numbers, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _load(args: argparse.Namespace):
+    from clipsearch.models import load_model
+
+    return load_model(args.model, args.pretrained, args.device)
+
+
+def run_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from offline.data import prepare
+
+    return prepare(args.data, args.out, split=args.split, ratios=_ratios(args.ratios), seed=args.seed,
+                   force=args.force, workers=max(1, args.threads or os.cpu_count() or 1))
+
+
+def run_download(args: argparse.Namespace) -> dict[str, Any]:
+    from offline.download import download
+
+    return {"data": str(download(args.dest, force=args.force))}
+
+
+def run_embed(args: argparse.Namespace, loaded=None) -> dict[str, Any]:
+    from offline.embed import embed
+
+    loaded = loaded or _load(args)
+    return embed(args.out, args.eval_split, loaded, batch_size=args.batch_size, workers=args.workers,
+                 force=args.force)
+
+
+def run_index(args: argparse.Namespace) -> dict[str, Any]:
+    from clipsearch.index import IndexParams
+    from offline.index import build_indexes
+
+    params = IndexParams("hnsw", args.m, args.ef_construction, args.ef_search)
+    res = build_indexes(args.out, args.eval_split, params, force=args.force, sweep=not args.no_sweep)
+    if "sweep" in res:
+        for row in res["sweep"]["rows"]:
+            if row["ef_search"] == args.ef_search:
+                log.info("HNSW %s efSearch=%d: recall@10 vs exact %.4f, %.3f ms/query", row["index"],
+                         row["ef_search"], row.get("recall@10", float("nan")), row["ms_per_query"])
+        res["sweep"] = {k: res["sweep"][k] for k in ("json", "png")}
+    return res
+
+
+def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from offline.evaluate import evaluate, format_table
+
+    rec = evaluate(args.out, args.eval_split)
+    print(format_table(rec))
+    return {k: rec[k] for k in rec if k.startswith(("text_to_image_R@", "image_to_text_R@"))} | \
+        {"json": str(Path(args.out) / "results" / f"recall_{args.eval_split}.json")}
+
+
+def run_build(args: argparse.Namespace) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    summary: dict[str, Any] = {}
+
+    def stage(name: str, fn, *a):
+        t = time.perf_counter()
+        log.info("── %s", name)
+        summary[name] = fn(*a)
+        timings[name] = round(time.perf_counter() - t, 2)
+
+    if args.data is None:
+        args.data = DEFAULT_DATA
+    if args.download and not Path(args.data).exists():
+        args.dest = args.data
+        stage("download", run_download, args)
+    stage("prepare", run_prepare, args)
+    loaded = _load(args)
+    stage("embed", run_embed, args, loaded)
+    stage("index", run_index, args)
+    stage("evaluate", run_evaluate, args)
+    summary["timings_seconds"] = timings
+    return summary
+
+
+COMMANDS = {"prepare": run_prepare, "download": run_download, "embed": run_embed, "index": run_index,
+            "evaluate": run_evaluate, "build": run_build}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from clipsearch.manifest import ArtifactError
+    from clipsearch.models import ModelLoadError
+    from offline.data import DataError
+    from offline.download import DownloadError
+
+    args = build_parser().parse_args(argv)
+    _setup(args)
+    t0 = time.perf_counter()
+    try:
+        result = COMMANDS[args.command](args)
+    except (DataError, ModelLoadError, ArtifactError, DownloadError, ValueError) as exc:
+        log.debug("stage failed", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished parts are kept and a rerun resumes from them", file=sys.stderr)
+        return 130
+    log.info("%s done in %.1f s", args.command, time.perf_counter() - t0)
+    print(json.dumps(result, indent=2, default=str))
+    return 0

@@ -1,0 +1,184 @@
+"""The `embed` stage: L2-normalised image and caption embeddings for a split.
+
+Output (`<out>/embeddings/<split>/`): `images.npy` + `images.json` (image records in row order),
+`texts.npy` + `texts.json` (caption records in row order) and `manifest.json` (model identity, data
+hash, counts, created). Images and captions are two parts, each committed on its own, so a run that
+is interrupted resumes at the part it had not finished; unchanged inputs reuse both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from clipsearch.encoder import ClipEncoder
+from clipsearch.images import ImageDecodeError, decode_image
+from clipsearch.manifest import now_iso, read_json, save_npy_atomic, sha256_file, sha256_json, write_json_atomic
+from clipsearch.models import LoadedModel
+from offline.data import read_split
+
+log = logging.getLogger(__name__)
+
+EMBED_FORMAT = 1
+
+
+def embeddings_dir(out: Path, split: str) -> Path:
+    return Path(out) / "embeddings" / split
+
+
+class ImageFiles(Dataset):
+    """Decodes and preprocesses images in DataLoader workers; a bad file yields None, not a crash."""
+
+    def __init__(self, paths: list[str], preprocess: Any):
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return i, self.preprocess(decode_image(self.paths[i])), None
+        except ImageDecodeError as exc:
+            return i, None, str(exc)
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):
+    ok = [(i, t) for i, t, _ in batch if t is not None]
+    bad = [(i, err) for i, t, err in batch if t is None]
+    pixels = torch.stack([t for _, t in ok]) if ok else None
+    return [i for i, _ in ok], pixels, bad
+
+
+def split_records(out: Path, split: str) -> tuple[list[dict], list[dict], str]:
+    """Unique images (sorted by id) and captions of a split, plus the split file's hash."""
+    path = Path(out) / "splits" / f"{split}.jsonl"
+    captions = read_split(path)
+    images: dict[str, str] = {}
+    for rec in captions:
+        images.setdefault(rec["image_id"], rec["image_path"])
+    image_recs = [{"image_id": k, "image_path": images[k]} for k in sorted(images)]
+    text_recs = [{"caption_id": r["caption_id"], "image_id": r["image_id"], "caption": r["caption"]}
+                 for r in captions]
+    return image_recs, text_recs, sha256_file(path)
+
+
+def embed_images(loaded: LoadedModel, paths: list[str], batch_size: int, workers: int,
+                 desc: str = "images") -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """Encode image files; returns (vectors of the good rows, their indices, bad (index, reason))."""
+    encoder = ClipEncoder(loaded, batch_size=batch_size)
+    loader = DataLoader(ImageFiles(paths, loaded.preprocess), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_collate,
+                        pin_memory=loaded.device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    vecs, kept, bad = [], [], []
+    with tqdm(total=len(paths), desc=desc, unit="img") as bar:
+        for idx, pixels, errs in loader:
+            if pixels is not None:
+                vecs.append(encoder.encode_pixels(pixels).cpu().numpy())
+                kept.extend(idx)
+            bad.extend(errs)
+            bar.update(len(idx) + len(errs))
+    arr = np.concatenate(vecs).astype(np.float32) if vecs else np.zeros((0, encoder.dim), np.float32)
+    return arr, kept, bad
+
+
+def embed_texts(loaded: LoadedModel, captions: list[str], batch_size: int) -> np.ndarray:
+    encoder = ClipEncoder(loaded, batch_size=batch_size)
+    parts = []
+    for i in tqdm(range(0, len(captions), batch_size), desc="captions", unit="batch"):
+        parts.append(encoder.encode_texts(captions[i:i + batch_size]))
+    return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+
+
+def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, workers: int = 2,
+          force: bool = False) -> dict[str, Any]:
+    """Embed one split's images and captions; reuse what is already there for the same inputs."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    edir = embeddings_dir(out, split)
+    edir.mkdir(parents=True, exist_ok=True)
+    image_recs, text_recs, data_hash = split_records(out, split)
+    identity = loaded.identity.to_dict()
+    key = sha256_json({"format": EMBED_FORMAT, "model": identity, "data": data_hash})
+    manifest_path = edir / "manifest.json"
+    manifest: dict[str, Any] = {}
+    if manifest_path.is_file() and not force:
+        try:
+            manifest = read_json(manifest_path)
+        except Exception:  # a corrupt manifest just means "recompute"
+            manifest = {}
+    if manifest.get("key") != key:
+        manifest = {"key": key, "parts": {}}
+    parts = manifest.setdefault("parts", {})
+    timings: dict[str, float] = {}
+
+    if parts.get("images") == key and (edir / "images.npy").is_file():
+        log.info("embed[%s]: image embeddings up to date, reused", split)
+        image_recs = read_json(edir / "images.json")
+    else:
+        t = time.perf_counter()
+        vecs, kept, bad = embed_images(loaded, [r["image_path"] for r in image_recs], batch_size, workers)
+        for i, reason in bad:
+            log.warning("embed[%s]: skipped image %s: %s", split, image_recs[i]["image_id"], reason)
+        manifest["skipped_images"] = [{"image_id": image_recs[i]["image_id"], "reason": r} for i, r in bad]
+        image_recs = [image_recs[i] for i in kept]
+        save_npy_atomic(edir / "images.npy", vecs)
+        write_json_atomic(edir / "images.json", image_recs)
+        parts["images"] = key
+        timings["images_seconds"] = round(time.perf_counter() - t, 2)
+        write_json_atomic(manifest_path, manifest)  # commit the images part before the long text part
+
+    kept_ids = {r["image_id"] for r in image_recs}
+    text_recs = [r for r in text_recs if r["image_id"] in kept_ids]
+    if parts.get("texts") == key and (edir / "texts.npy").is_file():
+        log.info("embed[%s]: caption embeddings up to date, reused", split)
+    else:
+        t = time.perf_counter()
+        vecs = embed_texts(loaded, [r["caption"] for r in text_recs], batch_size)
+        save_npy_atomic(edir / "texts.npy", vecs)
+        write_json_atomic(edir / "texts.json", text_recs)
+        parts["texts"] = key
+        timings["texts_seconds"] = round(time.perf_counter() - t, 2)
+
+    reused = not timings
+    if not reused or "created" not in manifest:
+        manifest.update({
+            "split": split,
+            "model": identity,
+            "data_sha256": data_hash,
+            "counts": {"images": len(image_recs), "texts": len(text_recs)},
+            "dim": identity["embed_dim"],
+            "dtype": "float32",
+            "normalized": True,
+            "created": now_iso(),
+            **timings,
+        })
+        write_json_atomic(manifest_path, manifest)
+    return {"split": split, "dir": str(edir), "reused": reused, "counts": manifest["counts"],
+            "seconds": round(time.perf_counter() - t0, 2), **timings}
+
+
+def load_embeddings(out: Path, split: str) -> dict[str, Any]:
+    """Read a split's embeddings and records back; checks they agree with the manifest."""
+    from clipsearch.manifest import ArtifactError
+
+    edir = embeddings_dir(out, split)
+    manifest = read_json(edir / "manifest.json")
+    if set(manifest.get("parts", {})) != {"images", "texts"} or "counts" not in manifest:
+        raise ArtifactError(f"embeddings in {edir} are incomplete; run the embed stage again")
+    images = np.load(edir / "images.npy")
+    texts = np.load(edir / "texts.npy")
+    image_recs = read_json(edir / "images.json")
+    text_recs = read_json(edir / "texts.json")
+    if len(images) != len(image_recs) or len(texts) != len(text_recs):
+        raise ArtifactError(f"embeddings in {edir} do not match their records; run embed with --force")
+    return {"images": images, "texts": texts, "image_records": image_recs, "text_records": text_recs,
+            "manifest": manifest, "manifest_sha256": sha256_file(edir / "manifest.json")}
