@@ -1,0 +1,80 @@
+"""The service's one settings object, read from the environment once at start-up.
+
+Every variable takes the `CLIPSEARCH_` prefix; the two the deployment docs use most also work without
+it (`ARTIFACTS_DIR`, `SERVE_SPLIT`). A bad value stops the process at start-up with pydantic's
+message instead of surfacing in the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLIPSEARCH_", populate_by_name=True, extra="ignore",
+                                      frozen=True)
+
+    artifacts_dir: Path = Field(
+        Path("artifacts"),
+        validation_alias=AliasChoices("CLIPSEARCH_ARTIFACTS_DIR", "ARTIFACTS_DIR"),
+        description="Root of the offline pipeline's output (embeddings/, indexes/, models/).")
+    serve_split: str = Field(
+        "test", pattern=r"^[A-Za-z0-9_.-]+$",
+        validation_alias=AliasChoices("CLIPSEARCH_SERVE_SPLIT", "SERVE_SPLIT"),
+        description="Which split's embeddings and indexes to serve.")
+    images_dir: Path | None = Field(
+        None, description="Serve image files from this folder (by file name) instead of the "
+                          "absolute paths recorded in images.json, e.g. inside a container.")
+    device: str = Field("auto", description="torch device for the model: auto, cpu, cuda, cuda:1 ...")
+
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1, le=10_000)
+    max_query_chars: int = Field(1000, ge=1, le=100_000)
+    max_upload_bytes: int = Field(10 * MiB, ge=1024)
+    max_image_pixels: int = Field(25_000_000, ge=1)
+
+    cache_size: int = Field(1024, ge=0, description="Response LRU entries; 0 turns the cache off.")
+    inference_threads: int = Field(2, ge=1, description="Worker threads for decode + encode + search.")
+    max_in_flight: int = Field(16, ge=1, description="Search requests admitted at once; more get 429.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads per inference call (torch and faiss); "
+                                "default: CPU cores / inference_threads.")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After header sent with 429 and 503.")
+    verify_index_checksum: bool = Field(True, description="sha256-check index files at start-up.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated allowed origins; empty turns CORS off.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) must not exceed max_k ({self.max_k})")
+        if self.torch_threads is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            object.__setattr__(self, "torch_threads", max(1, (cores or 1) // self.inference_threads))
+        return self
+
+    @property
+    def split_embeddings_dir(self) -> Path:
+        return self.artifacts_dir / "embeddings" / self.serve_split
+
+    @property
+    def split_indexes_dir(self) -> Path:
+        return self.artifacts_dir / "indexes" / self.serve_split
+
+    @property
+    def models_dir(self) -> Path:
+        return self.artifacts_dir / "models"

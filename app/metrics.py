@@ -1,0 +1,69 @@
+"""Prometheus objects for one app instance, in their own registry.
+
+A per-app `CollectorRegistry` (not the process-global one) lets several apps live in one process,
+as they do in the tests. Stage histograms (decode, encode, search, total) let a slow request explain
+itself; cache and index gauges say what the service is serving.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, \
+    generate_latest
+
+from clipsearch.models import is_local_checkpoint
+
+# endpoint -> its stages; children are created up front so dashboards see zeros, not gaps
+STAGES = {"text": ("encode", "search", "total"), "image": ("decode", "encode", "search", "total")}
+# 0.5 ms .. 10 s: a cache hit is sub-millisecond, a big image on a busy CPU can take seconds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("clipsearch_http_requests", "HTTP requests by route template, method "
+                                "and status", ["route", "method", "status"], registry=r)
+        self.stage_seconds = Histogram("clipsearch_stage_seconds", "Time per request stage",
+                                       ["endpoint", "stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.cache_hits = Counter("clipsearch_cache_hits", "Response cache hits", ["endpoint"], registry=r)
+        self.cache_misses = Counter("clipsearch_cache_misses", "Response cache misses", ["endpoint"],
+                                    registry=r)
+        self.cache_entries = Gauge("clipsearch_cache_entries", "Entries in the response cache", registry=r)
+        self.rejected = Counter("clipsearch_rejected_requests", "Search requests turned away with 429 "
+                                "because max_in_flight were running", ["endpoint"], registry=r)
+        self.in_flight = Gauge("clipsearch_in_flight_requests", "Search requests being served", registry=r)
+        self.index_size = Gauge("clipsearch_index_size", "Vectors in each served index", ["index"],
+                                registry=r)
+        self.ready = Gauge("clipsearch_ready", "1 once model and indexes are loaded", registry=r)
+        self.model = Info("clipsearch_model", "The served model and index version", registry=r)
+        for endpoint, stages in STAGES.items():
+            for stage in stages:
+                self.stage_seconds.labels(endpoint, stage)
+            self.cache_hits.labels(endpoint)
+            self.cache_misses.labels(endpoint)
+            self.rejected.labels(endpoint)
+
+    def observe_stages(self, endpoint: str, seconds: dict[str, float]) -> None:
+        for stage, value in seconds.items():
+            self.stage_seconds.labels(endpoint, stage).observe(value)
+
+    def set_served(self, image_count: int, caption_count: int, model: dict[str, Any], version: str,
+                   split: str) -> None:
+        self.index_size.labels("images").set(image_count)
+        self.index_size.labels("texts").set(caption_count)
+        pretrained = model.get("pretrained") or "none"
+        if is_local_checkpoint(pretrained):
+            pretrained = Path(pretrained).name  # the file, not where this host keeps it
+        self.model.info({"model": str(model.get("model")), "pretrained": str(pretrained),
+                         "embed_dim": str(model.get("embed_dim")), "index_version": version,
+                         "split": split})
+        self.ready.set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""HTTP routes: search.py (search and image files), ops.py (health, readiness, metrics)."""

@@ -1,0 +1,36 @@
+"""GET /healthz (process up), GET /readyz (model and indexes loaded), GET /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from app.schemas import HealthResponse, ReadyResponse
+from app.state import get_state
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/healthz", response_model=HealthResponse, summary="Liveness: 200 while the process is up")
+async def healthz() -> HealthResponse:
+    return HealthResponse()
+
+
+@router.get("/readyz", response_model=ReadyResponse, summary="Readiness: 200 once search can answer",
+            responses={503: {"model": ReadyResponse, "description": "Not ready; `reason` says why"}})
+async def readyz(request: Request) -> Response:
+    state = get_state(request)
+    res = state.resources
+    if res is None:
+        body = ReadyResponse(ready=False, reason=state.reason).model_dump(exclude_none=True)
+        return JSONResponse(body, status_code=503,
+                            headers={"Retry-After": str(max(state.settings.retry_after_s, 1))})
+    return JSONResponse(ReadyResponse(
+        ready=True, model=dict(res.model), index_version=res.version, split=res.split,
+        images=res.image_index.ntotal, captions=res.text_index.ntotal).model_dump())
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)")
+async def metrics(request: Request) -> Response:
+    m = get_state(request).metrics
+    return Response(m.render(), media_type=m.content_type)

@@ -1,0 +1,100 @@
+"""What one app instance holds at run time: settings, metrics, cache, admission counter, worker pool,
+and the resources once they are loaded (or the reason they are not)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from app.cache import ResponseCache
+from app.config import Settings
+from app.errors import NotReady
+from app.metrics import Metrics
+from app.resources import Resources
+
+T = TypeVar("T")
+
+
+class InFlightLimiter:
+    """A counter checked without waiting: a full service says so at once instead of queueing."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self) -> bool:
+        with self._lock:
+            if self._count >= self.limit:
+                return False
+            self._count += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+
+class ServiceState:
+    def __init__(self, settings: Settings, resources: Resources | None = None):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.cache = ResponseCache(settings.cache_size)
+        self.limiter = InFlightLimiter(settings.max_in_flight)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self.resources: Resources | None = None
+        self.reason = f"loading model and indexes of split '{settings.serve_split}'"
+        if resources is not None:
+            self.set_ready(resources)
+
+    def set_ready(self, resources: Resources) -> None:
+        self.metrics.set_served(resources.image_index.ntotal, resources.text_index.ntotal,
+                                dict(resources.model), resources.version, resources.split)
+        self.cache.clear()
+        self.resources = resources
+        self.reason = ""
+
+    def set_failed(self, reason: str) -> None:
+        self.resources = None
+        self.reason = reason
+        self.metrics.ready.set(0)
+
+    def require_ready(self) -> Resources:
+        res = self.resources
+        if res is None:
+            raise NotReady(self.reason, headers={"Retry-After": str(max(self.settings.retry_after_s, 1))})
+        return res
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.settings.inference_threads,
+                                                thread_name_prefix="clipsearch-inference")
+            return self._pool
+
+    def close_pool(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work (decode, encode, search) on the bounded inference pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service

@@ -1,0 +1,250 @@
+"""Fakes and tiny fixtures for the service tests.
+
+- `make_dataset`: 12 tiny PNGs (solid colours and two-colour patterns) with 2-3 captions each.
+- `ColorEncoder`: a deterministic fake encoder whose vectors depend on the colour words of a text and
+  the palette colours of an image (plus a little hash noise so no two scores tie), so API tests can
+  predict and assert exact rankings.
+- `build_artifacts`: the on-disk layout the offline pipeline writes (embeddings/<split>/*.json and
+  indexes/<split>/*.hnsw.json + .faiss), built with the real tiny open_clip model `test-tiny-vit`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from numpy.typing import NDArray
+from PIL import Image
+
+from clipsearch.encoder import ClipEncoder
+from clipsearch.index import IndexParams, VectorIndex
+from clipsearch.manifest import now_iso, sha256_file, write_json_atomic
+from clipsearch.models import load_model
+
+from app.config import Settings
+from app.main import create_app
+from app.resources import CaptionRecord, ImageRecord, Resources, make_resources
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 20, 30), "green": (20, 160, 40), "blue": (30, 40, 220), "yellow": (240, 220, 20),
+    "purple": (120, 30, 160), "orange": (250, 140, 0), "white": (250, 250, 250), "black": (5, 5, 5),
+    "gray": (128, 128, 128), "pink": (250, 150, 200), "brown": (110, 60, 20), "teal": (0, 128, 128),
+}
+COLORS = list(PALETTE)
+SOLID = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+PATTERNS = [("stripes", "gray", "pink"), ("checkerboard", "brown", "teal"),
+            ("stripes", "red", "white"), ("checkerboard", "black", "yellow")]
+SIZE = 32
+
+
+def _image(kind: str, a: str, b: str | None = None) -> Image.Image:
+    arr = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
+    arr[:] = PALETTE[a]
+    if kind == "stripes":
+        arr[:, (np.arange(SIZE) // 4) % 2 == 1] = PALETTE[b]
+    elif kind == "checkerboard":
+        yy, xx = np.mgrid[:SIZE, :SIZE]
+        arr[((yy // 8) + (xx // 8)) % 2 == 1] = PALETTE[b]
+    return Image.fromarray(arr, "RGB")
+
+
+def make_dataset(folder: Path) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Write the 12 images to `folder`; return (images.json rows, texts.json rows)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images, texts = [], []
+    specs: list[tuple[str, str, str | None]] = [("solid", c, None) for c in SOLID] + list(PATTERNS)
+    for i, (kind, a, b) in enumerate(specs):
+        image_id = f"{i:02d}_{kind}_{a}{'_' + b if b else ''}.png"
+        path = folder / image_id
+        _image(kind, a, b).save(path)
+        images.append({"image_id": image_id, "image_path": str(path.resolve())})
+        if b is None:
+            caps = [f"a plain {a} square", f"the colour {a} fills everything"]
+            if i % 2 == 0:
+                caps.append(f"nothing but {a}")
+        else:
+            caps = [f"{a} and {b} {kind}", f"a {kind} pattern in {b} and {a}", f"{kind} of {a} with {b}"]
+        for j, cap in enumerate(caps):
+            texts.append({"caption_id": f"{image_id}#{j}", "image_id": image_id, "caption": cap})
+    return images, texts
+
+
+def _hash_unit(key: bytes, dim: int) -> NDArray[np.float32]:
+    seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
+    v = np.random.default_rng(seed).standard_normal(dim)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+class ColorEncoder:
+    """Deterministic fake of the encoder contract: colour words / palette colours + hash noise."""
+
+    NOISE = 0.15
+    dim = len(PALETTE) + 4
+
+    def __init__(self) -> None:
+        self.text_calls = 0
+        self.image_calls = 0
+
+    def _finish(self, concept: NDArray[np.float32], key: bytes) -> NDArray[np.float32]:
+        v = concept + self.NOISE * _hash_unit(key, self.dim)
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+    def text_vector(self, text: str) -> NDArray[np.float32]:
+        concept = np.zeros(self.dim, dtype=np.float32)
+        for word in text.lower().replace(",", " ").split():
+            if word in PALETTE:
+                concept[COLORS.index(word)] = 1.0
+        return self._finish(concept, text.encode())
+
+    def image_vector(self, image: Image.Image) -> NDArray[np.float32]:
+        px = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3)
+        pal = np.array(list(PALETTE.values()), dtype=np.float32)
+        nearest = ((px[:, None, :] - pal[None]) ** 2).sum(-1).argmin(1)
+        share = np.bincount(nearest, minlength=len(pal)) / len(px)
+        concept = np.zeros(self.dim, dtype=np.float32)
+        concept[: len(pal)] = (share >= 0.1).astype(np.float32)
+        return self._finish(concept, np.asarray(image).tobytes())
+
+    def encode_texts(self, texts: Sequence[str]) -> NDArray[np.float32]:
+        self.text_calls += 1
+        return np.stack([self.text_vector(t) for t in texts]).reshape(len(texts), self.dim)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> NDArray[np.float32]:
+        self.image_calls += 1
+        return np.stack([self.image_vector(im) for im in images]).reshape(len(images), self.dim)
+
+
+class GatedEncoder(ColorEncoder):
+    """Blocks inside encode until `release` is set, to hold a request in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def encode_texts(self, texts: Sequence[str]) -> NDArray[np.float32]:
+        self.entered.set()
+        assert self.release.wait(10), "test never released the gated encoder"
+        return super().encode_texts(texts)
+
+
+class BrokenEncoder(ColorEncoder):
+    def encode_texts(self, texts: Sequence[str]) -> NDArray[np.float32]:
+        raise RuntimeError("secret internal detail /srv/models/x.pt")
+
+
+FAKE_MODEL = {"model": "fake-color", "pretrained": None, "checkpoint_sha256": None,
+              "embed_dim": ColorEncoder.dim}
+
+
+def fake_resources(dataset: tuple[list[dict], list[dict]], encoder: ColorEncoder | None = None,
+                   images_dir: Path | None = None) -> Resources:
+    """Resources with exact (flat) indexes over the fake encoder's vectors."""
+    encoder = encoder or ColorEncoder()
+    image_rows, text_rows = dataset
+    base = ColorEncoder()  # index vectors do not count as calls on `encoder`
+    img_vecs = base.encode_images([Image.open(r["image_path"]) for r in image_rows])
+    txt_vecs = base.encode_texts([r["caption"] for r in text_rows])
+    params = IndexParams(kind="flat")
+    image_index = VectorIndex.build(img_vecs, params, model=FAKE_MODEL, split="test")
+    text_index = VectorIndex.build(txt_vecs, params, model=FAKE_MODEL, split="test")
+    return make_resources(encoder, image_index, text_index,
+                          [ImageRecord(r["image_id"], r["image_path"]) for r in image_rows],
+                          [CaptionRecord(r["caption_id"], r["image_id"], r["caption"]) for r in text_rows],
+                          FAKE_MODEL, split="test", images_dir=images_dir)
+
+
+def build_artifacts(root: Path, dataset: tuple[list[dict], list[dict]], pretrained: str | None = None,
+                    split: str = "test") -> Path:
+    """Write what offline embed + index write for `split`, with the real tiny model."""
+    image_rows, text_rows = dataset
+    loaded = load_model("test-tiny-vit", pretrained, device="cpu")
+    encoder = ClipEncoder(loaded)
+    identity = loaded.identity.to_dict()
+    img_vecs = encoder.encode_images([Image.open(r["image_path"]).convert("RGB") for r in image_rows])
+    txt_vecs = encoder.encode_texts([r["caption"] for r in text_rows])
+    emb_dir = root / "embeddings" / split
+    write_json_atomic(emb_dir / "images.json", image_rows)
+    write_json_atomic(emb_dir / "texts.json", text_rows)
+    write_json_atomic(emb_dir / "manifest.json", {
+        "model": identity, "counts": {"images": len(image_rows), "texts": len(text_rows)},
+        "split": split, "created": now_iso()})
+    emb_sha = sha256_file(emb_dir / "manifest.json")
+    idx_dir = root / "indexes" / split
+    for name, vecs in (("images.hnsw", img_vecs), ("texts.hnsw", txt_vecs)):
+        VectorIndex.build(vecs, IndexParams(), model=identity, split=split,
+                          embeddings_manifest_sha256=emb_sha).save(idx_dir, name)
+    return root
+
+
+def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"artifacts_dir": tmp_path / "artifacts", "torch_threads": 1,
+                              "inference_threads": 2, "device": "cpu"}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+# Test modules reach the helpers through fixtures, not imports: several conftest.py files in one
+# run share the module name "conftest", so `from conftest import ...` is ambiguous.
+FAKES = SimpleNamespace(
+    ColorEncoder=ColorEncoder, GatedEncoder=GatedEncoder, BrokenEncoder=BrokenEncoder,
+    fake_resources=fake_resources, build_artifacts=build_artifacts, settings_for=settings_for,
+    png_bytes=png_bytes, image=_image, PALETTE=PALETTE, FAKE_MODEL=FAKE_MODEL)
+
+
+@pytest.fixture(scope="session")
+def fakes() -> SimpleNamespace:
+    return FAKES
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
+    return make_dataset(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, dataset) -> Path:
+    """Artifacts of split 'test' built with the real tiny model; copy before breaking them."""
+    return build_artifacts(tmp_path_factory.mktemp("artifacts"), dataset)
+
+
+@pytest.fixture
+def encoder() -> ColorEncoder:
+    return ColorEncoder()
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, dataset) -> Iterator[Callable[..., TestClient]]:
+    """`make_client(resources=..., loader=..., encoder=..., **settings_overrides)` -> a started
+    TestClient (lifespan run). By default it serves fake resources over `encoder`; pass
+    `resources=None` to load from `artifacts_dir` (or with `loader`) in the background."""
+    with ExitStack() as stack:
+        def make(resources: Resources | None | str = "fake", loader: Callable | None = None,
+                 encoder: ColorEncoder | None = None, raise_server_exceptions: bool = True,
+                 **overrides: Any) -> TestClient:
+            settings = settings_for(tmp_path, **overrides)
+            if resources == "fake":
+                resources = None if loader else fake_resources(dataset, encoder)
+            app = create_app(settings, resources, loader=loader)
+            return stack.enter_context(TestClient(app, raise_server_exceptions=raise_server_exceptions))
+        yield make
+
+
+@pytest.fixture
+def client(make_client, encoder: ColorEncoder) -> TestClient:
+    return make_client(encoder=encoder)

@@ -1,0 +1,121 @@
+"""POST /search/text and /search/image against the real app with the deterministic fake encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _expected(query_vec: np.ndarray, vecs: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+    scores = vecs @ query_vec
+    order = np.argsort(-scores, kind="stable")[:k]
+    return order.tolist(), scores[order].tolist()
+
+
+def test_text_search_exact_ranking(client, dataset, fakes):
+    images, texts = dataset
+    enc = fakes.ColorEncoder()
+    img_vecs = enc.encode_images([Image.open(r["image_path"]) for r in images])
+    r = client.post("/search/text", json={"query": "  something   red  ", "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"results", "k", "took_ms", "cached"}
+    assert body["k"] == 5 and body["cached"] is False and body["took_ms"] >= 0
+    rows, scores = _expected(enc.text_vector("something red"), img_vecs, 5)
+    assert [h["image_id"] for h in body["results"]] == [images[i]["image_id"] for i in rows]
+    assert [h["score"] for h in body["results"]] == pytest.approx(scores, abs=1e-5)
+    assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4, 5]
+    top = body["results"][0]
+    # the plain red square and the red-and-white stripes are the only red images
+    assert {h["image_id"] for h in body["results"][:2]} == {"00_solid_red.png", "10_stripes_red_white.png"}
+    assert top["image_url"] == f"/images/{top['image_id']}"
+    assert top["captions"] == [t["caption"] for t in texts if t["image_id"] == top["image_id"]]
+
+
+def test_text_search_default_k_and_k_larger_than_index(client, dataset):
+    r = client.post("/search/text", json={"query": "blue"})
+    assert r.status_code == 200 and len(r.json()["results"]) == 10 and r.json()["k"] == 10
+    r = client.post("/search/text", json={"query": "blue", "k": 100})
+    assert r.status_code == 200
+    assert len(r.json()["results"]) == len(dataset[0])  # 12 images: all of them, once each
+    assert len({h["image_id"] for h in r.json()["results"]}) == len(dataset[0])
+
+
+def test_image_search_exact_ranking(client, dataset, fakes):
+    images, texts = dataset
+    enc = fakes.ColorEncoder()
+    txt_vecs = enc.encode_texts([t["caption"] for t in texts])
+    upload = fakes.image("checkerboard", "brown", "teal")
+    data = fakes.png_bytes(upload)
+    r = client.post("/search/image", files={"file": ("query.png", data, "image/png")}, data={"k": "4"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["k"] == 4 and body["cached"] is False
+    rows, scores = _expected(enc.image_vector(upload), txt_vecs, 4)
+    assert [h["caption_id"] for h in body["results"]] == [texts[i]["caption_id"] for i in rows]
+    assert [h["score"] for h in body["results"]] == pytest.approx(scores, abs=1e-5)
+    assert set(body["results"][0]) == {"caption_id", "caption", "image_id", "score", "rank"}
+    # the three captions of the brown/teal checkerboard come first
+    assert {h["image_id"] for h in body["results"][:3]} == {"09_checkerboard_brown_teal.png"}
+
+
+def test_image_search_accepts_jpeg_and_default_k(client, fakes):
+    data = fakes.png_bytes(fakes.image("solid", "orange"), "JPEG")
+    r = client.post("/search/image", files={"file": ("q.jpg", data, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["k"] == 10 and len(body["results"]) == 10
+    assert body["results"][0]["image_id"] == "05_solid_orange.png"
+
+
+def _counter(text: str, name: str, endpoint: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{endpoint="{endpoint}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{endpoint={endpoint}}} not in metrics")
+
+
+def test_text_cache_hit_and_miss(client, encoder):
+    first = client.post("/search/text", json={"query": "green", "k": 3}).json()
+    again = client.post("/search/text", json={"query": "  green ", "k": 3}).json()  # same after trim
+    assert first["cached"] is False and again["cached"] is True
+    assert again["results"] == first["results"]
+    assert encoder.text_calls == 1
+    other_k = client.post("/search/text", json={"query": "green", "k": 4}).json()
+    assert other_k["cached"] is False and encoder.text_calls == 2
+    other_case = client.post("/search/text", json={"query": "Green", "k": 3}).json()
+    assert other_case["cached"] is False  # case is the tokenizer's business, not the cache's
+    metrics = client.get("/metrics").text
+    assert _counter(metrics, "clipsearch_cache_hits_total", "text") == 1
+    assert _counter(metrics, "clipsearch_cache_misses_total", "text") == 3
+
+
+def test_image_cache_by_bytes(client, encoder, fakes):
+    data = fakes.png_bytes(fakes.image("solid", "blue"))
+    files = {"file": ("a.png", data, "image/png")}
+    assert client.post("/search/image", files=files, data={"k": "3"}).json()["cached"] is False
+    hit = client.post("/search/image", files={"file": ("renamed.png", data, "image/png")}, data={"k": "3"})
+    assert hit.json()["cached"] is True
+    assert client.post("/search/image", files=files, data={"k": "2"}).json()["cached"] is False
+    assert encoder.image_calls == 2
+    metrics = client.get("/metrics").text
+    assert _counter(metrics, "clipsearch_cache_hits_total", "image") == 1
+    assert _counter(metrics, "clipsearch_cache_misses_total", "image") == 2
+
+
+def test_cache_disabled(make_client, encoder):
+    client = make_client(encoder=encoder, cache_size=0)
+    for _ in range(2):
+        assert client.post("/search/text", json={"query": "red"}).json()["cached"] is False
+    assert encoder.text_calls == 2
+
+
+def test_settings_limits_shape_validation(make_client):
+    client = make_client(max_k=5, default_k=3, max_query_chars=10)
+    assert client.post("/search/text", json={"query": "red"}).json()["k"] == 3
+    assert client.post("/search/text", json={"query": "red", "k": 6}).status_code == 422
+    assert client.post("/search/text", json={"query": "x" * 11}).status_code == 422
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["TextSearchRequest"]
+    assert schema["properties"]["k"]["maximum"] == 5
+    assert schema["properties"]["query"]["maxLength"] == 10
