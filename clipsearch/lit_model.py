@@ -268,7 +268,8 @@ def build_lit_model(device: str | torch.device = "cpu", load_towers: bool = True
     non-classifier tensors, strict) and the text tower all-MiniLM-L6-v2 from its installed folder;
     the two projection heads (1280->256, 384->256) and logit_scale are freshly initialised.
     With `load_towers=False` every weight is random (quick shape tests; or as the skeleton for a
-    full checkpoint). No hub access either way. The model comes back in eval mode.
+    full checkpoint). No hub access either way. The model comes back in eval mode, with the
+    vision tower's conv weights in channels-last memory format (faster on CPU, same values).
     """
     import open_clip
 
@@ -285,6 +286,9 @@ def build_lit_model(device: str | torch.device = "cpu", load_towers: bool = True
         trunk_sd = {k: v for k, v in load_efficientnet_lite0_timm_state_dict().items()
                     if not k.startswith("classifier.")}
         model.visual.trunk.load_state_dict(trunk_sd, strict=True)
+    # Channels-last conv weights: depthwise convs run ~1.7x faster on CPU (same outputs to ~1e-6),
+    # NCHW inputs still work. Only the vision tower has 4-D weights.
+    model.visual.to(memory_format=torch.channels_last)
     tokenizer = open_clip.get_tokenizer(LIT_MODEL_NAME)
     model = model.to(device).eval()
     return model, preprocess_train, preprocess_val, tokenizer
