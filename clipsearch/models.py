@@ -45,6 +45,10 @@ def register_configs() -> None:
         import open_clip
 
         open_clip.add_model_config(CONFIG_DIR)
+        from clipsearch import lit_model
+
+        # the offline model's config needs its text-tower path resolved, and must win over the raw file
+        lit_model.register()
         _registered = True
 
 
@@ -209,7 +213,9 @@ def _load_offline_model(pretrained: str | None, dev: torch.device):
     from clipsearch import lit_model
 
     try:
-        model, preprocess_train, preprocess, tokenizer = lit_model.build_lit_model(device="cpu")
+        # with a full checkpoint the tower weights would be overwritten anyway: skip loading them
+        model, preprocess_train, preprocess, tokenizer = lit_model.build_lit_model(
+            device="cpu", load_towers=not pretrained)
         if pretrained:
             from open_clip.factory import load_checkpoint
 
