@@ -8,6 +8,7 @@ old answers even if the cache were shared).
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import unicodedata
 from collections.abc import Hashable
@@ -16,12 +17,20 @@ from typing import Any
 from cachetools import LRUCache
 
 
+# Unicode White_Space, the set pydantic's strip_whitespace and JSON Schema's \s agree on. Python's
+# str.split() also splits on U+001C..U+001F, which would turn a query of those into "" after
+# validation had accepted it; with one explicit set, validation and normalisation cannot disagree.
+WHITESPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_WHITESPACE_RUN = re.compile(f"[{WHITESPACE}]+")
+
+
 def normalize_query(text: str) -> str:
-    """The form of a query that is both encoded and cached: NFC, whitespace runs collapsed.
+    """The form of a query that is both encoded and cached: NFC, whitespace runs collapsed to one
+    space, none at either end.
 
     Case is kept: whether it matters is the tokenizer's business, and the cache must not decide it.
     """
-    return " ".join(unicodedata.normalize("NFC", text).split())
+    return _WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", text)).strip(" ")
 
 
 def text_key(query: str, k: int, index_version: str) -> tuple[Hashable, ...]:

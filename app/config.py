@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1 << 20
@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     verify_index_checksum: bool = Field(True, description="sha256-check index files at start-up.")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated allowed origins; empty turns CORS off.")
+    admin_token: SecretStr | None = Field(
+        None, min_length=16,
+        description="Bearer token for POST /admin/reload; unset (the default) leaves the route out.")
+    reload_on_sighup: bool = Field(
+        True, description="SIGHUP reloads model and indexes in the background and swaps them in "
+                          "once loaded; the old ones serve until then and stay if the load fails.")
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -7,7 +7,9 @@ shape for validation errors, 404s, 413s, 429s, 503s and the (never expected) 500
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -54,6 +56,10 @@ class NotFound(ApiError):
     status, code = 404, "not_found"
 
 
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
 # Domain errors raised by the shared core, mapped to (status, code) in this one place.
 DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     ImageDecodeError: (422, "invalid_image"),
@@ -62,8 +68,27 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
 }
 
 # Starlette's own HTTPExceptions (router 404/405, body limit 413, multipart 400) get stable codes.
-HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
               415: "unsupported_media_type", 429: "overloaded", 503: "not_ready"}
+
+
+# FastAPI answers 400 with this detail when the body parser itself fails: bytes that are not UTF-8,
+# JSON nested deeper than the parser's recursion limit, an integer literal over 4300 digits.
+_FASTAPI_PARSE_DETAIL = "There was an error parsing the body"
+PARSE_ERROR_MESSAGE = ("the request body could not be parsed: it must be UTF-8 JSON without extreme "
+                       "nesting or numbers thousands of digits long")
+
+# An absolute POSIX path that is not part of a word (so "ViT-B-32/openai" stays as it is).
+_ABS_PATH = re.compile(r"""(?<![\w.~-])/[^\s'"`,;()\[\]{}<>]+""")
+
+
+def public_reason(message: str, artifacts_dir: Path) -> str:
+    """`message` without this server's file system layout: paths under ARTIFACTS_DIR become relative
+    to it (as the resource checks already write them), any other absolute path only its file name."""
+    for root in {str(artifacts_dir), str(artifacts_dir.resolve())}:
+        if root.startswith("/"):
+            message = message.replace(root.rstrip("/") + "/", "")
+    return _ABS_PATH.sub(lambda m: "…/" + (Path(m.group()).name or "…"), message)
 
 
 def error_body(code: str, message: str, details: Sequence[dict[str, Any]] | None = None) -> dict:
@@ -105,6 +130,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 400 and message == _FASTAPI_PARSE_DETAIL:
+            message = PARSE_ERROR_MESSAGE
         return error_response(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), message,
                               exc.headers)
 

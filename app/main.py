@@ -8,7 +8,9 @@ saying why (an orchestrator sees 503 on /readyz rather than a crash loop).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,10 +23,10 @@ from clipsearch.manifest import ArtifactError
 from clipsearch.models import ModelLoadError
 
 from app.config import Settings
-from app.errors import install_error_handlers
+from app.errors import install_error_handlers, public_reason
 from app.middleware import AdmissionMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
 from app.resources import Resources, configure_threads, load_resources
-from app.routes import ops, search
+from app.routes import admin, ops, search
 from app.state import ServiceState
 
 log = logging.getLogger("app")
@@ -32,30 +34,64 @@ log = logging.getLogger("app")
 Loader = Callable[[Settings], Resources]
 
 
-def load_in_background(state: ServiceState, loader: Loader) -> threading.Thread:
+def load_in_background(state: ServiceState, loader: Loader) -> threading.Thread | None:
+    """Load resources on a thread and swap them in when done. Used at start-up and for reloads; at
+    most one runs at a time (returns None if one already is). A failed reload keeps the resources
+    being served and records why; a failed first load leaves the app un-ready with the reason."""
+    if not state.begin_loading():
+        return None
+
     def target() -> None:
         settings = state.settings
+        reloading = state.resources is not None
         try:
-            resources = loader(settings)
-        except (ArtifactError, ModelLoadError) as exc:
-            reason = str(exc)
-        except Exception as exc:  # noqa: BLE001 - any load failure must leave a reason, not a dead thread
-            log.debug("resource loading failed", exc_info=True)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            reason = f"unexpected {type(exc).__name__} while loading resources{': ' + first if first else ''}"
-        else:
-            state.set_ready(resources)
-            log.info("ready: %s, %d images / %d captions of split '%s', index version %s",
-                     resources.model.get("model"), resources.image_index.ntotal,
-                     resources.text_index.ntotal, resources.split, resources.version)
-            return
-        state.set_failed(reason)
-        log.error("not ready (ARTIFACTS_DIR=%s, split '%s'): %s", settings.artifacts_dir,
-                  settings.serve_split, reason)
+            try:
+                resources = loader(settings)
+            except (ArtifactError, ModelLoadError) as exc:
+                reason = str(exc)
+            except Exception as exc:  # noqa: BLE001 - any load failure must leave a reason, not a dead thread
+                log.debug("resource loading failed", exc_info=True)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                reason = f"unexpected {type(exc).__name__} while loading resources{': ' + first if first else ''}"
+            else:
+                state.set_ready(resources)
+                log.info("%s: %s, %d images / %d captions of split '%s', index version %s",
+                         "reloaded" if reloading else "ready", resources.model.get("model"),
+                         resources.image_index.ntotal, resources.text_index.ntotal, resources.split,
+                         resources.version)
+                return
+            # The log is for operators and keeps paths; clients see the reason without them.
+            public = public_reason(reason, settings.artifacts_dir)
+            if reloading and state.resources is not None:
+                state.set_reload_failed(public)
+                log.error("reload failed, still serving index version %s: %s",
+                          state.resources.version, reason)
+            else:
+                state.set_failed(public)
+                log.error("not ready (ARTIFACTS_DIR=%s, split '%s'): %s", settings.artifacts_dir,
+                          settings.serve_split, reason)
+        finally:
+            state.end_loading()
 
     thread = threading.Thread(target=target, name="clipsearch-loader", daemon=True)
     thread.start()
     return thread
+
+
+def _install_sighup(state: ServiceState, loader: Loader) -> bool:
+    """SIGHUP -> reload in the background. Only possible on the main thread's loop (uvicorn's, not a
+    test client's portal thread) and where the platform has SIGHUP."""
+    if not hasattr(signal, "SIGHUP"):
+        return False
+    def on_sighup() -> None:
+        started = load_in_background(state, loader) is not None
+        log.info("SIGHUP: %s", "reloading model and indexes" if started else "a load is already running")
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 def _configure_logging() -> None:
@@ -83,9 +119,12 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         configure_threads(settings)
         if state.resources is None:
             load_in_background(state, load)
+        sighup = settings.reload_on_sighup and _install_sighup(state, load)
         try:
             yield
         finally:
+            if sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             state.close_pool()
 
     app = FastAPI(title="clipsearch", version=__version__, lifespan=lifespan,
@@ -94,6 +133,8 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     install_error_handlers(app)
     app.include_router(search.build_router(settings))
     app.include_router(ops.router)
+    if settings.admin_token is not None:
+        app.include_router(admin.build_router(settings, lambda: load_in_background(state, load)))
     # Added innermost first: CORS (if any) > request metrics > admission > body caps > routes.
     app.add_middleware(BodyLimitMiddleware, limits=search.body_limits(settings),
                        default=search.DEFAULT_BODY_LIMIT)

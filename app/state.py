@@ -55,15 +55,41 @@ class ServiceState:
         self._pool_lock = threading.Lock()
         self.resources: Resources | None = None
         self.reason = f"loading model and indexes of split '{settings.serve_split}'"
+        self.reload_error: str | None = None  # why the last reload failed while old resources served
+        self._loading = False
+        self._loading_lock = threading.Lock()
         if resources is not None:
             self.set_ready(resources)
 
+    def begin_loading(self) -> bool:
+        """Claim the one loader slot; False while a load or reload is already running."""
+        with self._loading_lock:
+            if self._loading:
+                return False
+            self._loading = True
+            return True
+
+    def end_loading(self) -> None:
+        with self._loading_lock:
+            self._loading = False
+
+    @property
+    def loading(self) -> bool:
+        return self._loading
+
     def set_ready(self, resources: Resources) -> None:
+        # One reference swap: a request that already holds the old resources finishes on them, the
+        # next one sees the new set. Cache keys carry the index version, so clearing only frees memory.
         self.metrics.set_served(resources.image_index.ntotal, resources.text_index.ntotal,
                                 dict(resources.model), resources.version, resources.split)
-        self.cache.clear()
         self.resources = resources
+        self.cache.clear()
         self.reason = ""
+        self.reload_error = None
+
+    def set_reload_failed(self, reason: str) -> None:
+        """A reload failed while resources were being served: keep serving them, remember why."""
+        self.reload_error = reason
 
     def set_failed(self, reason: str) -> None:
         self.resources = None

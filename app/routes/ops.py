@@ -25,12 +25,19 @@ async def readyz(request: Request) -> Response:
         body = ReadyResponse(ready=False, reason=state.reason).model_dump(exclude_none=True)
         return JSONResponse(body, status_code=503,
                             headers={"Retry-After": str(max(state.settings.retry_after_s, 1))})
-    return JSONResponse(ReadyResponse(
+    body = ReadyResponse(
         ready=True, model=dict(res.model), index_version=res.version, split=res.split,
-        images=res.image_index.ntotal, captions=res.text_index.ntotal).model_dump())
+        images=res.image_index.ntotal, captions=res.text_index.ntotal,
+        reloading=state.loading or None, reload_error=state.reload_error).model_dump()
+    for optional in ("reloading", "reload_error"):
+        if body[optional] is None:
+            del body[optional]
+    return JSONResponse(body)
 
 
-@router.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)")
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)",
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     m = get_state(request).metrics
     return Response(m.render(), media_type=m.content_type)

@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse
 
 from clipsearch.images import ImageDecodeError, decode_image
 
-from app.cache import image_key, normalize_query, text_key
+from app.cache import image_key, text_key
 from app.config import Settings
 from app.errors import NotFound, PayloadTooLarge, UnsupportedMediaType
 from app.resources import Resources
@@ -29,14 +29,18 @@ SEARCH_PATHS = {"/search/text": "text", "/search/image": "image"}
 DEFAULT_BODY_LIMIT = 64 * 1024  # JSON bodies; a 1000-character query needs a few KB
 # Room for the multipart boundaries, part headers and the k field around the file itself.
 MULTIPART_OVERHEAD = 16 * 1024
+# The longest JSON spelling of one query character: an escaped surrogate pair, "\ud83d\ude00".
+JSON_BYTES_PER_CHAR = 12
 
 
 def body_limits(settings: Settings) -> dict[str, int]:
     """Per-path request body caps enforced by BodyLimitMiddleware (others: DEFAULT_BODY_LIMIT)."""
-    return {"/search/image": settings.max_upload_bytes + MULTIPART_OVERHEAD}
+    text = max(DEFAULT_BODY_LIMIT, settings.max_query_chars * JSON_BYTES_PER_CHAR + 4096)
+    return {"/search/image": settings.max_upload_bytes + MULTIPART_OVERHEAD, "/search/text": text}
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": desc} for status, desc in {
+    400: "Body could not be parsed (not UTF-8, broken multipart)",
     413: "Body or upload too large", 415: "Wrong Content-Type", 422: "Invalid request or image",
     429: "Too many searches in flight; retry after Retry-After seconds",
     503: "Model and indexes not loaded (yet); the message says why"}.items()}
@@ -121,7 +125,7 @@ def build_router(settings: Settings) -> APIRouter:
         state = get_state(request)
         res = state.require_ready()
         t0 = time.perf_counter()
-        query = normalize_query(body.query)
+        query = body.query  # already normalised (NFC, whitespace collapsed) by the request model
         hits, cached = await _cached(state, "text", text_key(query, body.k, res.version),
                                      text_search_job, res, query, body.k)
         took = time.perf_counter() - t0
@@ -153,7 +157,9 @@ def build_router(settings: Settings) -> APIRouter:
         return ImageSearchResponse(results=list(hits), k=k, took_ms=round(took * 1000, 3), cached=cached)
 
     @router.get("/images/{image_id:path}", response_class=FileResponse, tags=["images"],
-                responses={404: {"model": ErrorResponse, "description": "Unknown image id"},
+                responses={200: {"description": "The image file, as stored",
+                                 "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                           404: {"model": ErrorResponse, "description": "Unknown image id"},
                            422: ERRORS[422], 503: ERRORS[503]},
                 summary="The image file of an indexed image id")
     async def get_image(image_id: str, request: Request) -> FileResponse:
