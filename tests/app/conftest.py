@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -248,3 +252,77 @@ def make_client(tmp_path: Path, dataset) -> Iterator[Callable[..., TestClient]]:
 @pytest.fixture
 def client(make_client, encoder: ColorEncoder) -> TestClient:
     return make_client(encoder=encoder)
+
+
+class LoopbackServer:
+    """A uvicorn subprocess on 127.0.0.1 (tests/app/serve_for_tests.py) and its memory readings."""
+
+    def __init__(self, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("serve_for_tests.py")), *args],
+            stdout=subprocess.PIPE, stderr=self._log, env={**os.environ, **(env or {})})
+        line = self.proc.stdout.readline().decode()  # type: ignore[union-attr]
+        if not line.startswith("PORT "):
+            self.stop()
+            raise RuntimeError(f"server did not start: {line!r}\n{self.log()}")
+        self.port = int(line.split()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def memory_kib(self, field: str = "VmRSS") -> int:
+        """VmRSS (resident now) or VmHWM (peak resident) of the server process, in KiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise AssertionError(f"{field} not in /proc/{self.pid}/status")
+
+    def wait_ready(self, timeout: float = 60.0, expect: int = 200) -> dict:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"server exited:\n{self.log()}"
+            try:
+                r = httpx.get(self.url + "/readyz", timeout=5)
+                if r.status_code == expect and (expect == 200 or not r.json()["reason"].startswith("loading")):
+                    return r.json()
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"/readyz never answered {expect}:\n{self.log()}"
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self._log.close()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., LoopbackServer]]:
+    """`start_server(*args, env=...)` -> a LoopbackServer, stopped after the test."""
+    servers: list[LoopbackServer] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> LoopbackServer:
+        server = LoopbackServer(args, tmp_path / f"server{len(servers)}.log", env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
