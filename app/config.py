@@ -42,6 +42,9 @@ class Settings(BaseSettings):
 
     cache_size: int = Field(1024, ge=0, description="Response LRU entries; 0 turns the cache off.")
     inference_threads: int = Field(2, ge=1, description="Worker threads for decode + encode + search.")
+    text_batch_size: int = Field(16, ge=1, le=256,
+                                 description="Most text queries encoded in one forward pass when they "
+                                             "arrive while the encoder is busy; 1 turns batching off.")
     max_in_flight: int = Field(16, ge=1, description="Search requests admitted at once; more get 429.")
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op threads per inference call (torch and faiss); "

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from app.batching import TextBatcher
 from app.cache import ResponseCache
 from app.config import Settings
 from app.errors import NotReady
@@ -52,6 +53,9 @@ class ServiceState:
         self.cache = ResponseCache(settings.cache_size)
         self.limiter = InFlightLimiter(settings.max_in_flight)
         self._pool: ThreadPoolExecutor | None = None
+        # concurrent text queries share forward passes; one batch in flight per inference thread
+        self.batcher = TextBatcher(self.run, slots=settings.inference_threads,
+                                   max_batch=settings.text_batch_size)
         self._pool_lock = threading.Lock()
         self.resources: Resources | None = None
         self.reason = f"loading model and indexes of split '{settings.serve_split}'"

@@ -7,7 +7,7 @@ to resolve the closure-local model types in the signatures.
 """
 
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -63,18 +63,13 @@ def _rows(ids: np.ndarray, scores: np.ndarray) -> list[tuple[int, float]]:
     return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
 
-def text_search_job(res: Resources, query: str, k: int) -> tuple[tuple[ImageHit, ...], dict[str, float]]:
-    t0 = time.perf_counter()
-    vec = res.encoder.encode_texts([query])
-    t1 = time.perf_counter()
-    scores, ids = res.image_index.search(vec, k)
-    t2 = time.perf_counter()
+def text_hits(res: Resources, scores: np.ndarray, ids: np.ndarray) -> tuple[ImageHit, ...]:
     hits = []
-    for rank, (row, score) in enumerate(_rows(ids, scores), 1):
+    for rank, (row, score) in enumerate(_rows(ids[None], scores[None]), 1):
         image_id = res.images[row].image_id
         hits.append(ImageHit(image_id=image_id, score=score, rank=rank, image_url=_image_url(image_id),
                              captions=list(res.captions_by_image.get(image_id, ()))))
-    return tuple(hits), {"encode": t1 - t0, "search": t2 - t1}
+    return tuple(hits)
 
 
 def image_search_job(res: Resources, data: bytes, k: int, max_pixels: int
@@ -97,15 +92,16 @@ def image_search_job(res: Resources, data: bytes, k: int, max_pixels: int
     return tuple(hits), {"decode": t1 - t0, "encode": t2 - t1, "search": t3 - t2}
 
 
-async def _cached(state: ServiceState, endpoint: str, key: Hashable, job: Callable[..., Any],
-                  *args: Any) -> tuple[tuple[Any, ...], bool]:
-    """The cached hits for `key`, or run `job(*args)` on the inference pool and cache its hits."""
+async def _cached(state: ServiceState, endpoint: str, key: Hashable,
+                  compute: Callable[[], Awaitable[tuple[tuple[Any, ...], dict[str, float]]]]
+                  ) -> tuple[tuple[Any, ...], bool]:
+    """The cached hits for `key`, or `await compute()` (work on the inference pool) and cache them."""
     hits = state.cache.get(key)
     if hits is not None:
         state.metrics.cache_hits.labels(endpoint).inc()
         return hits, True
     state.metrics.cache_misses.labels(endpoint).inc()
-    hits, stages = await state.run(job, *args)
+    hits, stages = await compute()
     state.metrics.observe_stages(endpoint, stages)
     state.cache.put(key, hits)
     state.metrics.cache_entries.set(len(state.cache))
@@ -126,8 +122,11 @@ def build_router(settings: Settings) -> APIRouter:
         res = state.require_ready()
         t0 = time.perf_counter()
         query = body.query  # already normalised (NFC, whitespace collapsed) by the request model
-        hits, cached = await _cached(state, "text", text_key(query, body.k, res.version),
-                                     text_search_job, res, query, body.k)
+        async def compute() -> tuple[tuple[ImageHit, ...], dict[str, float]]:
+            scores, ids, stages = await state.batcher.search(res, query, body.k)
+            return text_hits(res, scores, ids), {s: v for s, v in stages.items() if s != "batch_size"}
+
+        hits, cached = await _cached(state, "text", text_key(query, body.k, res.version), compute)
         took = time.perf_counter() - t0
         state.metrics.observe_stages("text", {"total": took})
         return TextSearchResponse(results=list(hits), k=body.k, took_ms=round(took * 1000, 3),
@@ -151,7 +150,7 @@ def build_router(settings: Settings) -> APIRouter:
         if not data:
             raise ImageDecodeError("empty file (0 bytes)")
         hits, cached = await _cached(state, "image", image_key(data, k, res.version),
-                                     image_search_job, res, data, k, settings.max_image_pixels)
+                                     lambda: state.run(image_search_job, res, data, k, settings.max_image_pixels))
         took = time.perf_counter() - t0
         state.metrics.observe_stages("image", {"total": took})
         return ImageSearchResponse(results=list(hits), k=k, took_ms=round(took * 1000, 3), cached=cached)

@@ -1,0 +1,88 @@
+"""Micro-batching of concurrent text queries.
+
+Text queries that arrive while the encoder is busy are gathered and encoded together: one forward
+pass over a batch of short queries costs far less than the same queries one at a time (at batch 1 the
+text tower is bound by per-op overhead and weight reads). There is no timer and no added latency at
+low load: a query that finds a free encoder slot starts at once; only queries that would have waited
+anyway are grouped, up to `max_batch`. Everything here runs on the event loop thread (no locks);
+the batch itself (encode + search) runs on the bounded inference pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.resources import Resources
+
+
+@dataclass
+class _Batch:
+    res: Resources
+    items: list[tuple[str, int, asyncio.Future]] = field(default_factory=list)
+
+
+def text_batch_job(res: Resources, queries: list[str], k: int
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Encode a batch of queries and search the image index for all of them."""
+    t0 = time.perf_counter()
+    vecs = res.encoder.encode_texts(queries)
+    t1 = time.perf_counter()
+    scores, ids = res.image_index.search(vecs, k)
+    t2 = time.perf_counter()
+    return scores, ids, {"encode": t1 - t0, "search": t2 - t1, "batch_size": len(queries)}
+
+
+class TextBatcher:
+    """`await search(res, query, k)` → (scores row, ids row, stage timings of its batch)."""
+
+    def __init__(self, run: Callable[..., Awaitable[Any]], slots: int, max_batch: int):
+        self._run = run  # runs a blocking function on the inference pool
+        self.slots = max(1, slots)
+        self.max_batch = max(1, max_batch)
+        self._busy = 0
+        self._waiting: list[_Batch] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    async def search(self, res: Resources, query: str, k: int):
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        if self.max_batch == 1 or self._busy < self.slots:
+            self._start(_Batch(res, [(query, k, fut)]))
+        else:
+            last = self._waiting[-1] if self._waiting else None
+            if last is None or last.res is not res or len(last.items) >= self.max_batch:
+                last = _Batch(res)
+                self._waiting.append(last)
+            last.items.append((query, k, fut))
+        return await fut
+
+    def _start(self, batch: _Batch) -> None:
+        self._busy += 1
+        task = asyncio.get_running_loop().create_task(self._execute(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, batch: _Batch) -> None:
+        try:
+            queries = [q for q, _, _ in batch.items]
+            kmax = max(k for _, k, _ in batch.items)
+            scores, ids, stages = await self._run(text_batch_job, batch.res, queries, kmax)
+            for row, (_, k, fut) in enumerate(batch.items):
+                if not fut.done():
+                    fut.set_result((scores[row, :k], ids[row, :k], stages))
+        except BaseException as exc:  # every waiter gets the error; none hangs
+            for _, _, fut in batch.items:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._busy -= 1
+            if self._waiting:
+                self._start(self._waiting.pop(0))

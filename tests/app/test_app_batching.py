@@ -1,0 +1,90 @@
+"""Micro-batching: concurrent text queries share forward passes and get the same answers."""
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from app.batching import TextBatcher
+from clipsearch.index import IndexParams, VectorIndex
+
+DIM = 8
+
+
+class RecordingEncoder:
+    """Deterministic embedding per query; records batch sizes; slow enough that queries pile up."""
+
+    dim = DIM
+
+    def __init__(self, delay=0.02):
+        self.batches: list[int] = []
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def encode_texts(self, texts):
+        with self.lock:
+            self.batches.append(len(texts))
+        time.sleep(self.delay)
+        out = np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=DIM) for t in texts])
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _resources(encoder):
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(50, DIM)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return SimpleNamespace(encoder=encoder, image_index=VectorIndex.build(vecs, IndexParams(kind="flat")))
+
+
+def _run_all(batcher_kwargs, queries, ks, encoder):
+    res = _resources(encoder)
+    pool = ThreadPoolExecutor(2)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def run(fn, *args):
+            return await loop.run_in_executor(pool, fn, *args)
+
+        batcher = TextBatcher(run, **batcher_kwargs)
+        return await asyncio.gather(*(batcher.search(res, q, k) for q, k in zip(queries, ks)))
+
+    try:
+        return asyncio.run(main()), res
+    finally:
+        pool.shutdown()
+
+
+def test_concurrent_queries_are_batched_and_answers_match_single_queries():
+    queries = [f"query number {i}" for i in range(20)]
+    ks = [1 + i % 7 for i in range(20)]
+    enc = RecordingEncoder()
+    results, res = _run_all({"slots": 1, "max_batch": 8}, queries, ks, enc)
+    assert sum(enc.batches) == 20
+    assert max(enc.batches) == 8 and enc.batches[0] == 1  # the first query starts at once, alone
+    assert len(enc.batches) < 20
+    for q, k, (scores, ids, stages) in zip(queries, ks, results):
+        ref_scores, ref_ids = res.image_index.search(enc.encode_texts([q]), k)
+        assert list(ids) == list(ref_ids[0]) and len(ids) == k
+        np.testing.assert_allclose(scores, ref_scores[0], rtol=1e-5)
+        assert stages["batch_size"] >= 1
+
+
+def test_batch_size_one_turns_batching_off():
+    enc = RecordingEncoder(delay=0.005)
+    _run_all({"slots": 1, "max_batch": 1}, [f"q{i}" for i in range(6)], [3] * 6, enc)
+    assert enc.batches == [1] * 6
+
+
+def test_an_encoder_error_reaches_every_waiter():
+    class Broken(RecordingEncoder):
+        def encode_texts(self, texts):
+            time.sleep(0.01)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _run_all({"slots": 1, "max_batch": 4}, ["a", "b", "c"], [1, 1, 1], Broken())
