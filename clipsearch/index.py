@@ -109,6 +109,10 @@ class VectorIndex:
         """Write `<name>.<sha12>.faiss` then `<name>.json`; remove this name's older index files."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        # A writer killed mid-save leaves its temporaries (never a partial file under a final name);
+        # they can be as large as the index, so the next save of this name clears them.
+        for stale in (*folder.glob(f"..{name}.staging.faiss.*.tmp"), *folder.glob(f".{name}.json.*.tmp")):
+            stale.unlink(missing_ok=True)
         tmp_name = folder / f".{name}.staging.faiss"
         save_with(tmp_name, lambda p: faiss.write_index(self.index, str(p)))
         sha = sha256_file(tmp_name)
