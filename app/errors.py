@@ -84,11 +84,19 @@ _ABS_PATH = re.compile(r"""(?<![\w.~-])/[^\s'"`,;()\[\]{}<>]+""")
 
 def public_reason(message: str, artifacts_dir: Path) -> str:
     """`message` without this server's file system layout: paths under ARTIFACTS_DIR become relative
-    to it (as the resource checks already write them), any other absolute path only its file name."""
+    to it (as the resource checks already write them), any other absolute path on this machine only
+    its file name. Placeholders such as `/path/to/weights.pt` in a hint are kept."""
     for root in {str(artifacts_dir), str(artifacts_dir.resolve())}:
         if root.startswith("/"):
             message = message.replace(root.rstrip("/") + "/", "")
-    return _ABS_PATH.sub(lambda m: "…/" + (Path(m.group()).name or "…"), message)
+
+    def scrub(match: re.Match[str]) -> str:
+        path = Path(match.group())
+        if len(path.parts) > 1 and not Path("/", path.parts[1]).exists():
+            return match.group()
+        return "…/" + (path.name or "…")
+
+    return _ABS_PATH.sub(scrub, message)
 
 
 def error_body(code: str, message: str, details: Sequence[dict[str, Any]] | None = None) -> dict:

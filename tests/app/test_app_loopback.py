@@ -30,7 +30,7 @@ import pytest
 from PIL import Image
 
 SOAK_REQUESTS = 10_000
-WARMUP_REQUESTS = 2_000
+WARMUP_REQUESTS = 1_000
 CONCURRENCY = 32
 SOAK_WALL_LIMIT_S = 240
 
@@ -142,6 +142,8 @@ def test_soak_10000_requests_concurrency_32(start_server, tmp_path, dataset, fak
     assert total == SOAK_REQUESTS
     assert set(s for _, s in statuses) <= {200, 429}
     assert growth < 0.10, f"RSS grew {growth:.1%} after warm-up"
+    # the baseline includes torch (imported by the fakes), so also bound the growth absolutely
+    assert rss_end - rss_after_warmup < 40 * 1024, f"RSS grew {(rss_end - rss_after_warmup) / 1024:.1f} MiB"
     assert time.perf_counter() - t_start < SOAK_WALL_LIMIT_S
     assert server.proc.poll() is None
     metrics = httpx.get(server.url + "/metrics").text

@@ -89,7 +89,7 @@ def test_reload_swaps_resources_while_old_ones_serve(make_client, dataset, fakes
 def test_failed_reload_keeps_serving_and_says_why(make_client, dataset, fakes, tmp_path, caplog):
     def loader(settings):
         raise ArtifactError(f"index file missing: {settings.artifacts_dir}/indexes/test/x.faiss "
-                            f"(also looked in /srv/private/models/x.pt)")
+                            f"(also looked in /etc/private/models/x.pt)")
 
     client = make_client(resources=fakes.fake_resources(dataset), loader=loader, admin_token=TOKEN)
     version = client.get("/readyz").json()["index_version"]
@@ -102,7 +102,7 @@ def test_failed_reload_keeps_serving_and_says_why(make_client, dataset, fakes, t
     assert client.post("/search/text", json={"query": "red"}).status_code == 200
     # the operator's log keeps the full paths
     errors = [rec.getMessage() for rec in caplog.records if rec.levelname == "ERROR"]
-    assert len(errors) == 1 and "/srv/private/models/x.pt" in errors[0] and version in errors[0]
+    assert len(errors) == 1 and "/etc/private/models/x.pt" in errors[0] and version in errors[0]
 
 
 def test_reload_after_a_failed_start_makes_the_app_ready(make_client, dataset, fakes):
@@ -137,6 +137,7 @@ def test_readiness_reason_has_no_absolute_paths(make_client, tiny_artifacts, tmp
     ("corrupt JSON file: /a/art/indexes/test/x.json (Expecting value)", "corrupt JSON file: indexes/test/x.json (Expecting value)"),
     ("[Errno 13] Permission denied: '/a/art/models/m.pt'", "[Errno 13] Permission denied: 'models/m.pt'"),
     ("cannot open /etc/secret/key.bin", "cannot open …/key.bin"),
+    ("pass --pretrained /path/to/model.pt", "pass --pretrained /path/to/model.pt"),  # a placeholder
     ("model ViT-B-32/openai@abc dim 512", "model ViT-B-32/openai@abc dim 512"),
     ("copy it to ARTIFACTS_DIR/models/", "copy it to ARTIFACTS_DIR/models/"),
 ])

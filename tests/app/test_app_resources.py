@@ -104,6 +104,9 @@ BREAKERS = {
     "bad-records": (lambda r: (r / "embeddings/test/texts.json").write_text('[{"caption_id": 1}]'),
                     "embeddings/test/texts.json record 0 lacks one of caption_id"),
     "unknown-model": (lambda r: _set_model(r, model="no-such-model"), "Unknown model 'no-such-model'"),
+    "model-dim-mismatch": (lambda r: _set_model(r, embed_dim=64), "has dimension 32 but its model"),
+    "model-weights-unavailable": (lambda r: _set_model(r, pretrained="openai"),
+                                  "Could not get the 'openai' weights for test-tiny-vit"),
     "no-artifacts": (lambda r: shutil.rmtree(r), "does not exist"),
 }
 
