@@ -3,7 +3,9 @@
 `uvicorn app.main:app` serves the module-level app built from the environment. Nothing heavy happens
 at import: the lifespan starts a background thread that loads the model and indexes, so /healthz and
 /readyz answer during a slow load, and a failed load leaves the app running un-ready with one log line
-saying why (an orchestrator sees 503 on /readyz rather than a crash loop).
+saying why (an orchestrator sees 503 on /readyz rather than a crash loop). SIGHUP (and
+POST /admin/reload when an admin token is set) runs the same load again and swaps the new model and
+indexes in without downtime; a failed reload keeps the old ones serving.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def _install_sighup(state: ServiceState, loader: Loader) -> bool:
     test client's portal thread) and where the platform has SIGHUP."""
     if not hasattr(signal, "SIGHUP"):
         return False
+
     def on_sighup() -> None:
         started = load_in_background(state, loader) is not None
         log.info("SIGHUP: %s", "reloading model and indexes" if started else "a load is already running")
