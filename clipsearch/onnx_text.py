@@ -1,0 +1,356 @@
+"""ONNX Runtime text encoder for open_clip CLIP text towers: the small-batch query fast path.
+
+At batch 1 the CLIP text tower is bound by per-op overhead and weight bytes, not FLOPs, so running
+only the real tokens (`truncate_tokens`) is not enough on its own; ONNX Runtime removes most of the
+per-op overhead. The exported graph is the *truncated* tower: token ids `[batch, length]` with both
+axes dynamic -> L2-normalised embedding, the end-of-text (argmax / eos) pooling inside the graph, so
+`encode_tokens` drops the all-padding columns itself and the result equals open_clip's full
+77-token `encode_text` (`tests/test_onnx_text.py` checks it; every session also passes a self-check
+against torch before it is used).
+
+Two graph variants: `attention` writes each block's causal self-attention as one onnxruntime
+`com.microsoft::Attention` node (unidirectional), `plain` uses standard ONNX ops only; either may
+then go through onnxruntime's transformer optimizer (SkipLayerNorm/BiasGelu fusion, `.fused`).
+Files: `<cache_dir>/<key>.<variant>[.fused].onnx`, where `key` hashes the export format, the torch
+version and the model identity (or, for random weights, the text-tower weights themselves), each
+written atomically with `clipsearch.manifest.save_with`.
+
+Only fp32: dynamic int8 loses ~1e-3 of cosine and its effect on retrieval recall has to be measured
+on trained weights first (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from clipsearch.manifest import save_with, sha256_json
+from clipsearch.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1  # bump when the exported graph changes, so stale cache files are not reused
+OPSET = 17
+INPUT = "tokens"
+OUTPUT = "embedding"
+
+
+def has_clip_text_tower(model: torch.nn.Module) -> bool:
+    """open_clip `CLIP` (not CustomTextCLIP/HF) with argmax or eos pooling: what we can export."""
+    from clipsearch.encoder import _has_clip_text_tower
+
+    return _has_clip_text_tower(model) and getattr(model, "text", None) is None
+
+
+class _ExportSelfAttention(torch.nn.Module):
+    """nn.MultiheadAttention's self-attention, written so the tracer keeps batch and length dynamic.
+
+    torch's own MHA bakes the sample's (length, batch*heads) into Reshape constants when traced, so
+    the exported graph would only accept the sample shape. Same weights, same arithmetic.
+    """
+
+    def __init__(self, mha: torch.nn.MultiheadAttention):
+        super().__init__()
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            raise ValueError("only packed-QKV self-attention can be exported")
+        self.mha = mha
+        self.heads = int(mha.num_heads)
+        self.head_dim = int(mha.embed_dim // mha.num_heads)
+        self.batch_first = bool(mha.batch_first)
+
+    def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None):
+        x = query if self.batch_first else query.transpose(0, 1)  # [B, L, D]
+        qkv = torch.nn.functional.linear(x, self.mha.in_proj_weight, self.mha.in_proj_bias)
+        qkv = qkv.reshape(x.shape[0], x.shape[1], 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, L, Dh]
+        scores = torch.matmul(q * (self.head_dim ** -0.5), k.transpose(-1, -2))
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        out = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).flatten(2)  # [B, L, D]
+        out = self.mha.out_proj(out)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+class _OrtCausalAttention(torch.autograd.Function):
+    """Packed-QKV causal self-attention that exports as one com.microsoft `Attention` node.
+
+    onnxruntime's CPU kernel does QKV projection, causal masking (`unidirectional=1`), softmax and
+    the weighted sum in one op: 12 nodes fewer per layer, which is what batch-1 latency is made of.
+    In torch (while tracing) it computes the same thing the plain way.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_t, bias, heads: int):  # x [B, L, D], weight_t [D, 3D]
+        b, n, d = x.shape
+        qkv = (x @ weight_t + bias).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = (q * (d // heads) ** -0.5) @ k.transpose(-1, -2)
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(causal, float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
+
+    @staticmethod
+    def symbolic(g, x, weight_t, bias, heads: int):
+        out = g.op("com.microsoft::Attention", x, weight_t, bias, num_heads_i=heads, unidirectional_i=1)
+        out.setType(x.type())
+        return out
+
+
+class _ExportOrtAttention(_ExportSelfAttention):
+    """The same attention as one onnxruntime `Attention` node; needs the model's causal mask."""
+
+    def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None):
+        x = query if self.batch_first else query.transpose(0, 1)
+        out = _OrtCausalAttention.apply(x, self.mha.in_proj_weight.t(), self.mha.in_proj_bias, self.heads)
+        out = self.mha.out_proj(out)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def _is_causal_mask(mask: torch.Tensor | None) -> bool:
+    if mask is None or mask.dim() != 2:
+        return False
+    upper = torch.ones_like(mask, dtype=torch.bool).triu(1)
+    return bool(torch.isneginf(mask[upper]).all()) and bool((mask[~upper] == 0).all())
+
+
+class _TruncatedTextTower(torch.nn.Module):
+    """tokens [B, L] (right-truncated) -> normalised embedding [B, D]; what gets exported."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        from clipsearch.encoder import clip_encode_text_truncated
+
+        x = clip_encode_text_truncated(self.model, tokens).float()
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _text_state_digest(model: torch.nn.Module) -> str:
+    """Hash of the text-tower weights: random-init models share an identity but not weights."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if name.startswith("visual."):
+            continue
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(loaded: LoadedModel) -> str:
+    ident = loaded.identity.to_dict()
+    weights = ident["checkpoint_sha256"] or ident["pretrained"]
+    if not weights:
+        weights = "state:" + _text_state_digest(loaded.model)
+    return sha256_json({"format": EXPORT_FORMAT, "opset": OPSET, "torch": torch.__version__,
+                        "model": ident["model"], "weights": weights})[:24]
+
+
+def export_text_tower(model: torch.nn.Module, path: str | os.PathLike[str], ort_attention: bool = True) -> Path:
+    """Export the truncated text tower (fp32, dynamic batch and length) to `path`, atomically.
+
+    `ort_attention`: emit onnxruntime's fused `Attention` op (causal) instead of plain ONNX ops; only
+    when the model's mask is the plain causal mask (what `unidirectional=1` implements).
+    """
+    path = Path(path)
+    if ort_attention and not _is_causal_mask(getattr(model, "attn_mask", None)):
+        raise ValueError("the fused Attention export needs the standard causal text mask")
+    wrapper = _ExportOrtAttention if ort_attention else _ExportSelfAttention
+    tower = _TruncatedTextTower(model).eval().float()
+    sample = torch.ones(2, 5, dtype=torch.long)
+    sample[:, -1] = int(getattr(model, "vocab_size", 49408)) - 1  # an eot-like id for argmax pooling
+
+    def write(tmp: Path) -> None:
+        with torch.no_grad(), warnings.catch_warnings():
+            # the pooling index is argmax output (never negative), which is what this warns about
+            warnings.filterwarnings("ignore", message=".*aten::index operator of advanced indexing.*")
+            # the TorchScript exporter: it needs no onnxscript and keeps dynamic_axes simple
+            torch.onnx.export(tower, (sample,), str(tmp), input_names=[INPUT], output_names=[OUTPUT],
+                              dynamic_axes={INPUT: {0: "batch", 1: "length"}, OUTPUT: {0: "batch"}},
+                              opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                              custom_opsets={"com.microsoft": 1} if ort_attention else None)
+
+    # swap each block's MHA for the export-friendly twin (same math) only while tracing
+    blocks = list(model.transformer.resblocks)
+    originals = [b.attn for b in blocks]
+    try:
+        for b in blocks:
+            b.attn = wrapper(b.attn)
+        save_with(path, write)
+    finally:
+        for b, a in zip(blocks, originals):
+            b.attn = a
+    return path
+
+
+def _fuse(src: Path, dst: Path, num_heads: int, hidden: int) -> Path | None:
+    """Attention/LayerNorm/GELU fusion with onnxruntime's transformer optimizer, when available."""
+    try:
+        from onnxruntime.transformers import optimizer
+    except Exception:  # optional: an onnxruntime without the transformers tools still works unfused
+        return None
+    try:
+        opt = optimizer.optimize_model(str(src), model_type="clip", num_heads=num_heads,
+                                       hidden_size=hidden, opt_level=0)
+        save_with(dst, lambda p: opt.save_model_to_file(str(p)))
+        return dst
+    except Exception as exc:
+        log.info("onnx text: transformer fusion skipped (%s: %s)", type(exc).__name__, exc)
+        return None
+
+
+def session_options(threads: int, spinning: bool = True) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    # one query at a time: all cores on one op (intra-op), no inter-op parallelism
+    so.intra_op_num_threads = max(1, int(threads))
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # spinning shaves wake-up latency off every op on an idle machine; on an oversubscribed one it
+    # burns cycles other processes need, so it is a switch
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.log_severity_level = 3
+    return so
+
+
+class OnnxTextEncoder:
+    """Runs the exported tower: `encode_tokens(tokens) -> float32 (n, d)`, L2-normalised.
+
+    `tokens` may be padded to any length: trailing all-padding columns are dropped first, which
+    cannot change the result (causal tower, pooled at the end-of-text token).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 1, spinning: bool = True,
+                 pad_id: int = 0):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.threads = threads
+        self.pad_id = pad_id
+        self.session = ort.InferenceSession(str(self.path), sess_options=session_options(threads, spinning),
+                                            providers=["CPUExecutionProvider"])
+        self.dim = int(self.session.get_outputs()[0].shape[-1])
+        self.self_check_cos: float | None = None
+
+    def encode_tokens(self, tokens: torch.Tensor | np.ndarray) -> NDArray[np.float32]:
+        t = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+        if t.ndim != 2:
+            raise ValueError(f"expected token ids [batch, length], got shape {t.shape}")
+        if t.shape[0] == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        real = np.flatnonzero((t != self.pad_id).any(axis=0))
+        t = t[:, : int(real[-1]) + 1 if real.size else 1]
+        (out,) = self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(t, dtype=np.int64)})
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).cpu()
+
+
+VARIANTS = ("attention", "plain")  # preference order; the first that passes the self-check is used
+
+
+def _variant_file(cache_dir: Path, key: str, variant: str, fused: bool) -> Path:
+    return cache_dir / f"{key}.{variant}{'.fused' if fused else ''}.onnx"
+
+
+def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], threads: int = 1,
+                    fuse: bool = True, spinning: bool = True,
+                    variants: tuple[str, ...] = VARIANTS) -> OnnxTextEncoder:
+    """Export (or reuse the cached export of) the model's text tower and open a session on it.
+
+    Variants, best first: `attention` (onnxruntime's fused causal Attention op) and `plain` (standard
+    ONNX ops only); each optionally passed through onnxruntime's transformer optimizer (`fuse`:
+    SkipLayerNorm, BiasGelu). Every candidate must match open_clip's full-length `encode_text`
+    (cosine >= 0.9999 on a few token batches) before it is used; one that does not is skipped.
+    """
+    model = loaded.model
+    if not has_clip_text_tower(model):
+        raise ValueError(f"{loaded.identity.model} has no open_clip CLIP text tower")
+    cache_dir = Path(cache_dir)
+    key = cache_key(loaded)
+    cpu_model = model if loaded.device.type == "cpu" else _cpu_copy(model)
+    width = int(model.transformer.width)
+    heads = int(model.transformer.resblocks[0].attn.num_heads)
+    errors = []
+    for variant in variants:
+        base = _variant_file(cache_dir, key, variant, fused=False)
+        try:
+            if not base.is_file():
+                t = time.perf_counter()
+                export_text_tower(cpu_model, base, ort_attention=variant == "attention")
+                log.info("onnx text: exported %s in %.1fs", base.name, time.perf_counter() - t)
+        except Exception as exc:
+            errors.append(f"{variant}: {type(exc).__name__}: {exc}")
+            continue
+        candidates = []
+        if fuse:
+            fused = _variant_file(cache_dir, key, variant, fused=True)
+            if fused.is_file() or _fuse(base, fused, heads, width):
+                candidates.append(fused)
+        candidates.append(base)
+        for path in candidates:
+            try:
+                enc = OnnxTextEncoder(path, threads=threads, spinning=spinning)
+                enc.self_check_cos = _self_check(cpu_model, enc)
+                log.info("onnx text: using %s (min cosine vs torch %.6f)", path.name, enc.self_check_cos)
+                return enc
+            except Exception as exc:  # a graph that fails or changes the result is not served
+                errors.append(f"{path.name}: {type(exc).__name__}: {exc}")
+                log.info("onnx text: %s rejected (%s)", path.name, exc)
+    raise RuntimeError("no ONNX text variant passed: " + "; ".join(errors))
+
+
+def _self_check(model: torch.nn.Module, enc: OnnxTextEncoder, min_cos: float = 0.9999) -> float:
+    """Cosine between the session and open_clip's full-length encode_text on a few token batches."""
+    ctx = int(getattr(model, "context_length", 77))
+    eot = int(getattr(model, "vocab_size", 49408)) - 1
+    g = torch.Generator().manual_seed(0)
+    worst = 1.0
+    for lengths in ((3,), (12, 5)):
+        tokens = torch.zeros(len(lengths), ctx, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            tokens[i, 0] = eot - 1  # start-of-text
+            tokens[i, 1:n - 1] = torch.randint(1, eot - 1, (n - 2,), generator=g)
+            tokens[i, n - 1] = eot
+        with torch.inference_mode():
+            ref = torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1).numpy()
+        worst = min(worst, float((enc.encode_tokens(tokens) * ref).sum(1).min()))
+    if worst < min_cos:
+        raise RuntimeError(f"ONNX text tower disagrees with torch (min cosine {worst:.6f})")
+    return worst
+
+
+def maybe_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], threads: int = 1,
+                    fuse: bool = True, spinning: bool = True) -> OnnxTextEncoder | None:
+    """An ONNX text encoder for `loaded`, or None (logged) when the model has no exportable CLIP
+    text tower (e.g. the Hugging Face text tower of lit-effnet-minilm), is not on the CPU, or
+    export/loading/the equality self-check fails."""
+    if not has_clip_text_tower(loaded.model):
+        log.info("onnx text: %s has no open_clip CLIP text tower; using the torch text path",
+                 loaded.identity.model)
+        return None
+    if loaded.device.type != "cpu":  # the session is CPU-only; on a GPU the torch path is faster
+        log.info("onnx text: model is on %s; using the torch text path", loaded.device)
+        return None
+    try:
+        return build_onnx_text(loaded, cache_dir, threads=threads, fuse=fuse, spinning=spinning)
+    except Exception as exc:  # any export/runtime failure falls back to torch, with the reason logged
+        log.warning("onnx text: export or load failed for %s (%s: %s); using the torch text path",
+                    loaded.identity.model, type(exc).__name__, exc)
+        return None

@@ -1,0 +1,110 @@
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from clipsearch.encoder import ClipEncoder  # noqa: E402
+from clipsearch.models import load_model  # noqa: E402
+from clipsearch.onnx_text import (OnnxTextEncoder, build_onnx_text, cache_key,  # noqa: E402
+                                  maybe_onnx_text)
+
+QUERIES = ["a dog", "two children play football in a park near a red house", "", "🙂 émoji ünïcode",
+           "a man in a red shirt climbs a rock wall while another man in a blue helmet belays him "
+           "from below on a sunny day in the mountains near a lake"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return load_model("test-tiny-vit", None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny, onnx_dir) -> OnnxTextEncoder:
+    return build_onnx_text(tiny, onnx_dir, threads=1)
+
+
+def full_path(loaded, texts):
+    tokens = loaded.tokenizer(texts)
+    assert tokens.shape[1] == 77
+    with torch.inference_mode():
+        return torch.nn.functional.normalize(loaded.model.encode_text(tokens).float(), dim=-1).numpy()
+
+
+@pytest.mark.parametrize("rows", [[0], [1], [4], [0, 1], [2, 3, 0], [0, 1, 2, 3, 4]])
+def test_equals_full_77_token_path(tiny, tiny_onnx, rows):
+    texts = [QUERIES[i] for i in rows]
+    out = tiny_onnx.encode_tokens(tiny.tokenizer(texts))
+    ref = full_path(tiny, texts)
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    assert (out * ref).sum(1).min() >= 0.9999
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_every_variant_equals_full_path(tiny, onnx_dir):
+    """Both export variants, fused or not, must give the same embedding."""
+    ref = full_path(tiny, QUERIES)
+    for variant in ("attention", "plain"):
+        for fuse in (True, False):
+            enc = build_onnx_text(tiny, onnx_dir, threads=1, fuse=fuse, variants=(variant,))
+            assert f".{variant}." in enc.path.name
+            assert (".fused" in enc.path.name) == fuse
+            assert (enc.encode_tokens(tiny.tokenizer(QUERIES)) * ref).sum(1).min() >= 0.9999
+
+
+def test_padding_and_array_inputs(tiny, tiny_onnx):
+    tokens = tiny.tokenizer(QUERIES[:2])
+    a = tiny_onnx.encode_tokens(tokens)
+    b = tiny_onnx.encode_tokens(tokens[:, :20].numpy())  # already truncated, numpy in
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    assert tiny_onnx.encode_tokens(torch.zeros(0, 77, dtype=torch.long)).shape == (0, 32)
+    with pytest.raises(ValueError):
+        tiny_onnx.encode_tokens(np.zeros(5, dtype=np.int64))
+
+
+def test_cache_is_reused_and_keyed_by_weights(tiny, onnx_dir, tiny_onnx):
+    mtime = tiny_onnx.path.stat().st_mtime_ns
+    again = build_onnx_text(tiny, onnx_dir, threads=1)
+    assert again.path == tiny_onnx.path and again.path.stat().st_mtime_ns == mtime
+    torch.manual_seed(1)
+    other = load_model("test-tiny-vit", None, "cpu")  # same identity, different random weights
+    assert cache_key(other) != cache_key(tiny)
+
+
+def test_matches_torch_clip_encoder(tiny, tiny_onnx):
+    torch_fast = ClipEncoder(tiny, fast_text=True).encode_texts(QUERIES)
+    out = tiny_onnx.encode_tokens(tiny.tokenizer(QUERIES))
+    np.testing.assert_allclose(out, torch_fast, atol=1e-5)
+
+
+def test_no_clip_text_tower_returns_none(tmp_path, caplog):
+    hf_like = SimpleNamespace(model=torch.nn.Module(), identity=SimpleNamespace(model="lit-effnet-minilm"),
+                              device=torch.device("cpu"))
+    hf_like.model.text = torch.nn.Linear(2, 2)  # a CustomTextCLIP keeps its text tower in `.text`
+    with caplog.at_level(logging.INFO, logger="clipsearch.onnx_text"):
+        assert maybe_onnx_text(hf_like, tmp_path, threads=1) is None
+    assert "no open_clip CLIP text tower" in caplog.text
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_failure_returns_none(tiny, tmp_path, monkeypatch, caplog):
+    import clipsearch.onnx_text as ot
+
+    def boom(*a, **k):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setattr(ot, "export_text_tower", boom)
+    with caplog.at_level(logging.WARNING, logger="clipsearch.onnx_text"):
+        assert maybe_onnx_text(tiny, tmp_path, threads=1) is None
+    assert "exporter broke" in caplog.text
