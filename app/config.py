@@ -8,8 +8,9 @@ message instead of surfacing in the first request.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -42,6 +43,11 @@ class Settings(BaseSettings):
 
     cache_size: int = Field(1024, ge=0, description="Response LRU entries; 0 turns the cache off.")
     inference_threads: int = Field(2, ge=1, description="Worker threads for decode + encode + search.")
+    text_backend: Literal["onnx", "torch"] = Field(
+        "onnx", description="Query text encoder: ONNX Runtime export of the (truncated) CLIP text tower, "
+                            "or torch. Models without an exportable tower use torch either way.")
+    onnx_cache_dir: Path = Field(Path(tempfile.gettempdir()) / "clipsearch-onnx",
+                                 description="Where the ONNX text export is cached (must be writable).")
     text_batch_size: int = Field(16, ge=1, le=256,
                                  description="Most text queries encoded in one forward pass when they "
                                              "arrive while the encoder is busy; 1 turns batching off.")

@@ -139,7 +139,13 @@ def load_resources(settings: Settings) -> Resources:
     if not loaded.identity.same_weights(model):
         raise ModelLoadError(f"the loaded model {_describe(loaded.identity.to_dict())} is not the one the "
                              f"indexes were built with ({_describe(model)})")
-    return make_resources(ClipEncoder(loaded), indexes[IMAGE_INDEX], indexes[TEXT_INDEX],
+    text_backend = None
+    if settings.text_backend == "onnx":
+        from clipsearch.onnx_text import maybe_onnx_text
+
+        # falls back to the (truncated) torch path, with a log line, for towers it cannot export
+        text_backend = maybe_onnx_text(loaded, settings.onnx_cache_dir, threads=settings.torch_threads or 1)
+    return make_resources(ClipEncoder(loaded, text_backend=text_backend), indexes[IMAGE_INDEX], indexes[TEXT_INDEX],
                           images, captions, model, split=split, images_dir=settings.images_dir,
                           base_dir=root)
 

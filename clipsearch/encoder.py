@@ -22,6 +22,10 @@ from PIL import Image
 from clipsearch.models import LoadedModel
 
 
+class TokenEncoder(Protocol):
+    def encode_tokens(self, tokens: torch.Tensor) -> NDArray[np.float32]: ...
+
+
 class Encoder(Protocol):
     dim: int
 
@@ -67,8 +71,12 @@ def clip_encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> 
 class ClipEncoder:
     """Batched, normalised encoding with an open_clip model (any tower types)."""
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 64, fast_text: bool = True):
+    def __init__(self, loaded: LoadedModel, batch_size: int = 64, fast_text: bool = True,
+                 text_backend: "TokenEncoder | None" = None):
+        """`text_backend`: an exported text tower (e.g. `clipsearch.onnx_text.OnnxTextEncoder`) that
+        replaces the torch text path; it must give the same embeddings (it self-checks on build)."""
         self.loaded = loaded
+        self.text_backend = text_backend
         self.model = loaded.model
         self.device = loaded.device
         self.batch_size = batch_size
@@ -84,6 +92,8 @@ class ClipEncoder:
 
     @torch.inference_mode()
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.text_backend is not None:
+            return torch.from_numpy(self.text_backend.encode_tokens(tokens))
         tokens = tokens.to(self.device)
         if self.fast_text:
             tokens = truncate_tokens(tokens, self._pad_id)

@@ -52,3 +52,13 @@ def test_outputs_are_normalized_float32_and_batched(tiny):
     assert enc.encode_texts([]).shape == (0, 32)
     # batch composition must not change a row's embedding
     np.testing.assert_allclose(enc.encode_images(ims[:1]), v[:1], atol=1e-5)
+
+
+def test_onnx_text_backend_gives_the_same_embeddings(tiny, tmp_path):
+    from clipsearch.onnx_text import maybe_onnx_text
+
+    backend = maybe_onnx_text(tiny, tmp_path, threads=1)
+    assert backend is not None
+    a = ClipEncoder(tiny, text_backend=backend).encode_texts(QUERIES)
+    b = ClipEncoder(tiny, fast_text=False).encode_texts(QUERIES)
+    assert (a * b).sum(1).min() > 0.9999
