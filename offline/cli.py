@@ -47,9 +47,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="open_clip model name, or lit-effnet-minilm (offline model) (default: %(default)s)")
-    p.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
+    p.add_argument("--pretrained", default=None,
                    help="open_clip pretrained tag (downloads), a local checkpoint file, or 'none' for "
-                        "random weights (default: %(default)s)")
+                        f"random weights (default: {DEFAULT_PRETRAINED}; for lit-effnet-minilm, the "
+                        "checkpoint that build trains into <out>/models/)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2,
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_eval_split(p)
 
+    p = sub.add_parser("finetune", help="contrastive fine-tuning on the train split, selected on val")
+    _add_common(p)
+    _add_model(p)
+    from offline import finetune
+
+    finetune.add_arguments(p)
+
     p = sub.add_parser("build", help="prepare → (finetune) → embed → index → evaluate")
     _add_common(p)
     _add_data(p, required=False)
@@ -131,10 +139,34 @@ def _ratios(text: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
+def offline_checkpoint(out: Path) -> Path:
+    from clipsearch.models import OFFLINE_MODEL
+
+    return Path(out) / "models" / f"{OFFLINE_MODEL}-ft.pt"
+
+
+def _pretrained(args: argparse.Namespace) -> str | None:
+    """The weights a stage uses when --pretrained is not given."""
+    from clipsearch.models import DEFAULT_PRETRAINED, OFFLINE_MODEL
+
+    if args.pretrained is not None:
+        return args.pretrained
+    if args.model == OFFLINE_MODEL:
+        ckpt = offline_checkpoint(args.out)
+        if args.command == "finetune":
+            return None  # start from the pretrained towers and fresh heads
+        if ckpt.is_file():
+            return str(ckpt)
+        log.warning("no trained %s checkpoint in %s: using untrained projection heads "
+                    "(run `python -m offline build` to train them)", OFFLINE_MODEL, ckpt.parent)
+        return None
+    return DEFAULT_PRETRAINED
+
+
 def _load(args: argparse.Namespace):
     from clipsearch.models import load_model
 
-    return load_model(args.model, args.pretrained, args.device)
+    return load_model(args.model, _pretrained(args), args.device)
 
 
 def run_prepare(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,6 +214,13 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         {"json": str(Path(args.out) / "results" / f"recall_{args.eval_split}.json")}
 
 
+def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from offline import finetune
+
+    args.pretrained = _pretrained(args)
+    return finetune.run(args)
+
+
 def run_build(args: argparse.Namespace) -> dict[str, Any]:
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {}
@@ -198,6 +237,17 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
         args.dest = args.data
         stage("download", run_download, args)
     stage("prepare", run_prepare, args)
+    from clipsearch.models import OFFLINE_MODEL
+
+    if args.model == OFFLINE_MODEL and args.pretrained is None:
+        from offline.finetune import train_offline_model
+
+        def train(a: argparse.Namespace) -> dict[str, Any]:
+            ckpt = train_offline_model(a.out, threads=a.threads or os.cpu_count() or 1, device=a.device)
+            return {"checkpoint": str(ckpt)}
+
+        stage("finetune", train, args)
+        args.pretrained = summary["finetune"]["checkpoint"]
     loaded = _load(args)
     stage("embed", run_embed, args, loaded)
     stage("index", run_index, args)
@@ -207,7 +257,7 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS = {"prepare": run_prepare, "download": run_download, "embed": run_embed, "index": run_index,
-            "evaluate": run_evaluate, "build": run_build}
+            "evaluate": run_evaluate, "finetune": run_finetune, "build": run_build}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,13 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clipsearch.models import ModelLoadError
     from offline.data import DataError
     from offline.download import DownloadError
+    from offline.finetune import FinetuneError
 
     args = build_parser().parse_args(argv)
     _setup(args)
     t0 = time.perf_counter()
     try:
         result = COMMANDS[args.command](args)
-    except (DataError, ModelLoadError, ArtifactError, DownloadError, ValueError) as exc:
+    except (DataError, ModelLoadError, ArtifactError, DownloadError, FinetuneError, ValueError) as exc:
         log.debug("stage failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
