@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - only when clipsearch.manifest is absen
 __all__ = ["DataError", "SPLITS", "detect_layout", "prepare", "read_split"]
 
 #: Bump when the output format or validation rules change, so old outputs are not reused.
-PREPARE_FORMAT = 1
+PREPARE_FORMAT = 2  # 2: repeated captions of an image are kept (noted), as published Flickr8k results count them
 SPLITS = ("train", "val", "test")
 
 IMAGE_DIR_NAMES = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images")
@@ -376,6 +376,7 @@ class _Validated:
     images_referenced: int = 0
     images_without_captions: list[str] = field(default_factory=list)
     images_without_usable_captions: list[str] = field(default_factory=list)
+    notes: list[dict] = field(default_factory=list)  # kept, but worth a look (e.g. repeated captions)
 
 
 def _normalize(text: str) -> str:
@@ -420,6 +421,7 @@ def _validate(layout: _Layout, workers: int) -> _Validated:
                         "captions_dropped": len(caps), "where": caps[0].where, "detail": detail})
 
     kept: dict[str, list[_Caption]] = {}
+    notes: list[dict] = []
     seen_ids: set[str] = set()
     for image_id in by_image:
         if image_id not in usable:
@@ -435,14 +437,15 @@ def _validate(layout: _Layout, workers: int) -> _Validated:
             if c.caption_id in seen_ids:
                 skipped.append({**item, "reason": R_DUP_ID, "detail": "caption id seen before"})
                 continue
-            # Case and spacing differences do not make a different caption for retrieval.
+            # Two annotators writing the same sentence for one image is a real annotation: it is
+            # kept (Flickr8k's test split has 5,000 captions in published results) and noted.
             key = text.casefold()
             if key in seen_text:
-                skipped.append({**item, "reason": R_DUP, "caption": text,
-                                "detail": f"same text as {seen_text[key]}"})
-                continue
+                notes.append({**item, "reason": R_DUP, "caption": text,
+                              "detail": f"same text as {seen_text[key]} (kept)"})
+            else:
+                seen_text[key] = c.caption_id
             seen_ids.add(c.caption_id)
-            seen_text[key] = c.caption_id
             kept.setdefault(image_id, []).append(_Caption(image_id, c.image_path, c.caption_id,
                                                           text, c.where))
     # Images whose every caption was dropped cannot be retrieved by text: leave them out.
@@ -452,7 +455,7 @@ def _validate(layout: _Layout, workers: int) -> _Validated:
     reasons: Counter[str] = Counter(s["reason"] for s in skipped)
     v = _Validated(kept, usable, skipped, reasons, modes, sizes,
                    caption_records=len(raw) + n_malformed, images_referenced=len(paths),
-                   images_without_usable_captions=no_captions_left)
+                   images_without_usable_captions=no_captions_left, notes=notes)
     if layout.image_dir is not None:
         on_disk = {e.name for e in os.scandir(layout.image_dir)
                    if e.is_file() and not e.name.startswith(".")
@@ -545,6 +548,8 @@ def _summary_text(report: dict, result: dict) -> str:
         lines.append("  skipped:  " + ", ".join(
             f"{r} {n}" + (f" ({dropped_with[r]} captions)" if dropped_with[r] else "")
             for r, n in sorted(c["skipped_by_reason"].items())))
+    if c.get("notes_by_reason"):
+        lines.append("  kept, noted: " + ", ".join(f"{r} {n}" for r, n in sorted(c["notes_by_reason"].items())))
     lines.append("  modes:    " + ", ".join(f"{m} {n}" for m, n in c["image_modes"].items()))
     if c["images_without_captions"]:
         lines.append(f"  images on disk without captions (ignored): {c['images_without_captions']}")
@@ -644,6 +649,7 @@ def prepare(data: Path, out: Path, split: str = "official",
             "images_in_splits": sum(c["images"] for c in counts.values()),
             "skipped_items": len(v.skipped),
             "skipped_by_reason": dict(sorted(v.reasons.items())),
+            "notes_by_reason": dict(sorted(Counter(n["reason"] for n in v.notes).items())),
             "image_modes": dict(v.modes.most_common()),
             "image_sizes": dict(v.sizes.most_common(10)),
             "images_without_captions": len(v.images_without_captions),
@@ -652,6 +658,7 @@ def prepare(data: Path, out: Path, split: str = "official",
             "splits": counts,
         },
         "skipped": v.skipped,
+        "notes": v.notes,
         "images_without_captions": v.images_without_captions,
         "images_without_usable_captions": v.images_without_usable_captions,
         **extra,

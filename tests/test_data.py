@@ -273,7 +273,7 @@ def _all_ids(out: Path) -> dict[str, list[dict]]:
 
 
 N_USABLE = len(GOOD) + len(ODD)                 # 16 images
-N_KEPT_CAPTIONS = N_USABLE * 3 - 2              # minus one empty, one duplicate
+N_KEPT_CAPTIONS = N_USABLE * 3 - 1              # minus one empty (the repeated caption is kept)
 
 
 def test_detect_layout(tmp_path):
@@ -301,13 +301,15 @@ def test_original_official(tmp_path, capsys):
     assert _reasons(rep) == {
         "bad_image_id": [STRAY],
         "corrupt_image": sorted(CORRUPT),
-        "duplicate_caption": ["good1.jpg#2"],
         "empty_caption": ["good0.jpg#1"],
         "malformed_record": ["Flickr8k.token.txt:4"],
         "missing_image": [MISSING],
     }
     by_id = {i.get("image_id"): i for i in rep["skipped"]}
     assert by_id[STRAY]["captions_dropped"] == 2
+    # a caption repeating another of the same image is a real annotation: kept, and noted
+    assert [(n["reason"], n["caption_id"]) for n in rep["notes"]] == [("duplicate_caption", "good1.jpg#2")]
+    assert rep["counts"]["notes_by_reason"] == {"duplicate_caption": 1}
     assert "0 bytes" in by_id["zero.jpg"]["detail"]
     c = rep["counts"]
     assert c["caption_records"] == len(_captions()) + 1
@@ -319,7 +321,7 @@ def test_original_official(tmp_path, capsys):
     assert rep["unassigned_images"] == ["rot.jpg"]
     assert rep["split_list_entries_not_usable"] == {"train": ["corrupt.jpg"], "val": [MISSING],
                                                     "test": []}
-    assert res["counts"] == {"train": {"images": 10, "captions": 28},
+    assert res["counts"] == {"train": {"images": 10, "captions": 29},
                              "val": {"images": 3, "captions": 9},
                              "test": {"images": 2, "captions": 6}}
     splits = _all_ids(out)
@@ -329,7 +331,7 @@ def test_original_official(tmp_path, capsys):
     assert Path(rec["image_path"]).is_absolute() and Path(rec["image_path"]).is_file()
     assert rec["caption"] == "A photo of good0.jpg, number 0 ."
     dup_img = [r for r in splits["train"] if r["image_id"] == "good1.jpg"]
-    assert [r["caption_id"] for r in dup_img] == ["good1.jpg#0", "good1.jpg#1"]
+    assert [r["caption_id"] for r in dup_img] == ["good1.jpg#0", "good1.jpg#1", "good1.jpg#2"]
     printed = capsys.readouterr().out
     assert "corrupt_image 3" in printed and "validation_report.json" in printed
 
@@ -378,7 +380,7 @@ def test_kaggle_layout(tmp_path):
     assert rep["layout"] == "kaggle"
     # Same ids as the original layout, and commas inside captions survive CSV parsing.
     reasons = _reasons(rep)
-    assert reasons["duplicate_caption"] == ["good1.jpg#2"]
+    assert "duplicate_caption" not in reasons and [n["caption_id"] for n in rep["notes"]] == ["good1.jpg#2"]
     assert reasons["empty_caption"] == ["good0.jpg#1"]
     assert reasons["bad_image_id"] == [STRAY] and reasons["missing_image"] == [MISSING]
     assert rep["counts"]["captions_kept"] == N_KEPT_CAPTIONS
