@@ -44,8 +44,9 @@ class Settings(BaseSettings):
     cache_size: int = Field(1024, ge=0, description="Response LRU entries; 0 turns the cache off.")
     inference_threads: int = Field(2, ge=1, description="Worker threads for decode + encode + search.")
     text_backend: Literal["onnx", "torch"] = Field(
-        "onnx", description="Query text encoder: ONNX Runtime export of the (truncated) CLIP text tower, "
-                            "or torch. Models without an exportable tower use torch either way.")
+        "onnx", description="Query text encoder: ONNX Runtime export of the text tower (open_clip CLIP, "
+                            "truncated, or Hugging Face, e.g. lit-effnet-minilm's MiniLM), or torch. "
+                            "Models without an exportable tower use torch either way.")
     onnx_cache_dir: Path = Field(Path(tempfile.gettempdir()) / "clipsearch-onnx",
                                  description="Where the ONNX text export is cached (must be writable).")
     text_batch_size: int = Field(16, ge=1, le=256,

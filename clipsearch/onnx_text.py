@@ -1,4 +1,4 @@
-"""ONNX Runtime text encoder for open_clip CLIP text towers: the small-batch query fast path.
+"""ONNX Runtime text encoder for open_clip text towers: the small-batch query fast path.
 
 At batch 1 the CLIP text tower is bound by per-op overhead and weight bytes, not FLOPs, so running
 only the real tokens (`truncate_tokens`) is not enough on its own; ONNX Runtime removes most of the
@@ -11,6 +11,14 @@ against torch before it is used).
 Two graph variants: `attention` writes each block's causal self-attention as one onnxruntime
 `com.microsoft::Attention` node (unidirectional), `plain` uses standard ONNX ops only; either may
 then go through onnxruntime's transformer optimizer (SkipLayerNorm/BiasGelu fusion, `.fused`).
+
+Hugging Face text towers (open_clip `HFTextEncoder`, e.g. all-MiniLM-L6-v2 in lit-effnet-minilm)
+export the same way: token ids `[batch, length]` -> normalised embedding, the attention mask
+(`tokens != pad_token_id`) and the pooling computed inside the graph, so dropping all-padding columns
+is again exact (padding is masked out of attention and pooling). Variants `eager` (the BERT traced
+with transformers' eager attention, the pattern onnxruntime's `bert` optimizer fuses into
+`Attention` + `EmbedLayerNormalization`) and `sdpa` (torch's scaled_dot_product_attention, decomposed
+by the exporter).
 Files: `<cache_dir>/<key>.<variant>[.fused].onnx`, where `key` hashes the export format, the torch
 version and the model identity (or, for random weights, the text-tower weights themselves), each
 written atomically with `clipsearch.manifest.save_with`.
@@ -49,6 +57,29 @@ def has_clip_text_tower(model: torch.nn.Module) -> bool:
     from clipsearch.encoder import _has_clip_text_tower
 
     return _has_clip_text_tower(model) and getattr(model, "text", None) is None
+
+
+def has_hf_text_tower(model: torch.nn.Module) -> bool:
+    """open_clip `CustomTextCLIP` whose `.text` is an `HFTextEncoder` (transformers model + pooler +
+    projection, masking by `config.pad_token_id`): the other tower we can export."""
+    text = getattr(model, "text", None)
+    return (text is not None and all(hasattr(text, a) for a in ("transformer", "pooler", "proj", "config"))
+            and getattr(text.config, "pad_token_id", None) is not None
+            and isinstance(getattr(text, "transformer", None), torch.nn.Module))
+
+
+def text_tower_kind(model: torch.nn.Module) -> str | None:
+    """"clip", "hf", or None when the model's text tower cannot be exported."""
+    if has_clip_text_tower(model):
+        return "clip"
+    if has_hf_text_tower(model):
+        return "hf"
+    return None
+
+
+def text_pad_id(model: torch.nn.Module) -> int:
+    """The id the tokenizer pads with: HF towers name it in their config, open_clip CLIP uses 0."""
+    return int(getattr(getattr(getattr(model, "text", None), "config", None), "pad_token_id", 0) or 0)
 
 
 class _ExportSelfAttention(torch.nn.Module):
@@ -136,6 +167,23 @@ class _TruncatedTextTower(torch.nn.Module):
         return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+class _HFTextTower(torch.nn.Module):
+    """tokens [B, L] -> normalised embedding [B, D] through open_clip's `HFTextEncoder`.
+
+    `HFTextEncoder.forward` itself builds the mask as `tokens != pad_token_id`, runs the
+    transformer with it and pools over the real tokens only, so the traced graph holds all of that
+    and any right-truncation of the padding gives the same result as the full padded length.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.model.text(tokens).float()
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 def _text_state_digest(model: torch.nn.Module) -> str:
     """Hash of the text-tower weights: random-init models share an identity but not weights."""
     h = hashlib.sha256()
@@ -170,37 +218,78 @@ def export_text_tower(model: torch.nn.Module, path: str | os.PathLike[str], ort_
     sample = torch.ones(2, 5, dtype=torch.long)
     sample[:, -1] = int(getattr(model, "vocab_size", 49408)) - 1  # an eot-like id for argmax pooling
 
-    def write(tmp: Path) -> None:
-        with torch.no_grad(), warnings.catch_warnings():
-            # the pooling index is argmax output (never negative), which is what this warns about
-            warnings.filterwarnings("ignore", message=".*aten::index operator of advanced indexing.*")
-            # the TorchScript exporter: it needs no onnxscript and keeps dynamic_axes simple
-            torch.onnx.export(tower, (sample,), str(tmp), input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: {0: "batch", 1: "length"}, OUTPUT: {0: "batch"}},
-                              opset_version=OPSET, do_constant_folding=True, dynamo=False,
-                              custom_opsets={"com.microsoft": 1} if ort_attention else None)
-
     # swap each block's MHA for the export-friendly twin (same math) only while tracing
     blocks = list(model.transformer.resblocks)
     originals = [b.attn for b in blocks]
     try:
         for b in blocks:
             b.attn = wrapper(b.attn)
-        save_with(path, write)
+        _export_tokens_to_embedding(tower, sample, path,
+                                    custom_opsets={"com.microsoft": 1} if ort_attention else None)
     finally:
         for b, a in zip(blocks, originals):
             b.attn = a
     return path
 
 
-def _fuse(src: Path, dst: Path, num_heads: int, hidden: int) -> Path | None:
+def export_hf_text_tower(model: torch.nn.Module, path: str | os.PathLike[str],
+                         attn_implementation: str | None = "eager") -> Path:
+    """Export a Hugging Face text tower (fp32, dynamic batch and length) to `path`, atomically.
+
+    `attn_implementation`: transformers' attention implementation to trace with, set only while
+    tracing and restored after; `eager` writes the matmul/softmax pattern that onnxruntime's `bert`
+    optimizer fuses into one `Attention` node per layer; None traces the tower as it is.
+    """
+    path = Path(path)
+    bert = model.text.transformer
+    pad = text_pad_id(model)
+    tower = _HFTextTower(model).eval().float()
+    # one row with padding, so the traced graph keeps the attention mask (transformers may drop an
+    # all-ones mask while tracing) and the masked mean pooling
+    vocab = int(getattr(model.text.config, "vocab_size", 30522))
+    offsets = torch.tensor([[1, 2, 3, 4, 0], [1, 2, 3, 4, 5]])  # 0 marks the padding
+    sample = torch.where(offsets == 0, pad, (pad + offsets) % vocab).long()
+    original = getattr(bert.config, "_attn_implementation", None)
+    swap = attn_implementation is not None and attn_implementation != original
+    if swap and not hasattr(bert, "set_attn_implementation"):
+        raise ValueError(f"this transformers version cannot switch attention to {attn_implementation}")
+    try:
+        if swap:
+            bert.set_attn_implementation(attn_implementation)
+        _export_tokens_to_embedding(tower, sample, path)
+    finally:
+        if swap and original is not None:
+            bert.set_attn_implementation(original)
+    return path
+
+
+def _export_tokens_to_embedding(tower: torch.nn.Module, sample: torch.Tensor, path: Path,
+                                custom_opsets: dict[str, int] | None = None) -> None:
+    """The one export call both tower kinds use: tokens [batch, length] -> embedding [batch, D]."""
+
+    def write(tmp: Path) -> None:
+        with torch.no_grad(), warnings.catch_warnings():
+            # the pooling index is argmax output (never negative), which is what this warns about
+            warnings.filterwarnings("ignore", message=".*aten::index operator of advanced indexing.*")
+            # transformers' shape checks (mask padding length, is_causal) are constant for our inputs
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            # the TorchScript exporter: it needs no onnxscript and keeps dynamic_axes simple
+            torch.onnx.export(tower, (sample,), str(tmp), input_names=[INPUT], output_names=[OUTPUT],
+                              dynamic_axes={INPUT: {0: "batch", 1: "length"}, OUTPUT: {0: "batch"}},
+                              opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                              custom_opsets=custom_opsets)
+
+    save_with(path, write)
+
+
+def _fuse(src: Path, dst: Path, num_heads: int, hidden: int, model_type: str = "clip") -> Path | None:
     """Attention/LayerNorm/GELU fusion with onnxruntime's transformer optimizer, when available."""
     try:
         from onnxruntime.transformers import optimizer
     except Exception:  # optional: an onnxruntime without the transformers tools still works unfused
         return None
     try:
-        opt = optimizer.optimize_model(str(src), model_type="clip", num_heads=num_heads,
+        opt = optimizer.optimize_model(str(src), model_type=model_type, num_heads=num_heads,
                                        hidden_size=hidden, opt_level=0)
         save_with(dst, lambda p: opt.save_model_to_file(str(p)))
         return dst
@@ -228,8 +317,9 @@ def session_options(threads: int, spinning: bool = True) -> Any:
 class OnnxTextEncoder:
     """Runs the exported tower: `encode_tokens(tokens) -> float32 (n, d)`, L2-normalised.
 
-    `tokens` may be padded to any length: trailing all-padding columns are dropped first, which
-    cannot change the result (causal tower, pooled at the end-of-text token).
+    `tokens` may be padded to any length: trailing all-padding columns (`pad_id`) are dropped
+    first, which cannot change the result (CLIP: causal tower, pooled at the end-of-text token;
+    HF: the graph masks padding out of attention and pooling).
     """
 
     def __init__(self, path: str | os.PathLike[str], threads: int = 1, spinning: bool = True,
@@ -263,6 +353,7 @@ def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 VARIANTS = ("attention", "plain")  # preference order; the first that passes the self-check is used
+HF_VARIANTS = ("eager", "sdpa")  # the same for Hugging Face towers (attention implementation traced)
 
 
 def _variant_file(cache_dir: Path, key: str, variant: str, fused: bool) -> Path:
@@ -271,29 +362,46 @@ def _variant_file(cache_dir: Path, key: str, variant: str, fused: bool) -> Path:
 
 def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], threads: int = 1,
                     fuse: bool = True, spinning: bool = True,
-                    variants: tuple[str, ...] = VARIANTS) -> OnnxTextEncoder:
+                    variants: tuple[str, ...] | None = None) -> OnnxTextEncoder:
     """Export (or reuse the cached export of) the model's text tower and open a session on it.
 
-    Variants, best first: `attention` (onnxruntime's fused causal Attention op) and `plain` (standard
-    ONNX ops only); each optionally passed through onnxruntime's transformer optimizer (`fuse`:
-    SkipLayerNorm, BiasGelu). Every candidate must match open_clip's full-length `encode_text`
+    Variants, best first: for a CLIP tower `attention` (onnxruntime's fused causal Attention op) and
+    `plain` (standard ONNX ops only); for a Hugging Face tower `eager` and `sdpa` (see the module
+    docstring); each optionally passed through onnxruntime's transformer optimizer (`fuse`: model
+    type `clip` or `bert`). Every candidate must match open_clip's full-length `encode_text`
     (cosine >= 0.9999 on a few token batches) before it is used; one that does not is skipped.
     """
     model = loaded.model
-    if not has_clip_text_tower(model):
-        raise ValueError(f"{loaded.identity.model} has no open_clip CLIP text tower")
+    kind = text_tower_kind(model)
+    if kind is None:
+        raise ValueError(f"{loaded.identity.model} has no exportable text tower "
+                         "(open_clip CLIP or Hugging Face)")
+    if variants is None:
+        variants = VARIANTS if kind == "clip" else HF_VARIANTS
     cache_dir = Path(cache_dir)
     key = cache_key(loaded)
     cpu_model = model if loaded.device.type == "cpu" else _cpu_copy(model)
-    width = int(model.transformer.width)
-    heads = int(model.transformer.resblocks[0].attn.num_heads)
+    pad_id = text_pad_id(model)
+    if kind == "clip":
+        width = int(model.transformer.width)
+        heads = int(model.transformer.resblocks[0].attn.num_heads)
+    else:
+        width = int(model.text.config.hidden_size)
+        heads = int(model.text.config.num_attention_heads)
+    # the padded length the tokenizer gives (64 for lit-effnet-minilm; an HF tower's own
+    # context_length is its position table, 512 for BERT)
+    context = int(getattr(getattr(loaded, "tokenizer", None), "context_length", None)
+                  or getattr(model, "context_length", 77))
     errors = []
     for variant in variants:
         base = _variant_file(cache_dir, key, variant, fused=False)
         try:
             if not base.is_file():
                 t = time.perf_counter()
-                export_text_tower(cpu_model, base, ort_attention=variant == "attention")
+                if kind == "clip":
+                    export_text_tower(cpu_model, base, ort_attention=variant == "attention")
+                else:
+                    export_hf_text_tower(cpu_model, base, attn_implementation=variant)
                 log.info("onnx text: exported %s in %.1fs", base.name, time.perf_counter() - t)
         except Exception as exc:
             errors.append(f"{variant}: {type(exc).__name__}: {exc}")
@@ -301,13 +409,14 @@ def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], thre
         candidates = []
         if fuse:
             fused = _variant_file(cache_dir, key, variant, fused=True)
-            if fused.is_file() or _fuse(base, fused, heads, width):
+            model_type = "clip" if kind == "clip" else "bert"
+            if fused.is_file() or _fuse(base, fused, heads, width, model_type=model_type):
                 candidates.append(fused)
         candidates.append(base)
         for path in candidates:
             try:
-                enc = OnnxTextEncoder(path, threads=threads, spinning=spinning)
-                enc.self_check_cos = _self_check(cpu_model, enc)
+                enc = OnnxTextEncoder(path, threads=threads, spinning=spinning, pad_id=pad_id)
+                enc.self_check_cos = _self_check(cpu_model, enc, kind=kind, context=context)
                 log.info("onnx text: using %s (min cosine vs torch %.6f)", path.name, enc.self_check_cos)
                 return enc
             except Exception as exc:  # a graph that fails or changes the result is not served
@@ -316,18 +425,30 @@ def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], thre
     raise RuntimeError("no ONNX text variant passed: " + "; ".join(errors))
 
 
-def _self_check(model: torch.nn.Module, enc: OnnxTextEncoder, min_cos: float = 0.9999) -> float:
-    """Cosine between the session and open_clip's full-length encode_text on a few token batches."""
-    ctx = int(getattr(model, "context_length", 77))
-    eot = int(getattr(model, "vocab_size", 49408)) - 1
+def _self_check(model: torch.nn.Module, enc: OnnxTextEncoder, min_cos: float = 0.9999,
+                kind: str = "clip", context: int | None = None) -> float:
+    """Cosine between the session and open_clip's full-length encode_text on a few token batches.
+
+    The batches mix lengths, so the session runs both unpadded (batch 1, truncated) and padded
+    rows; `context` is the padded length of the reference (the tokenizer's).
+    """
+    ctx = int(context or getattr(model, "context_length", 77))
     g = torch.Generator().manual_seed(0)
     worst = 1.0
-    for lengths in ((3,), (12, 5)):
-        tokens = torch.zeros(len(lengths), ctx, dtype=torch.long)
+    if kind == "clip":
+        eot = int(getattr(model, "vocab_size", 49408)) - 1
+        start, low, high, pad = eot - 1, 1, eot - 1, 0
+    else:  # any non-pad ids: the HF tower masks by pad id only (101/102 are BERT's [CLS]/[SEP])
+        vocab = int(getattr(model.text.config, "vocab_size", 30522))
+        pad = enc.pad_id
+        start, eot, low, high = min(101, vocab - 1), min(102, vocab - 1), 1, vocab
+    for lengths in ((3,), (12, 5), (ctx, 7)):
+        tokens = torch.full((len(lengths), ctx), pad, dtype=torch.long)
         for i, n in enumerate(lengths):
-            tokens[i, 0] = eot - 1  # start-of-text
-            tokens[i, 1:n - 1] = torch.randint(1, eot - 1, (n - 2,), generator=g)
+            tokens[i, 0] = start  # start-of-text
+            tokens[i, 1:n - 1] = torch.randint(low, high, (n - 2,), generator=g)
             tokens[i, n - 1] = eot
+        tokens[(tokens == pad) & (torch.arange(ctx) < torch.tensor(lengths)[:, None])] = pad + 1
         with torch.inference_mode():
             ref = torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1).numpy()
         worst = min(worst, float((enc.encode_tokens(tokens) * ref).sum(1).min()))
@@ -338,12 +459,12 @@ def _self_check(model: torch.nn.Module, enc: OnnxTextEncoder, min_cos: float = 0
 
 def maybe_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], threads: int = 1,
                     fuse: bool = True, spinning: bool = True) -> OnnxTextEncoder | None:
-    """An ONNX text encoder for `loaded`, or None (logged) when the model has no exportable CLIP
-    text tower (e.g. the Hugging Face text tower of lit-effnet-minilm), is not on the CPU, or
+    """An ONNX text encoder for `loaded`, or None (logged) when the model has no exportable text
+    tower (neither an open_clip CLIP tower nor a Hugging Face one), is not on the CPU, or
     export/loading/the equality self-check fails."""
-    if not has_clip_text_tower(loaded.model):
-        log.info("onnx text: %s has no open_clip CLIP text tower; using the torch text path",
-                 loaded.identity.model)
+    if text_tower_kind(loaded.model) is None:
+        log.info("onnx text: %s has no exportable text tower (open_clip CLIP or Hugging Face); "
+                 "using the torch text path", loaded.identity.model)
         return None
     if loaded.device.type != "cpu":  # the session is CPU-only; on a GPU the torch path is faster
         log.info("onnx text: model is on %s; using the torch text path", loaded.device)

@@ -1,4 +1,5 @@
 import logging
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +12,7 @@ pytest.importorskip("onnx")
 from clipsearch.encoder import ClipEncoder  # noqa: E402
 from clipsearch.models import load_model  # noqa: E402
 from clipsearch.onnx_text import (OnnxTextEncoder, build_onnx_text, cache_key,  # noqa: E402
-                                  maybe_onnx_text)
+                                  maybe_onnx_text, text_tower_kind)
 
 QUERIES = ["a dog", "two children play football in a park near a red house", "", "🙂 émoji ünïcode",
            "a man in a red shirt climbs a rock wall while another man in a blue helmet belays him "
@@ -88,13 +89,13 @@ def test_matches_torch_clip_encoder(tiny, tiny_onnx):
     np.testing.assert_allclose(out, torch_fast, atol=1e-5)
 
 
-def test_no_clip_text_tower_returns_none(tmp_path, caplog):
-    hf_like = SimpleNamespace(model=torch.nn.Module(), identity=SimpleNamespace(model="lit-effnet-minilm"),
-                              device=torch.device("cpu"))
-    hf_like.model.text = torch.nn.Linear(2, 2)  # a CustomTextCLIP keeps its text tower in `.text`
+def test_no_exportable_text_tower_returns_none(tmp_path, caplog):
+    custom = SimpleNamespace(model=torch.nn.Module(), identity=SimpleNamespace(model="some-custom-text"),
+                             device=torch.device("cpu"))
+    custom.model.text = torch.nn.Linear(2, 2)  # a CustomTextCLIP tower that is neither CLIP nor HF
     with caplog.at_level(logging.INFO, logger="clipsearch.onnx_text"):
-        assert maybe_onnx_text(hf_like, tmp_path, threads=1) is None
-    assert "no open_clip CLIP text tower" in caplog.text
+        assert maybe_onnx_text(custom, tmp_path, threads=1) is None
+    assert "no exportable text tower" in caplog.text
     assert not list(tmp_path.iterdir())
 
 
@@ -108,3 +109,93 @@ def test_export_failure_returns_none(tiny, tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="clipsearch.onnx_text"):
         assert maybe_onnx_text(tiny, tmp_path, threads=1) is None
     assert "exporter broke" in caplog.text
+
+
+# ---- lit-effnet-minilm: the Hugging Face (all-MiniLM-L6-v2, mean pooling) text tower -------------
+
+LIT_CAPTIONS = ["a dog", "two children play football in a park near a red house", "", "🙂 émoji ünïcode",
+                "a man in a red shirt climbs a rock wall while another man in a blue helmet belays him "
+                "from below on a sunny day in the mountains near a lake", "A DOG RUNS."]
+
+
+@pytest.fixture(scope="module")
+def lit():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the towers come from installed packages, never a hub
+    torch.manual_seed(0)
+    return load_model("lit-effnet-minilm", None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def lit_onnx(lit, onnx_dir) -> OnnxTextEncoder:
+    enc = maybe_onnx_text(lit, onnx_dir, threads=1)
+    assert enc is not None, "lit-effnet-minilm's HF text tower must export"
+    return enc
+
+
+def test_lit_hf_tower_is_exported(lit, lit_onnx):
+    assert text_tower_kind(lit.model) == "hf"
+    assert lit_onnx.pad_id == lit.model.text.config.pad_token_id == 0
+    assert lit_onnx.path.name.endswith(".onnx") and lit_onnx.self_check_cos >= 0.9999
+    assert lit_onnx.dim == 256
+
+
+def test_lit_onnx_equals_full_padded_encode_text(lit, lit_onnx):
+    """Mixed-length captions: the ONNX graph on the truncated batch equals torch on the full 64."""
+    tokens = lit.tokenizer(LIT_CAPTIONS)
+    assert tokens.shape == (len(LIT_CAPTIONS), 64) and (tokens == 0).any()
+    with torch.inference_mode():
+        ref = lit.model.encode_text(tokens, normalize=True).float().numpy()
+    for rows in (slice(None), slice(0, 1), slice(2, 4)):  # batch 1 runs unpadded after truncation
+        out = lit_onnx.encode_tokens(tokens[rows])
+        assert out.dtype == np.float32 and out.shape == ref[rows].shape
+        assert (out * ref[rows]).sum(1).min() >= 0.9999
+        np.testing.assert_allclose(out, ref[rows], atol=1e-4)
+    # the graph masks padding itself: feeding the full padded length gives the same rows
+    (full,) = lit_onnx.session.run(["embedding"], {"tokens": tokens.numpy()})
+    np.testing.assert_allclose(full, ref, atol=1e-4)
+
+
+def test_lit_encoder_uses_onnx_and_matches_torch(lit, lit_onnx):
+    onnx_enc = ClipEncoder(lit, text_backend=lit_onnx)
+    torch_full = ClipEncoder(lit, fast_text=False).encode_texts(LIT_CAPTIONS)
+    out = onnx_enc.encode_texts(LIT_CAPTIONS)
+    assert (out * torch_full).sum(1).min() >= 0.9999
+    assert isinstance(onnx_enc.text_backend, OnnxTextEncoder)
+
+
+def test_lit_export_is_cached(lit, onnx_dir, lit_onnx):
+    mtime = lit_onnx.path.stat().st_mtime_ns
+    again = build_onnx_text(lit, onnx_dir, threads=1)
+    assert again.path == lit_onnx.path and again.path.stat().st_mtime_ns == mtime
+
+
+def test_service_picks_onnx_for_lit(lit, lit_onnx, onnx_dir, tmp_path, monkeypatch):
+    """`load_resources` with the default CLIPSEARCH_TEXT_BACKEND=onnx serves lit-effnet-minilm's
+    text queries through ONNX Runtime (the model load is stubbed with the module's loaded model)."""
+    import app.resources as resources
+    from app.config import Settings
+    from clipsearch.index import IndexParams, VectorIndex
+    from clipsearch.manifest import sha256_file, write_json_atomic
+
+    root = tmp_path / "artifacts"
+    identity = lit.identity.to_dict()
+    images = [{"image_id": f"im{i}", "image_path": str(tmp_path / f"im{i}.jpg")} for i in range(3)]
+    texts = [{"caption_id": f"im{i}#0", "image_id": f"im{i}", "caption": c}
+             for i, c in enumerate(LIT_CAPTIONS[:3])]
+    emb = root / "embeddings" / "test"
+    write_json_atomic(emb / "images.json", images)
+    write_json_atomic(emb / "texts.json", texts)
+    write_json_atomic(emb / "manifest.json", {"model": identity, "split": "test"})
+    sha = sha256_file(emb / "manifest.json")
+    vecs = np.eye(3, 256, dtype=np.float32)
+    for name in ("images.hnsw", "texts.hnsw"):
+        VectorIndex.build(vecs, IndexParams(), model=identity, split="test",
+                          embeddings_manifest_sha256=sha).save(root / "indexes" / "test", name)
+    monkeypatch.setattr(resources, "load_model", lambda *a, **k: lit)
+    settings = Settings(artifacts_dir=root, onnx_cache_dir=onnx_dir, torch_threads=1, device="cpu")
+    assert settings.text_backend == "onnx"
+    res = resources.load_resources(settings)
+    backend = res.encoder.text_backend
+    assert isinstance(backend, OnnxTextEncoder) and backend.path == lit_onnx.path
+    ref = ClipEncoder(lit, fast_text=False).encode_texts(LIT_CAPTIONS[:2])
+    assert (res.encoder.encode_texts(LIT_CAPTIONS[:2]) * ref).sum(1).min() >= 0.9999
