@@ -119,3 +119,19 @@ def test_settings_limits_shape_validation(make_client):
     schema = client.get("/openapi.json").json()["components"]["schemas"]["TextSearchRequest"]
     assert schema["properties"]["k"]["maximum"] == 5
     assert schema["properties"]["query"]["maxLength"] == 10
+
+
+def _server_timing(response) -> dict[str, str]:
+    out = {}
+    for part in response.headers["server-timing"].split(","):
+        name, *params = (p.strip() for p in part.split(";"))
+        out[name] = dict(p.split("=", 1) for p in params)
+    return out
+
+
+def test_server_timing_header_names_stages_then_cache(client):
+    miss = _server_timing(client.post("/search/text", json={"query": "magenta", "k": 2}))
+    assert {"encode", "search", "total"} <= set(miss) and "cache" not in miss
+    assert 0 <= float(miss["encode"]["dur"]) <= float(miss["total"]["dur"])
+    hit = _server_timing(client.post("/search/text", json={"query": "magenta", "k": 2}))
+    assert hit["cache"] == {"desc": "hit"} and "encode" not in hit and float(hit["total"]["dur"]) >= 0
