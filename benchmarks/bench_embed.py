@@ -105,12 +105,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "embed", "argv": sys.argv[1:] if argv is None else argv,
                               "env": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
                                       "threads": args.threads, "torch": torch.__version__,
+                                      "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
                                       "loadavg_start": [round(x, 2) for x in load],
                                       "load_high": load[0] > (os.cpu_count() or 1)}}
     if result["env"]["load_high"]:
         log(f"WARNING: load average {result['env']['loadavg_start']} exceeds the core count; timings are noisy")
     paths = image_paths(args.data, args.images)
-    result["models"] = [bench_model(m, paths, args) for m in args.models]
+    result["models"] = []
+    for m in args.models:
+        result["models"].append(bench_model(m, paths, args))
+        if args.out:  # keep finished models if a later one is interrupted
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({**result, "partial": m != args.models[-1]}, indent=2) + "\n")
     result["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=2))
     lines = [f"{'model':<18} {'variant':<13} {'img/s':>8} {'x pure':>7}"]

@@ -4,8 +4,9 @@ Text paths, for a typical short query (batch 1) and a batch of real Flickr8k cap
   naive          `model.encode_text(tokens)` on the tokenizer's full padded length (77; 64 for
                  lit-effnet-minilm), then L2-normalise: what open_clip examples do
   torch-trunc    `ClipEncoder.encode_tokens`: only up to the longest real token (exact, see encoder.py)
-  onnx           `clipsearch.onnx_text` session (CLIP text towers only), spinning on
-  onnx-nospin    the same session with `session.intra_op.allow_spinning=0`
+  onnx           `clipsearch.onnx_text` session (CLIP text towers only), as the service opens it
+                 (`session.intra_op.allow_spinning=0`)
+  onnx-spin      the same file with spinning intra-op threads
   onnx-int8      (`--int8`, informational) onnxruntime dynamic int8 of the plain export; not used by
                  the service (see benchmarks/README.md for why)
 Image path: `model.encode_image` (the project's `encode_pixels` is the same call) at batch 1 and 32.
@@ -69,6 +70,7 @@ def env_info(threads: int) -> dict[str, Any]:
     load = os.getloadavg()
     return {"machine": platform.machine(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "threads": threads, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
             "loadavg_start": [round(x, 2) for x in load], "load_high": load[0] > (os.cpu_count() or 1)}
 
 
@@ -116,10 +118,10 @@ def bench_model(name: str, args, cache_dir: Path) -> list[dict[str, Any]]:
     enc = ClipEncoder(loaded, batch_size=max(args.batch, 1))
     rows: list[dict[str, Any]] = []
 
-    onnx = maybe_onnx_text(loaded, cache_dir, threads=args.threads, spinning=True) if not args.no_onnx else None
+    onnx = maybe_onnx_text(loaded, cache_dir, threads=args.threads) if not args.no_onnx else None
     extra: dict[str, Any] = {}
     if onnx is not None:
-        extra["onnx-nospin"] = OnnxTextEncoder(onnx.path, threads=args.threads, spinning=False)
+        extra["onnx-spin"] = OnnxTextEncoder(onnx.path, threads=args.threads, spinning=True)
         if args.int8:
             plain = build_onnx_text(loaded, cache_dir, threads=args.threads, fuse=False, variants=("plain",))
             extra["onnx-int8"] = int8_session(plain.path, args.threads)
@@ -183,7 +185,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     rows = [r for r in result["rows"] if r["tower"] == "text"]
     groups = sorted({(r["model"], r["batch"]) for r in rows}, key=lambda g: (g[0], g[1]))
-    paths = [p for p in ("naive", "torch-trunc", "onnx", "onnx-nospin", "onnx-int8")
+    paths = [p for p in ("naive", "torch-trunc", "onnx", "onnx-spin", "onnx-int8")
              if any(r["path"] == p for r in rows)]
     fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.6), squeeze=False)
     for ax, (model, batch) in zip(axes[0], groups):
@@ -198,8 +200,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{model}, text, batch {batch}", fontsize=8)
         ax.set_ylabel("ms / call (median)", fontsize=7)
     env = result["env"]
-    fig.suptitle(f"{env['cpu_count']} cores, {env['threads']} threads, load {env['loadavg_start'][0]:.1f} at start",
-                 fontsize=8)
+    fig.suptitle(f"{env['cpu_count']} cores, {env['threads']} threads, OMP_WAIT_POLICY="
+                 f"{env.get('OMP_WAIT_POLICY')}, load {env['loadavg_start'][0]:.1f} at start", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

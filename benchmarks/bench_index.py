@@ -335,7 +335,7 @@ def plot(result: dict[str, Any] | list[dict[str, Any]], path: Path) -> None:
         ys = [r["recall_at_k"] for r in sweep]
         (line,) = ax.plot(xs, ys, marker="o", label=label)
         for r in sweep:
-            if r["ef_search"] in (16, 100, 256):
+            if r["ef_search"] == DEFAULT_EF:
                 ax.annotate(f"ef{r['ef_search']}", (r["ms_per_query_batch1"], r["recall_at_k"]),
                             fontsize=7, textcoords="offset points", xytext=(3, -9))
         if flat:

@@ -5,8 +5,9 @@ concurrency 1, 4 and 16, plus micro-batching on vs off for uncached text at 16 c
 
 Starts `uvicorn app.main:app` on 127.0.0.1 (a free port) for each server configuration, waits for
 /readyz, then drives it with httpx async clients. Loopback only, bounded in count and time. Prints
-JSON on stdout and a table on stderr. "HTTP + search overhead" = uncached text p50 minus the server's
-own encode-stage p50 (from /metrics), as a share of that encode time.
+JSON on stdout and a table on stderr. "HTTP + search overhead" of an uncached text query = its
+client-side latency minus the encode time the server reports for it (`Server-Timing: encode;dur=`),
+median over the one-client run, as a share of the median encode time.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 async def drive(base: str, make_request, n: int, concurrency: int, time_limit: float) -> dict:
     lat: list[float] = []
+    encode: list[float] = []    # server-reported encode ms of each answered request, where given
+    overhead: list[float] = []  # its latency minus that encode time
+    handler: list[float] = []   # the server's own time in the handler (`total;dur=`)
     errors: dict[int, int] = {}
     counter = iter(range(n))
     t_end = time.perf_counter() + time_limit
@@ -82,6 +86,14 @@ async def drive(base: str, make_request, n: int, concurrency: int, time_limit: f
                 dt = time.perf_counter() - t
                 if r.status_code == 200:
                     lat.append(dt)
+                    timing = r.headers.get("server-timing", "")
+                    total = stage_ms(timing, "total")
+                    if total is not None:
+                        handler.append(total)
+                    enc = stage_ms(timing, "encode")
+                    if enc is not None:
+                        encode.append(enc)
+                        overhead.append(dt * 1000 - enc)
                 else:
                     errors[r.status_code] = errors.get(r.status_code, 0) + 1
 
@@ -91,33 +103,24 @@ async def drive(base: str, make_request, n: int, concurrency: int, time_limit: f
     a = np.array(lat) * 1000
     return {"n_ok": len(lat), "errors": errors, "wall_s": round(wall, 2),
             "throughput_rps": round(len(lat) / wall, 2),
-            **({f"p{q}_ms": round(float(np.percentile(a, q)), 2) for q in (50, 95, 99)} if len(a) else {})}
+            **({f"p{q}_ms": round(float(np.percentile(a, q)), 2) for q in (50, 95, 99)} if len(a) else {}),
+            **({"server_handler_p50_ms": round(float(np.median(handler)), 3)} if handler else {}),
+            **({"server_encode_p50_ms": round(float(np.median(encode)), 2),
+                "overhead_p50_ms": round(float(np.median(overhead)), 2)} if encode else {})}
+
+
+def stage_ms(header: str, stage: str) -> float | None:
+    """The `dur` of one metric of a Server-Timing header, in ms."""
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        if name == stage:
+            m = re.search(r"dur=([0-9.]+)", params)
+            return float(m.group(1)) if m else None
+    return None
 
 
 def unique_query(i: int, rng: random.Random) -> str:
     return f"a {' '.join(rng.sample(WORDS, 5))} number {i}"
-
-
-def metric_p50(base: str, stage: str, endpoint: str = "text") -> float | None:
-    """Median of a server-side stage histogram (interpolated from the Prometheus buckets)."""
-    text = httpx.get(base + "/metrics", timeout=5).text
-    buckets = []
-    for m in re.finditer(r'^(\w+)_bucket\{([^}]*)\} ([0-9.e+-]+)$', text, re.M):
-        labels = m.group(2)
-        if f'stage="{stage}"' in labels and f'"{endpoint}"' in labels:
-            le = re.search(r'le="([^"]+)"', labels).group(1)
-            buckets.append((float("inf") if le == "+Inf" else float(le), float(m.group(3))))
-    if not buckets:
-        return None
-    buckets.sort()
-    total = buckets[-1][1]
-    prev_le, prev_c = 0.0, 0.0
-    for le, c in buckets:
-        if c >= total / 2:
-            frac = (total / 2 - prev_c) / max(c - prev_c, 1e-9)
-            return (prev_le + frac * (le - prev_le)) * 1000 if le != float("inf") else prev_le * 1000
-        prev_le, prev_c = le, c
-    return None
 
 
 def main() -> int:
@@ -173,9 +176,6 @@ def main() -> int:
                     r = asyncio.run(drive(base, maker, args.requests, c, args.time_limit))
                     r.update({"endpoint": name, "concurrency": c, "text_batch_size": batching})
                     result["runs"].append(r)
-                    if batching != 1 and name == "text_uncached" and c == min(args.concurrency):
-                        # server-side encode time of one-at-a-time queries (warm-up + this run)
-                        result["server_encode_p50_ms"] = metric_p50(base, "encode")
                     print(f"batch={batching:<3} {name:<14} c={c:<3} p50={r.get('p50_ms')} p95={r.get('p95_ms')} "
                           f"p99={r.get('p99_ms')} rps={r['throughput_rps']} errors={r['errors']}", file=sys.stderr)
         finally:
@@ -189,10 +189,10 @@ def main() -> int:
     cmax = max(args.concurrency)
     unc, cac = run("text_uncached", c1, 16), run("text_cached", c1, 16)
     on, off = run("text_uncached", cmax, 16), run("text_uncached", cmax, 1)
-    enc = result.get("server_encode_p50_ms")
+    enc = unc.get("server_encode_p50_ms")
     result["ratios"] = {
         "cached_speedup_p50": round(unc["p50_ms"] / cac["p50_ms"], 1),
-        "overhead_share_of_encode": round((unc["p50_ms"] - enc) / enc, 3) if enc else None,
+        "overhead_share_of_encode": round(unc["overhead_p50_ms"] / enc, 3) if enc else None,
         "batching_throughput_gain": round(on["throughput_rps"] / off["throughput_rps"], 2),
         "batching_p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2),
     }
