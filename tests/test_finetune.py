@@ -316,3 +316,46 @@ def test_token_states_round_trip():
     torch.testing.assert_close(h[0, :1], hidden[1, :1])
     torch.testing.assert_close(h[1], hidden[2])
     assert (h[0, 1:] == 0).all()
+
+
+class LinearPairBackend:
+    """Deterministic fake: fixed tower features through the toy model's two linear heads."""
+
+    kind = "fake"
+
+    def __init__(self, model, feats):
+        self.model, self.feats = model, feats
+
+    def embed(self, split):
+        f = torch.nn.functional.normalize
+        with torch.no_grad():
+            img, txt = self.feats[split]
+            return (f(self.model.image(img), dim=-1).numpy(), f(self.model.text(txt), dim=-1).numpy())
+
+
+def test_cca_head_init_aligns_linearly_related_towers():
+    rng = np.random.default_rng(0)
+    n_img, caps = 60, 3
+    latent = rng.normal(size=(n_img, 4))  # what image and captions share
+    img = latent @ rng.normal(size=(4, 16)) + 0.1 * rng.normal(size=(n_img, 16)) + 3.0  # offset: no centring in heads
+    txt = np.repeat(latent, caps, 0) @ rng.normal(size=(4, 12)) + 0.3 * rng.normal(size=(n_img * caps, 12)) + 2.0
+    t2i = np.repeat(np.arange(n_img), caps)
+    split = ft.SplitData("train", [str(i) for i in range(n_img)], [""] * n_img, [""] * len(t2i), t2i,
+                         [np.arange(caps * i, caps * i + caps) for i in range(n_img)], "sha")
+    model = ToyModel()
+    model.image, model.text = torch.nn.Linear(16, 4, bias=False), torch.nn.Linear(12, 4, bias=False)
+    parts = ft.TowerParts([["image.weight"]], [["text.weight"]], ["logit_scale"], model.image, model.text)
+    backend = LinearPairBackend(model, {"train": (torch.tensor(img, dtype=torch.float32),
+                                                  torch.tensor(txt, dtype=torch.float32))})
+    before = retrieval_metrics(*backend.embed("train"), t2i)
+    norm = model.image.weight.norm().item()
+    info = ft.cca_init_heads(model, parts, backend, split, ft.FinetuneConfig(cca_reg=0.01))
+    after = retrieval_metrics(*backend.embed("train"), t2i)
+    assert info["pairs"] == n_img * caps and info["top_correlations"][0] > 0.9
+    assert after["text_to_image_R@1"] > 80 and after["image_to_text_R@1"] > 80
+    assert after["text_to_image_R@1"] > before["text_to_image_R@1"] + 40
+    assert model.image.weight.norm().item() == pytest.approx(norm, rel=1e-5)  # lr keeps its meaning
+    with pytest.raises(ft.FinetuneError, match="bias-free linear"):
+        model.image = torch.nn.Linear(16, 4)
+        ft.cca_init_heads(model, ft.TowerParts([], [], [], model.image, model.text), backend, split,
+                          ft.FinetuneConfig())
