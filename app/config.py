@@ -47,8 +47,12 @@ class Settings(BaseSettings):
         "onnx", description="Query text encoder: ONNX Runtime export of the text tower (open_clip CLIP, "
                             "truncated, or Hugging Face, e.g. lit-effnet-minilm's MiniLM), or torch. "
                             "Models without an exportable tower use torch either way.")
+    image_backend: Literal["onnx", "torch"] = Field(
+        "onnx", description="Query image encoder: ONNX Runtime export of a timm image tower (e.g. "
+                            "lit-effnet-minilm's EfficientNet, ~3-4x eager torch on CPU), or torch. Other "
+                            "image towers use torch either way.")
     onnx_cache_dir: Path = Field(Path(tempfile.gettempdir()) / "clipsearch-onnx",
-                                 description="Where the ONNX text export is cached (must be writable).")
+                                 description="Where the ONNX exports are cached (must be writable).")
     text_batch_size: int = Field(16, ge=1, le=256,
                                  description="Most text queries encoded in one forward pass when they "
                                              "arrive while the encoder is busy; 1 turns batching off.")

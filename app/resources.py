@@ -145,7 +145,14 @@ def load_resources(settings: Settings) -> Resources:
 
         # falls back to the (truncated) torch path, with a log line, for towers it cannot export
         text_backend = maybe_onnx_text(loaded, settings.onnx_cache_dir, threads=settings.torch_threads or 1)
-    return make_resources(ClipEncoder(loaded, text_backend=text_backend), indexes[IMAGE_INDEX], indexes[TEXT_INDEX],
+    image_backend = None
+    if settings.image_backend == "onnx":
+        from clipsearch.onnx_image import maybe_onnx_image
+
+        # the same: None (torch, logged) for towers it does not export or a failed self-check
+        image_backend = maybe_onnx_image(loaded, settings.onnx_cache_dir, threads=settings.torch_threads or 1)
+    encoder = ClipEncoder(loaded, text_backend=text_backend, image_backend=image_backend)
+    return make_resources(encoder, indexes[IMAGE_INDEX], indexes[TEXT_INDEX],
                           images, captions, model, split=split, images_dir=settings.images_dir,
                           base_dir=root)
 

@@ -26,6 +26,10 @@ class TokenEncoder(Protocol):
     def encode_tokens(self, tokens: torch.Tensor) -> NDArray[np.float32]: ...
 
 
+class PixelEncoder(Protocol):
+    def encode_pixels(self, pixels: torch.Tensor) -> NDArray[np.float32]: ...
+
+
 class Encoder(Protocol):
     dim: int
 
@@ -72,11 +76,13 @@ class ClipEncoder:
     """Batched, normalised encoding with an open_clip model (any tower types)."""
 
     def __init__(self, loaded: LoadedModel, batch_size: int = 64, fast_text: bool = True,
-                 text_backend: "TokenEncoder | None" = None):
-        """`text_backend`: an exported text tower (e.g. `clipsearch.onnx_text.OnnxTextEncoder`) that
-        replaces the torch text path; it must give the same embeddings (it self-checks on build)."""
+                 text_backend: "TokenEncoder | None" = None, image_backend: "PixelEncoder | None" = None):
+        """`text_backend` / `image_backend`: an exported tower (`clipsearch.onnx_text.OnnxTextEncoder`,
+        `clipsearch.onnx_image.OnnxImageEncoder`) that replaces the torch path; it must give the same
+        embeddings (both self-check against torch on build)."""
         self.loaded = loaded
         self.text_backend = text_backend
+        self.image_backend = image_backend
         self.model = loaded.model
         self.device = loaded.device
         self.batch_size = batch_size
@@ -109,6 +115,8 @@ class ClipEncoder:
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.image_backend is not None:
+            return torch.from_numpy(self.image_backend.encode_pixels(pixels))
         feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         return F.normalize(feats.float(), dim=-1)
 

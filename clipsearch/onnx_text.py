@@ -184,24 +184,30 @@ class _HFTextTower(torch.nn.Module):
         return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _text_state_digest(model: torch.nn.Module) -> str:
-    """Hash of the text-tower weights: random-init models share an identity but not weights."""
+def _tower_state_digest(model: torch.nn.Module, tower: str = "text") -> str:
+    """Hash of one tower's weights (`image`: the `visual.` ones, `text`: the rest): random-init
+    models share an identity but not weights."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
-        if name.startswith("visual."):
+        if name.startswith("visual.") != (tower == "image"):
             continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def cache_key(loaded: LoadedModel) -> str:
+def cache_key(loaded: LoadedModel, tower: str = "text") -> str:
+    """File-name key of an exported tower: export format, torch version, model and weights identity
+    (`clipsearch.onnx_image` uses it with tower="image")."""
     ident = loaded.identity.to_dict()
     weights = ident["checkpoint_sha256"] or ident["pretrained"]
     if not weights:
-        weights = "state:" + _text_state_digest(loaded.model)
-    return sha256_json({"format": EXPORT_FORMAT, "opset": OPSET, "torch": torch.__version__,
-                        "model": ident["model"], "weights": weights})[:24]
+        weights = "state:" + _tower_state_digest(loaded.model, tower)
+    payload = {"format": EXPORT_FORMAT, "opset": OPSET, "torch": torch.__version__,
+               "model": ident["model"], "weights": weights}
+    if tower != "text":  # text keys stay what they were, so existing text exports are reused
+        payload["tower"] = tower
+    return sha256_json(payload)[:24]
 
 
 def export_text_tower(model: torch.nn.Module, path: str | os.PathLike[str], ort_attention: bool = True) -> Path:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clipsearch.encoder import ClipEncoder
+from clipsearch.encoder import ClipEncoder, PixelEncoder
 from clipsearch.images import ImageDecodeError, decode_image
 from clipsearch.manifest import now_iso, read_json, save_npy_atomic, sha256_file, sha256_json, write_json_atomic
 from clipsearch.models import LoadedModel
@@ -71,9 +71,13 @@ def split_records(out: Path, split: str) -> tuple[list[dict], list[dict], str]:
 
 
 def embed_images(loaded: LoadedModel, paths: list[str], batch_size: int, workers: int,
-                 desc: str = "images") -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-    """Encode image files; returns (vectors of the good rows, their indices, bad (index, reason))."""
-    encoder = ClipEncoder(loaded, batch_size=batch_size)
+                 desc: str = "images", image_backend: PixelEncoder | None = None,
+                 ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """Encode image files; returns (vectors of the good rows, their indices, bad (index, reason)).
+
+    `image_backend`: e.g. the ONNX Runtime image tower (`onnx_image_backend`), self-checked against
+    torch when it was built."""
+    encoder = ClipEncoder(loaded, batch_size=batch_size, image_backend=image_backend)
     loader = DataLoader(ImageFiles(paths, loaded.preprocess), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate,
                         pin_memory=loaded.device.type == "cuda",
@@ -98,9 +102,20 @@ def embed_texts(loaded: LoadedModel, captions: list[str], batch_size: int) -> np
     return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
 
 
+def onnx_image_backend(out: Path, loaded: LoadedModel) -> PixelEncoder | None:
+    """The ONNX Runtime image tower for timm towers (lit-effnet-minilm: ~3-4x eager torch on CPU here),
+    exported once into `<out>/onnx/`; None (torch) for other towers or when it fails its self-check."""
+    from clipsearch.onnx_image import maybe_onnx_image
+
+    return maybe_onnx_image(loaded, Path(out) / "onnx", threads=torch.get_num_threads())
+
+
 def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, workers: int = 2,
-          force: bool = False) -> dict[str, Any]:
-    """Embed one split's images and captions; reuse what is already there for the same inputs."""
+          force: bool = False, image_backend: str = "onnx") -> dict[str, Any]:
+    """Embed one split's images and captions; reuse what is already there for the same inputs.
+
+    `image_backend`: "onnx" runs a timm image tower through ONNX Runtime when it exports and passes
+    its self-check (else torch), "torch" always uses torch."""
     t0 = time.perf_counter()
     out = Path(out)
     edir = embeddings_dir(out, split)
@@ -125,7 +140,9 @@ def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, work
         image_recs = read_json(edir / "images.json")
     else:
         t = time.perf_counter()
-        vecs, kept, bad = embed_images(loaded, [r["image_path"] for r in image_recs], batch_size, workers)
+        backend = onnx_image_backend(out, loaded) if image_backend == "onnx" else None
+        vecs, kept, bad = embed_images(loaded, [r["image_path"] for r in image_recs], batch_size, workers,
+                                       image_backend=backend)
         for i, reason in bad:
             log.warning("embed[%s]: skipped image %s: %s", split, image_recs[i]["image_id"], reason)
         manifest["skipped_images"] = [{"image_id": image_recs[i]["image_id"], "reason": r} for i, r in bad]

@@ -52,3 +52,49 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def lit_loaded():
+    """lit-effnet-minilm with its packaged towers (random heads), loaded once per session (~10 s)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the towers come from installed packages, never a hub
+    from clipsearch.models import load_model
+
+    torch.manual_seed(0)
+    return load_model("lit-effnet-minilm", None, "cpu")
+
+
+@pytest.fixture(scope="session")
+def lit_onnx_dir(tmp_path_factory) -> Path:
+    """One ONNX cache folder for the lit-effnet-minilm exports of a session (each is exported once)."""
+    return tmp_path_factory.mktemp("lit_onnx")
+
+
+@pytest.fixture(scope="session")
+def lit_artifacts(tmp_path_factory, lit_loaded) -> Path:
+    """The smallest artifacts dir `app.resources.load_resources` accepts for lit-effnet-minilm:
+    3 images, 3 captions, placeholder vectors (the tests look at the encoder, not at the hits)."""
+    import numpy as np
+
+    from clipsearch.index import IndexParams, VectorIndex
+    from clipsearch.manifest import sha256_file, write_json_atomic
+
+    root = tmp_path_factory.mktemp("lit_artifacts")
+    identity = lit_loaded.identity.to_dict()
+    images = [{"image_id": f"im{i}", "image_path": str(root / f"im{i}.png")} for i in range(3)]
+    for i, name in enumerate(("red", "green", "blue")):
+        make_image(COLORS[name], SHAPES[i % 2]).save(root / f"im{i}.png")
+    texts = [{"caption_id": f"im{i}#0", "image_id": f"im{i}", "caption": f"a {name} {SHAPES[i % 2]}"}
+             for i, name in enumerate(("red", "green", "blue"))]
+    emb = root / "embeddings" / "test"
+    write_json_atomic(emb / "images.json", images)
+    write_json_atomic(emb / "texts.json", texts)
+    write_json_atomic(emb / "manifest.json", {"model": identity, "split": "test"})
+    sha = sha256_file(emb / "manifest.json")
+    vecs = np.eye(3, identity["embed_dim"], dtype=np.float32)
+    for name in ("images.hnsw", "texts.hnsw"):
+        VectorIndex.build(vecs, IndexParams(), model=identity, split="test",
+                          embeddings_manifest_sha256=sha).save(root / "indexes" / "test", name)
+    return root

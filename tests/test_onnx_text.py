@@ -1,5 +1,4 @@
 import logging
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -112,22 +111,19 @@ def test_export_failure_returns_none(tiny, tmp_path, monkeypatch, caplog):
 
 
 # ---- lit-effnet-minilm: the Hugging Face (all-MiniLM-L6-v2, mean pooling) text tower -------------
+# (`lit_loaded`, `lit_onnx_dir` and `lit_artifacts` come from tests/conftest.py)
 
-LIT_CAPTIONS = ["a dog", "two children play football in a park near a red house", "", "🙂 émoji ünïcode",
-                "a man in a red shirt climbs a rock wall while another man in a blue helmet belays him "
-                "from below on a sunny day in the mountains near a lake", "A DOG RUNS."]
-
-
-@pytest.fixture(scope="module")
-def lit():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the towers come from installed packages, never a hub
-    torch.manual_seed(0)
-    return load_model("lit-effnet-minilm", None, "cpu")
+LIT_CAPTIONS = [*QUERIES, "A DOG RUNS."]  # mixed lengths: 1 to ~40 word pieces, one empty
 
 
 @pytest.fixture(scope="module")
-def lit_onnx(lit, onnx_dir) -> OnnxTextEncoder:
-    enc = maybe_onnx_text(lit, onnx_dir, threads=1)
+def lit(lit_loaded):
+    return lit_loaded
+
+
+@pytest.fixture(scope="module")
+def lit_onnx(lit, lit_onnx_dir) -> OnnxTextEncoder:
+    enc = maybe_onnx_text(lit, lit_onnx_dir, threads=1)
     assert enc is not None, "lit-effnet-minilm's HF text tower must export"
     return enc
 
@@ -163,36 +159,21 @@ def test_lit_encoder_uses_onnx_and_matches_torch(lit, lit_onnx):
     assert isinstance(onnx_enc.text_backend, OnnxTextEncoder)
 
 
-def test_lit_export_is_cached(lit, onnx_dir, lit_onnx):
+def test_lit_export_is_cached(lit, lit_onnx_dir, lit_onnx):
     mtime = lit_onnx.path.stat().st_mtime_ns
-    again = build_onnx_text(lit, onnx_dir, threads=1)
+    again = build_onnx_text(lit, lit_onnx_dir, threads=1)
     assert again.path == lit_onnx.path and again.path.stat().st_mtime_ns == mtime
 
 
-def test_service_picks_onnx_for_lit(lit, lit_onnx, onnx_dir, tmp_path, monkeypatch):
+def test_service_picks_onnx_text_for_lit(lit, lit_onnx, lit_onnx_dir, lit_artifacts, monkeypatch):
     """`load_resources` with the default CLIPSEARCH_TEXT_BACKEND=onnx serves lit-effnet-minilm's
-    text queries through ONNX Runtime (the model load is stubbed with the module's loaded model)."""
+    text queries through ONNX Runtime (the model load is stubbed with the session's loaded model)."""
     import app.resources as resources
     from app.config import Settings
-    from clipsearch.index import IndexParams, VectorIndex
-    from clipsearch.manifest import sha256_file, write_json_atomic
 
-    root = tmp_path / "artifacts"
-    identity = lit.identity.to_dict()
-    images = [{"image_id": f"im{i}", "image_path": str(tmp_path / f"im{i}.jpg")} for i in range(3)]
-    texts = [{"caption_id": f"im{i}#0", "image_id": f"im{i}", "caption": c}
-             for i, c in enumerate(LIT_CAPTIONS[:3])]
-    emb = root / "embeddings" / "test"
-    write_json_atomic(emb / "images.json", images)
-    write_json_atomic(emb / "texts.json", texts)
-    write_json_atomic(emb / "manifest.json", {"model": identity, "split": "test"})
-    sha = sha256_file(emb / "manifest.json")
-    vecs = np.eye(3, 256, dtype=np.float32)
-    for name in ("images.hnsw", "texts.hnsw"):
-        VectorIndex.build(vecs, IndexParams(), model=identity, split="test",
-                          embeddings_manifest_sha256=sha).save(root / "indexes" / "test", name)
     monkeypatch.setattr(resources, "load_model", lambda *a, **k: lit)
-    settings = Settings(artifacts_dir=root, onnx_cache_dir=onnx_dir, torch_threads=1, device="cpu")
+    settings = Settings(artifacts_dir=lit_artifacts, onnx_cache_dir=lit_onnx_dir, torch_threads=1,
+                        device="cpu", image_backend="torch")
     assert settings.text_backend == "onnx"
     res = resources.load_resources(settings)
     backend = res.encoder.text_backend
