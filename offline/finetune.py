@@ -878,7 +878,9 @@ def _image_runner(module: _ImageFront, example: torch.Tensor, device: torch.devi
 
     if device.type == "cpu":
         try:
-            run = _onnx_runner(module, example)
+            from clipsearch.onnx_image import onnx_module_runner
+
+            run = onnx_module_runner(module, example)  # in memory, torch's thread budget
             if agrees(run(example)):
                 return run, "onnxruntime"
             log.warning("ONNX Runtime differs from the model; using PyTorch")
@@ -890,28 +892,6 @@ def _image_runner(module: _ImageFront, example: torch.Tensor, device: torch.devi
             return folded, "pytorch-folded-bn"
     log.warning("folded BatchNorm differs from the model; using the unfolded blocks")
     return module, "pytorch"
-
-
-def _onnx_runner(module: nn.Module, example: torch.Tensor):
-    import io
-    import warnings
-
-    import onnxruntime as ort
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), buf, input_names=["pixels"], dynamic_axes={"pixels": {0: "batch"}},
-                          dynamo=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the same budget torch was given
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
-
-    def run(pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.from_numpy(o) for o in session.run(None, {"pixels": pixels.numpy()}))
-
-    return run
 
 
 @torch.inference_mode()
