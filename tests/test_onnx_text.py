@@ -151,6 +151,20 @@ def test_lit_onnx_equals_full_padded_encode_text(lit, lit_onnx):
     np.testing.assert_allclose(full, ref, atol=1e-4)
 
 
+def test_every_lit_variant_equals_full_padded_encode_text(lit, lit_onnx_dir):
+    """Both HF export variants (sdpa, eager), fused or not, give torch's embedding."""
+    tokens = lit.tokenizer(LIT_CAPTIONS)
+    with torch.inference_mode():
+        ref = lit.model.encode_text(tokens, normalize=True).float().numpy()
+    attn = lit.model.text.transformer.config._attn_implementation
+    for variant in ("sdpa", "eager"):
+        for fuse in (True, False):
+            enc = build_onnx_text(lit, lit_onnx_dir, threads=1, fuse=fuse, variants=(variant,))
+            assert f".{variant}." in enc.path.name and (".fused" in enc.path.name) == fuse
+            assert (enc.encode_tokens(tokens) * ref).sum(1).min() >= 0.9999
+    assert lit.model.text.transformer.config._attn_implementation == attn  # restored after tracing
+
+
 def test_lit_encoder_uses_onnx_and_matches_torch(lit, lit_onnx):
     onnx_enc = ClipEncoder(lit, text_backend=lit_onnx)
     torch_full = ClipEncoder(lit, fast_text=False).encode_texts(LIT_CAPTIONS)
