@@ -305,7 +305,7 @@ def _fuse(src: Path, dst: Path, num_heads: int, hidden: int, model_type: str = "
         return None
 
 
-def session_options(threads: int, spinning: bool = True) -> Any:
+def session_options(threads: int, spinning: bool = False) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -314,8 +314,8 @@ def session_options(threads: int, spinning: bool = True) -> Any:
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # spinning shaves wake-up latency off every op on an idle machine; on an oversubscribed one it
-    # burns cycles other processes need, so it is a switch
+    # off by default: on a shared 2-core machine (load ~5) spinning workers made a batch-1 query
+    # ~1.4x slower (benchmarks/results/encoders_t2.json); on dedicated idle cores it can help a little
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3
     return so
@@ -329,7 +329,7 @@ class OnnxTextEncoder:
     HF: the graph masks padding out of attention and pooling).
     """
 
-    def __init__(self, path: str | os.PathLike[str], threads: int = 1, spinning: bool = True,
+    def __init__(self, path: str | os.PathLike[str], threads: int = 1, spinning: bool = False,
                  pad_id: int = 0):
         import onnxruntime as ort
 
@@ -368,7 +368,7 @@ def _variant_file(cache_dir: Path, key: str, variant: str, fused: bool) -> Path:
 
 
 def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], threads: int = 1,
-                    fuse: bool = True, spinning: bool = True,
+                    fuse: bool = True, spinning: bool = False,
                     variants: tuple[str, ...] | None = None) -> OnnxTextEncoder:
     """Export (or reuse the cached export of) the model's text tower and open a session on it.
 
@@ -465,7 +465,7 @@ def _self_check(model: torch.nn.Module, enc: OnnxTextEncoder, min_cos: float = 0
 
 
 def maybe_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], threads: int = 1,
-                    fuse: bool = True, spinning: bool = True) -> OnnxTextEncoder | None:
+                    fuse: bool = True, spinning: bool = False) -> OnnxTextEncoder | None:
     """An ONNX text encoder for `loaded`, or None (logged) when the model has no exportable text
     tower (neither an open_clip CLIP tower nor a Hugging Face one), is not on the CPU, or
     export/loading/the equality self-check fails."""
