@@ -4,6 +4,9 @@ For ~256 real Flickr8k images and each model, images/s of
   pure-forward   `ClipEncoder.encode_pixels` on pre-decoded, pre-processed tensors (the ceiling)
   workers=N      `offline.embed.embed_images` (decode + preprocess in N DataLoader workers, N=0: in
                  the main process, between forward passes)
+and, for models with a timm image tower (lit-effnet-minilm), the same two with the ONNX Runtime image
+tower that `offline embed` uses by default (`onnx pure-forward`, `onnx workers=N`; the ratio of
+those rows is to the ONNX pure forward). `--no-onnx` skips them.
 all in the same run, interleaved (each rep runs every variant once), medians reported, plus the
 ratio to pure forward (target: >= 0.9 with workers). Random weights are enough for speed.
 
@@ -68,6 +71,22 @@ def bench_model(name: str, paths: list[str], args) -> dict[str, Any]:
     fns: dict[str, Callable[[], Any]] = {"pure-forward": pure}
     for w in args.workers:
         fns[f"workers={w}"] = lambda w=w: embed_images(loaded, paths, args.batch, w, desc=name)
+    onnx = None
+    if not args.no_onnx:
+        import tempfile
+
+        from clipsearch.onnx_image import maybe_onnx_image
+
+        onnx = maybe_onnx_image(loaded, tempfile.mkdtemp(prefix="bench_embed_onnx_"), threads=args.threads)
+    if onnx is not None:
+        def onnx_pure() -> None:
+            for i in range(0, len(pixels), args.batch):
+                onnx.encode_pixels(pixels[i:i + args.batch])
+
+        fns["onnx pure-forward"] = onnx_pure
+        for w in args.workers:
+            fns[f"onnx workers={w}"] = lambda w=w: embed_images(loaded, paths, args.batch, w, desc=name,
+                                                                image_backend=onnx)
 
     with torch.inference_mode():
         pure()  # warm-up (allocator, oneDNN kernels)
@@ -81,7 +100,8 @@ def bench_model(name: str, paths: list[str], args) -> dict[str, Any]:
     med = {k: float(np.median(v)) for k, v in samples.items()}
     rows = [{"variant": k, "images_per_s_median": round(v, 2),
              "images_per_s_all": [round(x, 2) for x in samples[k]],
-             "ratio_to_pure_forward": round(v / med["pure-forward"], 3)} for k, v in med.items()]
+             "ratio_to_pure_forward": round(v / med["onnx pure-forward" if k.startswith("onnx") else "pure-forward"], 3)}
+            for k, v in med.items()]
     return {"model": name, "images": len(paths), "batch": args.batch,
             "decode_preprocess_ms_per_image_main_process": round(decode_s * 1000 / len(paths), 2),
             "rows": rows}
@@ -96,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime image-tower rows")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -119,10 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.out.write_text(json.dumps({**result, "partial": m != args.models[-1]}, indent=2) + "\n")
     result["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=2))
-    lines = [f"{'model':<18} {'variant':<13} {'img/s':>8} {'x pure':>7}"]
+    lines = [f"{'model':<18} {'variant':<19} {'img/s':>8} {'x pure':>7}"]
     for m in result["models"]:
         for r in m["rows"]:
-            lines.append(f"{m['model']:<18} {r['variant']:<13} {r['images_per_s_median']:>8.1f} "
+            lines.append(f"{m['model']:<18} {r['variant']:<19} {r['images_per_s_median']:>8.1f} "
                          f"{r['ratio_to_pure_forward']:>7.3f}")
     log("\n" + "\n".join(lines))
     if args.out:

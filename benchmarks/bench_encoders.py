@@ -4,12 +4,13 @@ Text paths, for a typical short query (batch 1) and a batch of real Flickr8k cap
   naive          `model.encode_text(tokens)` on the tokenizer's full padded length (77; 64 for
                  lit-effnet-minilm), then L2-normalise: what open_clip examples do
   torch-trunc    `ClipEncoder.encode_tokens`: only up to the longest real token (exact, see encoder.py)
-  onnx           `clipsearch.onnx_text` session (CLIP text towers only), as the service opens it
-                 (`session.intra_op.allow_spinning=0`)
+  onnx           `clipsearch.onnx_text` session (CLIP and Hugging Face text towers), as the service
+                 opens it (`session.intra_op.allow_spinning=0`)
   onnx-spin      the same file with spinning intra-op threads
   onnx-int8      (`--int8`, informational) onnxruntime dynamic int8 of the plain export; not used by
                  the service (see benchmarks/README.md for why)
-Image path: `model.encode_image` (the project's `encode_pixels` is the same call) at batch 1 and 32.
+Image paths at batch 1 and 32: `model.encode_image` (naive; the project's torch `encode_pixels` is the
+same call) and, for timm towers (lit-effnet-minilm), the `clipsearch.onnx_image` session (`onnx`).
 
 Every path is timed in the same run, interleaved (rep r runs every variant once, `--inner` calls each),
 and the medians are reported with the ratio to the naive path and the cosine to the naive embedding.
@@ -150,19 +151,29 @@ def bench_model(name: str, args, cache_dir: Path) -> list[dict[str, Any]]:
                          "onnx_file": (onnx.path.name if k == "onnx" and onnx else None)})
         log(f"{name} text b={batch}: " + ", ".join(f"{k} {r['ms_median']:.1f}ms" for k, r in res.items()))
 
+    onnx_image = None
+    if not args.no_image and not args.no_onnx:
+        from clipsearch.onnx_image import maybe_onnx_image
+
+        onnx_image = maybe_onnx_image(loaded, cache_dir, threads=args.threads)  # None for ViT towers
     size = loaded.preprocess.transforms[0].size if hasattr(loaded.preprocess, "transforms") else 224
     size = size if isinstance(size, (tuple, list)) else (size, size)
     if not args.no_image:
         for batch in (1, args.batch):
             pixels = torch.randn(batch, 3, *size)
-            res = interleaved({"naive": lambda p=pixels: F.normalize(model.encode_image(p).float(), dim=-1),
-                               "encode_pixels": lambda p=pixels: enc.encode_pixels(p)},
-                              max(3, args.reps // 2), 2 if batch == 1 else 1)
+            fns = {"naive": lambda p=pixels: F.normalize(model.encode_image(p).float(), dim=-1),
+                   "encode_pixels": lambda p=pixels: enc.encode_pixels(p)}
+            if onnx_image is not None:
+                fns["onnx"] = lambda p=pixels: onnx_image.encode_pixels(p)
+            with torch.inference_mode():
+                ref = _np(fns["naive"]())
+                cos = {k: round(float((_np(f()) * ref).sum(1).min()), 6) for k, f in fns.items()}
+            res = interleaved(fns, max(3, args.reps // 2), 2 if batch == 1 else 1)
             base = res["naive"]["ms_median"]
             for k, r in res.items():
                 rows.append({"model": name, "tower": "image", "path": k, "batch": batch, **r,
                              "images_per_s": round(batch * 1000 / r["ms_median"], 1),
-                             "speedup_vs_naive": round(base / r["ms_median"], 2)})
+                             "speedup_vs_naive": round(base / r["ms_median"], 2), "min_cos_vs_naive": cos[k]})
             log(f"{name} image b={batch}: naive {base:.1f}ms")
     return rows
 
