@@ -359,3 +359,44 @@ def test_cca_head_init_aligns_linearly_related_towers():
         model.image = torch.nn.Linear(16, 4)
         ft.cca_init_heads(model, ft.TowerParts([], [], [], model.image, model.text), backend, split,
                           ft.FinetuneConfig())
+
+
+def test_soup_averages_members_from_one_start_and_selects_on_val(shapes_out, tmp_path):
+    torch.manual_seed(0)
+    loaded = load_model(TINY, None, "cpu")
+    model = loaded.model
+    splits = {s: ft.read_split_data(shapes_out, s) for s in ("train", "val")}
+    backend = ft.PixelBackend(loaded, splits, workers=0, eval_batch=64)
+    parts = ft.tower_parts(model)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = tiny_cfg(epochs=2, wise_alphas=(1.0,), lock_image=True, lock_text=True, lr=0.0, head_lr=5e-3)
+    members = []
+    for seed in (0, 1):  # what the soup's members are: the same stage from the same start, other seeds
+        model.load_state_dict(start)
+        ft.train_stage(model, backend, splits, ft.FinetuneConfig(**{**ft.asdict(cfg), "seed": seed}), parts,
+                       (0.0, 5e-3), None, "k", loaded.device)
+        members.append(ft.trainable_state(model))
+    assert any(not torch.equal(members[0][n], members[1][n]) for n in members[0])
+    model.load_state_dict(start)
+    res = ft.soup_stage(model, backend, splits, ft.FinetuneConfig(**{**ft.asdict(cfg), "soup": 2}), parts,
+                        (0.0, 5e-3), tmp_path / "0-heads.pt", "k", loaded.device, label="heads")
+    info = res.soup
+    assert [m["seed"] for m in info["members"]] == [0, 1]
+    assert {h["stage"] for h in res.history} == {"heads/s0", "heads/s1"}
+    now = ft.trainable_state(model)
+    best = max(info["members"], key=lambda m: m["val_score"])
+    if info["chosen"] == "soup":  # kept only because it beats every member on val
+        assert info["soup_val_score"] > best["val_score"]
+        for n in now:
+            torch.testing.assert_close(now[n], (members[0][n] + members[1][n]) / 2)
+        assert res.final_val == info["soup_val"]
+    else:
+        assert info["chosen"] == f"seed {best['seed']}" and info["soup_val_score"] <= best["val_score"]
+        for n in now:
+            torch.testing.assert_close(now[n], members[best["seed"]][n])
+    # frozen towers are untouched either way
+    for k, v in start.items():
+        if k not in now:
+            assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(ft.FinetuneError, match="soup"):
+        ft.validate_config(ft.FinetuneConfig(soup=0))
