@@ -62,10 +62,14 @@ def _add_eval_split(p: argparse.ArgumentParser) -> None:
                    help="which split to embed, index and evaluate (default: %(default)s)")
 
 
-def _add_image_backend(p: argparse.ArgumentParser) -> None:
+def _add_backends(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-backend", choices=("onnx", "torch"), default="onnx",
                    help="image encoder for embed: ONNX Runtime export of a timm image tower (self-checked "
                         "against torch, cached in <out>/onnx; other towers use torch) or torch "
+                        "(default: %(default)s)")
+    p.add_argument("--text-backend", choices=("onnx", "torch"), default="onnx",
+                   help="text encoder for embed: ONNX Runtime export of the text tower (self-checked "
+                        "against torch, cached in <out>/onnx; torch when it cannot be exported) or torch "
                         "(default: %(default)s)")
 
 
@@ -94,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_model(p)
     _add_eval_split(p)
-    _add_image_backend(p)
+    _add_backends(p)
 
     p = sub.add_parser("index", help="build HNSW + exact indexes and run the efSearch sweep")
     _add_common(p)
@@ -119,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="download Flickr8k into --data (default data/flickr8k) if it is not there")
     _add_model(p)
     _add_eval_split(p)
-    _add_image_backend(p)
+    _add_backends(p)
     _add_index(p)
     return parser
 
@@ -196,7 +200,8 @@ def run_embed(args: argparse.Namespace, loaded=None) -> dict[str, Any]:
 
     loaded = loaded or _load(args)
     return embed(args.out, args.eval_split, loaded, batch_size=args.batch_size, workers=args.workers,
-                 force=args.force, image_backend=getattr(args, "image_backend", "onnx"))
+                 force=args.force, image_backend=getattr(args, "image_backend", "onnx"),
+                 text_backend=getattr(args, "text_backend", "onnx"))
 
 
 def run_index(args: argparse.Namespace) -> dict[str, Any]:

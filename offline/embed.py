@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clipsearch.encoder import ClipEncoder, PixelEncoder
+from clipsearch.encoder import ClipEncoder, PixelEncoder, TokenEncoder
 from clipsearch.images import ImageDecodeError, decode_image
 from clipsearch.manifest import now_iso, read_json, save_npy_atomic, sha256_file, sha256_json, write_json_atomic
 from clipsearch.models import LoadedModel
@@ -94,8 +94,10 @@ def embed_images(loaded: LoadedModel, paths: list[str], batch_size: int, workers
     return arr, kept, bad
 
 
-def embed_texts(loaded: LoadedModel, captions: list[str], batch_size: int) -> np.ndarray:
-    encoder = ClipEncoder(loaded, batch_size=batch_size)
+def embed_texts(loaded: LoadedModel, captions: list[str], batch_size: int,
+                text_backend: TokenEncoder | None = None) -> np.ndarray:
+    """Encode captions in order; `text_backend`: e.g. the ONNX Runtime text tower (`onnx_text_backend`)."""
+    encoder = ClipEncoder(loaded, batch_size=batch_size, text_backend=text_backend)
     parts = []
     for i in tqdm(range(0, len(captions), batch_size), desc="captions", unit="batch"):
         parts.append(encoder.encode_texts(captions[i:i + batch_size]))
@@ -110,12 +112,21 @@ def onnx_image_backend(out: Path, loaded: LoadedModel) -> PixelEncoder | None:
     return maybe_onnx_image(loaded, Path(out) / "onnx", threads=torch.get_num_threads())
 
 
+def onnx_text_backend(out: Path, loaded: LoadedModel) -> TokenEncoder | None:
+    """The ONNX Runtime text tower (the truncated CLIP tower or lit-effnet-minilm's MiniLM), exported
+    once into `<out>/onnx/`; None (torch) when the tower cannot be exported or fails its self-check."""
+    from clipsearch.onnx_text import maybe_onnx_text
+
+    return maybe_onnx_text(loaded, Path(out) / "onnx", threads=torch.get_num_threads())
+
+
 def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, workers: int = 2,
-          force: bool = False, image_backend: str = "onnx") -> dict[str, Any]:
+          force: bool = False, image_backend: str = "onnx", text_backend: str = "onnx") -> dict[str, Any]:
     """Embed one split's images and captions; reuse what is already there for the same inputs.
 
-    `image_backend`: "onnx" runs a timm image tower through ONNX Runtime when it exports and passes
-    its self-check (else torch), "torch" always uses torch."""
+    `image_backend` / `text_backend`: "onnx" runs the tower through ONNX Runtime when it exports and
+    passes its self-check (else torch), "torch" always uses torch. Both give the same vectors (cosine
+    >= 0.9999, checked at export), so the embeddings' key does not depend on the choice."""
     t0 = time.perf_counter()
     out = Path(out)
     edir = embeddings_dir(out, split)
@@ -159,7 +170,8 @@ def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, work
         log.info("embed[%s]: caption embeddings up to date, reused", split)
     else:
         t = time.perf_counter()
-        vecs = embed_texts(loaded, [r["caption"] for r in text_recs], batch_size)
+        tb = onnx_text_backend(out, loaded) if text_backend == "onnx" else None
+        vecs = embed_texts(loaded, [r["caption"] for r in text_recs], batch_size, text_backend=tb)
         save_npy_atomic(edir / "texts.npy", vecs)
         write_json_atomic(edir / "texts.json", text_recs)
         parts["texts"] = key

@@ -165,3 +165,8 @@ def test_offline_embed_uses_onnx_images(lit, tmp_path, monkeypatch):
     vecs = np.load(tmp_path / "embeddings" / "test" / "images.npy")
     ref = ClipEncoder(lit).encode_images([decode_image(r["image_path"]) for r in rows])
     assert vecs.shape == (3, 256) and (vecs * ref).sum(1).min() >= 0.9999
+    # captions go through the ONNX text tower too (default text backend), with torch's result
+    texts = np.load(tmp_path / "embeddings" / "test" / "texts.npy")
+    assert any(p.name.endswith(".onnx") and ".image." not in p.name for p in (tmp_path / "onnx").iterdir())
+    tref = ClipEncoder(lit).encode_texts([r["caption"] for r in rows])
+    assert texts.shape == (3, 256) and (texts * tref).sum(1).min() >= 0.9999
