@@ -124,7 +124,10 @@ def bench_model(name: str, args, cache_dir: Path) -> list[dict[str, Any]]:
     if onnx is not None:
         extra["onnx-spin"] = OnnxTextEncoder(onnx.path, threads=args.threads, spinning=True)
         if args.int8:
-            plain = build_onnx_text(loaded, cache_dir, threads=args.threads, fuse=False, variants=("plain",))
+            from clipsearch.onnx_text import HF_VARIANTS, VARIANTS, has_clip_text_tower
+
+            unfused = (VARIANTS if has_clip_text_tower(model) else HF_VARIANTS)[-1]  # standard ONNX ops only
+            plain = build_onnx_text(loaded, cache_dir, threads=args.threads, fuse=False, variants=(unfused,))
             extra["onnx-int8"] = int8_session(plain.path, args.threads)
 
     for batch, texts in ((1, [args.query]), (args.batch, captions(args.batch, args.data))):
