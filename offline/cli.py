@@ -53,13 +53,20 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         "checkpoint that build trains into <out>/models/)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="DataLoader workers decoding JPEGs beside the forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="DataLoader worker processes decoding JPEGs beside the forward pass (default: cores "
+                        "- 2, at most 4, here %(default)s: on 2 cores the encoder's threads already use both "
+                        "and workers only compete with them; benchmarks/bench_embed.py measures it)")
 
 
 def _add_eval_split(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-split", default="test", choices=("train", "val", "test"),
                    help="which split to embed, index and evaluate (default: %(default)s)")
+
+
+def default_workers() -> int:
+    """Decoding workers only pay off on cores the encoder's own threads leave free."""
+    return max(0, min(4, (os.cpu_count() or 1) - 2))
 
 
 def _add_backends(p: argparse.ArgumentParser) -> None:
