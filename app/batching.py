@@ -62,6 +62,17 @@ class TextBatcher:
             last.items.append((query, k, fut))
         return await fut
 
+    async def _one_by_one(self, batch: _Batch) -> None:
+        for query, k, fut in batch.items:
+            if fut.done():
+                continue
+            try:
+                scores, ids, stages = await self._run(text_batch_job, batch.res, [query], k)
+            except Exception as exc:
+                fut.set_exception(exc)
+            else:
+                fut.set_result((scores[0, :k], ids[0, :k], stages))
+
     def _start(self, batch: _Batch) -> None:
         self._busy += 1
         task = asyncio.get_running_loop().create_task(self._execute(batch))
@@ -72,7 +83,15 @@ class TextBatcher:
         try:
             queries = [q for q, _, _ in batch.items]
             kmax = max(k for _, k, _ in batch.items)
-            scores, ids, stages = await self._run(text_batch_job, batch.res, queries, kmax)
+            try:
+                scores, ids, stages = await self._run(text_batch_job, batch.res, queries, kmax)
+            except Exception:
+                if len(batch.items) == 1:
+                    raise
+                # One bad query must not fail the others that happened to share its forward pass:
+                # run each alone, so an error reaches only the queries that fail by themselves.
+                await self._one_by_one(batch)
+                return
             for row, (_, k, fut) in enumerate(batch.items):
                 if not fut.done():
                     fut.set_result((scores[row, :k], ids[row, :k], stages))

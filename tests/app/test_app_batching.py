@@ -88,3 +88,41 @@ def test_an_encoder_error_reaches_every_waiter():
 
     with pytest.raises(RuntimeError, match="boom"):
         _run_all({"slots": 1, "max_batch": 4}, ["a", "b", "c"], [1, 1, 1], Broken())
+
+
+def test_a_failing_query_does_not_fail_the_others_in_its_batch():
+    class Poisoned(RecordingEncoder):
+        def encode_texts(self, texts):
+            if "poison" in texts:
+                with self.lock:
+                    self.batches.append(len(texts))
+                time.sleep(self.delay)
+                raise ValueError("cannot encode this one")
+            return super().encode_texts(texts)
+
+    enc = Poisoned()
+    res = _resources(enc)
+    pool = ThreadPoolExecutor(2)
+    queries = ["first"] + [f"q{i}" for i in range(3)] + ["poison"] + [f"r{i}" for i in range(3)]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def run(fn, *args):
+            return await loop.run_in_executor(pool, fn, *args)
+
+        batcher = TextBatcher(run, slots=1, max_batch=8)
+        return await asyncio.gather(*(batcher.search(res, q, 2) for q in queries), return_exceptions=True)
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        pool.shutdown()
+    assert max(enc.batches) > 1  # the poison shared a forward pass with others
+    for q, r in zip(queries, out):
+        if q == "poison":
+            assert isinstance(r, ValueError) and "cannot encode" in str(r)
+        else:
+            scores, ids, _ = r
+            ref_scores, ref_ids = res.image_index.search(enc.encode_texts([q]), 2)
+            assert list(ids) == list(ref_ids[0])
