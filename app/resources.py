@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipsearch.encoder import ClipEncoder, Encoder
+from clipsearch.encoder import ClipEncoder, Encoder, image_backend_for, text_backend_for
 from clipsearch.index import VectorIndex
 from clipsearch.manifest import ArtifactError, read_json, sha256_file, sha256_json
 from clipsearch.models import ModelLoadError, is_local_checkpoint, load_model
@@ -139,19 +139,11 @@ def load_resources(settings: Settings) -> Resources:
     if not loaded.identity.same_weights(model):
         raise ModelLoadError(f"the loaded model {_describe(loaded.identity.to_dict())} is not the one the "
                              f"indexes were built with ({_describe(model)})")
-    text_backend = None
-    if settings.text_backend == "onnx":
-        from clipsearch.onnx_text import maybe_onnx_text
-
-        # falls back to the (truncated) torch path, with a log line, for towers it cannot export
-        text_backend = maybe_onnx_text(loaded, settings.onnx_cache_dir, threads=settings.torch_threads or 1)
-    image_backend = None
-    if settings.image_backend == "onnx":
-        from clipsearch.onnx_image import maybe_onnx_image
-
-        # the same: None (torch, logged) for towers it does not export or a failed self-check
-        image_backend = maybe_onnx_image(loaded, settings.onnx_cache_dir, threads=settings.torch_threads or 1)
-    encoder = ClipEncoder(loaded, text_backend=text_backend, image_backend=image_backend)
+    threads = settings.torch_threads or 1
+    encoder = ClipEncoder(
+        loaded,
+        text_backend=text_backend_for(loaded, settings.text_backend, settings.onnx_cache_dir, threads),
+        image_backend=image_backend_for(loaded, settings.image_backend, settings.onnx_cache_dir, threads))
     return make_resources(encoder, indexes[IMAGE_INDEX], indexes[TEXT_INDEX],
                           images, captions, model, split=split, images_dir=settings.images_dir,
                           base_dir=root)

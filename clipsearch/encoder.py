@@ -11,6 +11,7 @@ Face text towers, which mask padding. `tests/test_encoder.py` checks equality wi
 
 from __future__ import annotations
 
+import os
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -28,6 +29,29 @@ class TokenEncoder(Protocol):
 
 class PixelEncoder(Protocol):
     def encode_pixels(self, pixels: torch.Tensor) -> NDArray[np.float32]: ...
+
+
+def text_backend_for(loaded: LoadedModel, choice: str, cache_dir: str | os.PathLike[str],
+                     threads: int) -> TokenEncoder | None:
+    """The text backend a `--text-backend` / `CLIPSEARCH_TEXT_BACKEND` choice gives: for "onnx" the
+    ONNX Runtime export of the tower (cached in `cache_dir`, self-checked against torch), else None,
+    which is the torch path; None (logged) too where the tower cannot be exported."""
+    if choice != "onnx":
+        return None
+    from clipsearch.onnx_text import maybe_onnx_text
+
+    return maybe_onnx_text(loaded, cache_dir, threads=threads)
+
+
+def image_backend_for(loaded: LoadedModel, choice: str, cache_dir: str | os.PathLike[str],
+                      threads: int) -> PixelEncoder | None:
+    """The same for the image tower (`--image-backend` / `CLIPSEARCH_IMAGE_BACKEND`): ONNX Runtime
+    for timm towers such as lit-effnet-minilm's, torch (None) for the rest."""
+    if choice != "onnx":
+        return None
+    from clipsearch.onnx_image import maybe_onnx_image
+
+    return maybe_onnx_image(loaded, cache_dir, threads=threads)
 
 
 class Encoder(Protocol):

@@ -160,9 +160,10 @@ def _ratios(text: str) -> tuple[float, float, float]:
 
 
 def offline_checkpoint(out: Path) -> Path:
-    from clipsearch.models import OFFLINE_MODEL
+    """Where `build` trains lit-effnet-minilm's checkpoint (`offline.finetune.train_offline_model`)."""
+    from offline.finetune import offline_run_name
 
-    return Path(out) / "models" / f"{OFFLINE_MODEL}-ft.pt"
+    return Path(out) / "models" / f"{offline_run_name()}.pt"
 
 
 def _pretrained(args: argparse.Namespace) -> str | None:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clipsearch.encoder import ClipEncoder, PixelEncoder, TokenEncoder
+from clipsearch.encoder import ClipEncoder, PixelEncoder, TokenEncoder, image_backend_for, text_backend_for
 from clipsearch.images import ImageDecodeError, decode_image
 from clipsearch.manifest import now_iso, read_json, save_npy_atomic, sha256_file, sha256_json, write_json_atomic
 from clipsearch.models import LoadedModel
@@ -75,8 +75,8 @@ def embed_images(loaded: LoadedModel, paths: list[str], batch_size: int, workers
                  ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """Encode image files; returns (vectors of the good rows, their indices, bad (index, reason)).
 
-    `image_backend`: e.g. the ONNX Runtime image tower (`onnx_image_backend`), self-checked against
-    torch when it was built."""
+    `image_backend`: e.g. the ONNX Runtime image tower (`clipsearch.encoder.image_backend_for`),
+    self-checked against torch when it was built."""
     encoder = ClipEncoder(loaded, batch_size=batch_size, image_backend=image_backend)
     loader = DataLoader(ImageFiles(paths, loaded.preprocess), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate,
@@ -96,28 +96,13 @@ def embed_images(loaded: LoadedModel, paths: list[str], batch_size: int, workers
 
 def embed_texts(loaded: LoadedModel, captions: list[str], batch_size: int,
                 text_backend: TokenEncoder | None = None) -> np.ndarray:
-    """Encode captions in order; `text_backend`: e.g. the ONNX Runtime text tower (`onnx_text_backend`)."""
+    """Encode captions in order; `text_backend`: e.g. the ONNX Runtime text tower
+    (`clipsearch.encoder.text_backend_for`)."""
     encoder = ClipEncoder(loaded, batch_size=batch_size, text_backend=text_backend)
     parts = []
     for i in tqdm(range(0, len(captions), batch_size), desc="captions", unit="batch"):
         parts.append(encoder.encode_texts(captions[i:i + batch_size]))
     return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
-
-
-def onnx_image_backend(out: Path, loaded: LoadedModel) -> PixelEncoder | None:
-    """The ONNX Runtime image tower for timm towers (lit-effnet-minilm: ~3-4x eager torch on CPU here),
-    exported once into `<out>/onnx/`; None (torch) for other towers or when it fails its self-check."""
-    from clipsearch.onnx_image import maybe_onnx_image
-
-    return maybe_onnx_image(loaded, Path(out) / "onnx", threads=torch.get_num_threads())
-
-
-def onnx_text_backend(out: Path, loaded: LoadedModel) -> TokenEncoder | None:
-    """The ONNX Runtime text tower (the truncated CLIP tower or lit-effnet-minilm's MiniLM), exported
-    once into `<out>/onnx/`; None (torch) when the tower cannot be exported or fails its self-check."""
-    from clipsearch.onnx_text import maybe_onnx_text
-
-    return maybe_onnx_text(loaded, Path(out) / "onnx", threads=torch.get_num_threads())
 
 
 def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, workers: int = 2,
@@ -151,7 +136,7 @@ def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, work
         image_recs = read_json(edir / "images.json")
     else:
         t = time.perf_counter()
-        backend = onnx_image_backend(out, loaded) if image_backend == "onnx" else None
+        backend = image_backend_for(loaded, image_backend, out / "onnx", torch.get_num_threads())
         vecs, kept, bad = embed_images(loaded, [r["image_path"] for r in image_recs], batch_size, workers,
                                        image_backend=backend)
         for i, reason in bad:
@@ -170,7 +155,7 @@ def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, work
         log.info("embed[%s]: caption embeddings up to date, reused", split)
     else:
         t = time.perf_counter()
-        tb = onnx_text_backend(out, loaded) if text_backend == "onnx" else None
+        tb = text_backend_for(loaded, text_backend, out / "onnx", torch.get_num_threads())
         vecs = embed_texts(loaded, [r["caption"] for r in text_recs], batch_size, text_backend=tb)
         save_npy_atomic(edir / "texts.npy", vecs)
         write_json_atomic(edir / "texts.json", text_recs)

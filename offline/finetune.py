@@ -1519,10 +1519,15 @@ def offline_recipe(seed: int = 0) -> list[tuple[str, FinetuneConfig]]:
     return [("heads", heads), ("unlock_text_last", text)]
 
 
+def offline_run_name(seed: int = 0) -> str:
+    """The name `train_offline_model` gives its run: the checkpoint is `<out>/models/<name>.pt`."""
+    return f"{OFFLINE_MODEL}-ft" if seed == 0 else f"{OFFLINE_MODEL}-ft-s{seed}"
+
+
 def train_offline_model(out: Path, threads: int, device: str, seed: int = 0) -> Path:
-    """Train lit-effnet-minilm's heads (then its last image block) on train, select on val; returns the
+    """Train lit-effnet-minilm's heads (then its last MiniLM layer) on train, select on val; returns the
     checkpoint path. Idempotent: the same splits and recipe reuse the existing checkpoint."""
-    name = f"{OFFLINE_MODEL}-ft" if seed == 0 else f"{OFFLINE_MODEL}-ft-s{seed}"
+    name = offline_run_name(seed)
     summary = finetune(out, OFFLINE_MODEL, None, offline_recipe(seed), name, device=device,
                        workers=min(2, max(1, threads or 1)), threads=threads)
     return Path(summary["checkpoint"])
