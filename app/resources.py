@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from clipsearch.encoder import ClipEncoder, Encoder, image_backend_for, text_backend_for
 from clipsearch.index import VectorIndex
 from clipsearch.manifest import ArtifactError, read_json, sha256_file, sha256_json
@@ -52,6 +54,7 @@ class Resources:
     version: str  # identifies the index pair; part of every cache key
     model: Mapping[str, Any]  # ModelIdentity.to_dict() of the served model
     split: str
+    caption_offsets: np.ndarray  # row i: captions[i]'s score offset in text_index (hubness; else 0)
 
 
 def make_resources(encoder: Encoder, image_index: VectorIndex, text_index: VectorIndex,
@@ -85,7 +88,7 @@ def make_resources(encoder: Encoder, image_index: VectorIndex, text_index: Vecto
     version = sha256_json([image_index.manifest, text_index.manifest])[:16]
     return Resources(encoder, image_index, text_index, tuple(images), tuple(captions),
                      {k: tuple(v) for k, v in by_image.items()}, files, version,
-                     {k: model.get(k) for k in MODEL_KEYS}, split)
+                     {k: model.get(k) for k in MODEL_KEYS}, split, text_index.offsets())
 
 
 def load_resources(settings: Settings) -> Resources:

@@ -23,7 +23,9 @@ class CaptionHit(BaseModel):
     caption_id: str
     caption: str
     image_id: str
-    score: float = Field(description="Cosine similarity between the query image and the caption")
+    score: float = Field(description="Ranking score: the cosine similarity, minus the caption's hubness "
+                                     "offset when the caption index has one (GET /readyz, `hubness`)")
+    cosine: float = Field(description="Cosine similarity between the query image and the caption")
     rank: int = Field(ge=1)
 
 
@@ -72,6 +74,8 @@ class ReadyResponse(BaseModel):
     split: str | None = None
     images: int | None = None
     captions: int | None = None
+    hubness: dict[str, Any] | None = Field(None, description="The image→caption hubness correction of the "
+                                                             "caption index (beta, k, query bank), if any")
 
 
 class ReloadResponse(BaseModel):

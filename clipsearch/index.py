@@ -1,5 +1,9 @@
 """FAISS index wrapper: HNSW (inner product on normalised vectors) or exact flat, with a manifest.
 
+A row may carry a score offset (`build(..., offsets=...)`): the stored vector is `[v, offset]` and each
+query is searched as `[q, 1]`, so FAISS ranks rows by `q·v + offset` exactly, HNSW included. The image
+→ caption index uses it for the hubness correction (`offline/hubness.py`); `dim` stays the query's.
+
 On disk an index is two files in one folder:
   `<name>.<sha12>.faiss`  the FAISS index, named by its content hash;
   `<name>.json`           the manifest sidecar, pointing at that file.
@@ -73,19 +77,42 @@ class VectorIndex:
         return int(self.index.ntotal)
 
     @property
+    def has_offsets(self) -> bool:
+        return bool(self.manifest.get("row_offsets"))
+
+    @property
     def dim(self) -> int:
-        return int(self.index.d)
+        """The query dimension (the stored one less the offset column, if any)."""
+        return int(self.index.d) - int(self.has_offsets)
+
+    def offsets(self) -> NDArray[np.float32]:
+        """Each row's score offset (zeros when the index has none)."""
+        if not self.has_offsets:
+            return np.zeros(self.ntotal, np.float32)
+        return np.asarray(self.index.reconstruct_n(0, self.ntotal)[:, -1], dtype=np.float32)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, params: IndexParams, **manifest_extra: Any) -> "VectorIndex":
+    def build(cls, vectors: np.ndarray, params: IndexParams, offsets: np.ndarray | None = None,
+              **manifest_extra: Any) -> "VectorIndex":
+        """`offsets`: one number per row added to every score of that row (see the module docstring)."""
         t0 = time.perf_counter()
-        index = build_faiss(vectors, params)
+        x = as_float32(vectors)
+        dim = x.shape[1]
+        if offsets is not None:
+            off = np.asarray(offsets, dtype=np.float32).reshape(-1)
+            if off.shape[0] != x.shape[0]:
+                raise ValueError(f"{off.shape[0]} offsets for {x.shape[0]} vectors")
+            if not np.all(np.isfinite(off)):
+                raise ValueError("offsets must be finite")
+            x = np.hstack([x, off[:, None]])
+        index = build_faiss(x, params)
         manifest = {
             "kind": params.kind,
             "metric": METRIC,
             "params": asdict(params),
             "count": int(index.ntotal),
-            "dim": int(index.d),
+            "dim": dim,
+            "row_offsets": offsets is not None,
             "build_seconds": round(time.perf_counter() - t0, 3),
             **manifest_extra,
         }
@@ -97,6 +124,8 @@ class VectorIndex:
         if q.shape[1] != self.dim:
             raise ValueError(f"query dim {q.shape[1]} != index dim {self.dim}")
         k = max(1, min(int(k), self.ntotal))
+        if self.has_offsets:
+            q = np.hstack([q, np.ones((q.shape[0], 1), np.float32)])
         if self.params.kind == "hnsw":
             # per-call parameters keep concurrent searches with different efSearch thread-safe
             sp = faiss.SearchParametersHNSW(efSearch=max(ef_search or self.params.ef_search, k))
@@ -143,9 +172,12 @@ class VectorIndex:
             index = faiss.read_index(str(index_path))
         except RuntimeError as exc:
             raise ArtifactError(f"cannot read FAISS index {index_path.name}: corrupt file") from exc
-        if index.ntotal != manifest.get("count") or index.d != manifest.get("dim"):
+        stored_dim = manifest.get("dim")
+        if isinstance(stored_dim, int) and manifest.get("row_offsets"):
+            stored_dim += 1
+        if index.ntotal != manifest.get("count") or index.d != stored_dim:
             raise ArtifactError(f"index {index_path.name} has {index.ntotal}x{index.d} vectors, "
-                                f"manifest says {manifest.get('count')}x{manifest.get('dim')}")
+                                f"manifest says {manifest.get('count')}x{stored_dim}")
         return cls(index, params, manifest)
 
 

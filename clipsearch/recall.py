@@ -16,14 +16,17 @@ KS = (1, 5, 10)
 
 
 def exact_ranks(queries: np.ndarray, gallery: np.ndarray, relevant: Sequence[np.ndarray],
-                chunk: int = 1024) -> NDArray[np.float64]:
-    """Rank of the best relevant gallery item for each query under inner-product scores.
+                chunk: int = 1024, gallery_offsets: np.ndarray | None = None) -> NDArray[np.float64]:
+    """Rank of the best relevant gallery item for each query under inner-product scores (plus each
+    gallery item's offset, when given).
 
     Rank = 1 + number of gallery items scoring strictly higher than the best relevant one.
     """
     ranks = np.empty(len(queries), dtype=np.float64)
     for start in range(0, len(queries), chunk):
         scores = queries[start:start + chunk] @ gallery.T
+        if gallery_offsets is not None:
+            scores = scores + gallery_offsets[None, :]
         for row, s in enumerate(scores):
             best = s[relevant[start + row]].max()
             ranks[start + row] = 1 + np.count_nonzero(s > best)
@@ -60,10 +63,12 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image
                       ks: Sequence[int] = KS,
                       search_images: Callable[[np.ndarray, int], np.ndarray] | None = None,
                       search_texts: Callable[[np.ndarray, int], np.ndarray] | None = None,
-                      topk: int = 100) -> dict[str, float | None]:
+                      topk: int = 100, text_offsets: np.ndarray | None = None) -> dict[str, float | None]:
     """Both directions. Exact when no search functions are given; otherwise through them (e.g. HNSW).
 
-    `search_images(queries, k)` / `search_texts(queries, k)` return (n, k) row ids.
+    `search_images(queries, k)` / `search_texts(queries, k)` return (n, k) row ids. `text_offsets`
+    (exact search only): a score offset per caption for image → text, as in a caption index built
+    with offsets (the hubness correction).
     """
     text_to_image = np.asarray(text_to_image, dtype=np.int64)
     if text_to_image.shape[0] != text_emb.shape[0]:
@@ -74,7 +79,8 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image
         raise ValueError("every image needs at least one caption")
     if search_images is None or search_texts is None:
         t2i = exact_ranks(text_emb, image_emb, t2i_rel)
-        i2t = exact_ranks(image_emb, text_emb, i2t_rel)
+        offsets = None if text_offsets is None else np.asarray(text_offsets, dtype=np.float32)
+        i2t = exact_ranks(image_emb, text_emb, i2t_rel, gallery_offsets=offsets)
         full = True
     else:
         k = max(max(ks), min(topk, image_emb.shape[0]))

@@ -85,6 +85,19 @@ def _add_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ef-construction", type=int, default=200, help="HNSW efConstruction (default: %(default)s)")
     p.add_argument("--ef-search", type=int, default=100, help="HNSW efSearch (default: %(default)s)")
     p.add_argument("--no-sweep", action="store_true", help="skip the efSearch sweep and its plot")
+    p.add_argument("--no-hubness", action="store_true",
+                   help="build plain caption indexes even when the hubness stage chose a correction")
+
+
+def _add_hubness(p: argparse.ArgumentParser) -> None:
+    from offline.hubness import DEFAULT_BANK, DEFAULT_K, DEFAULT_SELECT
+
+    p.add_argument("--bank-split", default=DEFAULT_BANK, choices=("train", "val", "test"),
+                   help="split whose images form the query bank (default: %(default)s)")
+    p.add_argument("--select-split", default=DEFAULT_SELECT, choices=("train", "val", "test"),
+                   help="split on which beta is chosen (default: %(default)s)")
+    p.add_argument("--hub-k", type=int, default=DEFAULT_K,
+                   help="nearest bank images averaged per caption (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_eval_split(p)
 
+    p = sub.add_parser("hubness", help="choose the image→caption hubness correction on val (bank: train images)")
+    _add_common(p)
+    _add_model(p)
+    _add_backends(p)
+    _add_hubness(p)
+
     p = sub.add_parser("finetune", help="contrastive fine-tuning on the train split, selected on val")
     _add_common(p)
     _add_model(p)
@@ -123,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune.add_arguments(p)
 
-    p = sub.add_parser("build", help="prepare → (finetune) → embed → index → evaluate")
+    p = sub.add_parser("build", help="prepare → (finetune) → embed → hubness → index → evaluate")
     _add_common(p)
     _add_data(p, required=False)
     p.add_argument("--download", action="store_true",
@@ -132,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_split(p)
     _add_backends(p)
     _add_index(p)
+    _add_hubness(p)
     return parser
 
 
@@ -217,7 +237,8 @@ def run_index(args: argparse.Namespace) -> dict[str, Any]:
     from offline.index import build_indexes
 
     params = IndexParams("hnsw", args.m, args.ef_construction, args.ef_search)
-    res = build_indexes(args.out, args.eval_split, params, force=args.force, sweep=not args.no_sweep)
+    res = build_indexes(args.out, args.eval_split, params, force=args.force, sweep=not args.no_sweep,
+                        hubness=not args.no_hubness)
     if "sweep" in res:
         for row in res["sweep"]["rows"]:
             if row["ef_search"] == args.ef_search:
@@ -234,6 +255,15 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     print(format_table(rec))
     return {k: rec[k] for k in rec if k.startswith(("text_to_image_R@", "image_to_text_R@"))} | \
         {"json": str(Path(args.out) / "results" / f"recall_{args.eval_split}.json")}
+
+
+def run_hubness(args: argparse.Namespace, loaded=None) -> dict[str, Any]:
+    from offline.hubness import run_hubness as hubness
+
+    loaded = loaded or _load(args)
+    return hubness(args.out, loaded, bank_split=args.bank_split, select_split=args.select_split, k=args.hub_k,
+                   embed_kwargs={"batch_size": args.batch_size, "workers": args.workers, "force": args.force,
+                                 "image_backend": args.image_backend, "text_backend": args.text_backend})
 
 
 def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -272,6 +302,8 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
         args.pretrained = summary["finetune"]["checkpoint"]
     loaded = _load(args)
     stage("embed", run_embed, args, loaded)
+    if not args.no_hubness and args.eval_split not in (args.bank_split, args.select_split):
+        stage("hubness", run_hubness, args, loaded)
     stage("index", run_index, args)
     stage("evaluate", run_evaluate, args)
     summary["timings_seconds"] = timings
@@ -279,7 +311,7 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS = {"prepare": run_prepare, "download": run_download, "embed": run_embed, "index": run_index,
-            "evaluate": run_evaluate, "finetune": run_finetune, "build": run_build}
+            "evaluate": run_evaluate, "hubness": run_hubness, "finetune": run_finetune, "build": run_build}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

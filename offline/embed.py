@@ -106,8 +106,12 @@ def embed_texts(loaded: LoadedModel, captions: list[str], batch_size: int,
 
 
 def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, workers: int = 2,
-          force: bool = False, image_backend: str = "onnx", text_backend: str = "onnx") -> dict[str, Any]:
+          force: bool = False, image_backend: str = "onnx", text_backend: str = "onnx",
+          captions: bool = True) -> dict[str, Any]:
     """Embed one split's images and captions; reuse what is already there for the same inputs.
+
+    `captions=False` embeds the images only (the hubness stage's query bank): `load_embeddings` then
+    refuses the split as incomplete and `load_image_embeddings` reads it.
 
     `image_backend` / `text_backend`: "onnx" runs the tower through ONNX Runtime when it exports and
     passes its self-check (else torch), "torch" always uses torch. Both give the same vectors (cosine
@@ -151,7 +155,9 @@ def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, work
 
     kept_ids = {r["image_id"] for r in image_recs}
     text_recs = [r for r in text_recs if r["image_id"] in kept_ids]
-    if parts.get("texts") == key and (edir / "texts.npy").is_file():
+    if not captions:
+        pass
+    elif parts.get("texts") == key and (edir / "texts.npy").is_file():
         log.info("embed[%s]: caption embeddings up to date, reused", split)
     else:
         t = time.perf_counter()
@@ -168,7 +174,7 @@ def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, work
             "split": split,
             "model": identity,
             "data_sha256": data_hash,
-            "counts": {"images": len(image_recs), "texts": len(text_recs)},
+            "counts": {"images": len(image_recs), **({"texts": len(text_recs)} if "texts" in parts else {})},
             "dim": identity["embed_dim"],
             "dtype": "float32",
             "normalized": True,
@@ -178,6 +184,20 @@ def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, work
         write_json_atomic(manifest_path, manifest)
     return {"split": split, "dir": str(edir), "reused": reused, "counts": manifest["counts"],
             "seconds": round(time.perf_counter() - t0, 2), **timings}
+
+
+def load_image_embeddings(out: Path, split: str) -> dict[str, Any]:
+    """A split's image embeddings alone (also when its captions were not embedded)."""
+    from clipsearch.manifest import ArtifactError
+
+    edir = embeddings_dir(out, split)
+    manifest = read_json(edir / "manifest.json")
+    if "images" not in manifest.get("parts", {}) or "counts" not in manifest:
+        raise ArtifactError(f"image embeddings in {edir} are missing or incomplete; embed split '{split}'")
+    images = np.load(edir / "images.npy")
+    if len(images) != manifest["counts"]["images"]:
+        raise ArtifactError(f"image embeddings in {edir} do not match their manifest; embed with --force")
+    return {"images": images, "manifest": manifest, "manifest_sha256": sha256_file(edir / "manifest.json")}
 
 
 def load_embeddings(out: Path, split: str) -> dict[str, Any]:

@@ -3,7 +3,9 @@ efSearch sweep (recall@10 against exact search, and ms/query) written as JSON an
 
 Files (`<out>/indexes/<split>/`): `{images,texts}.{hnsw,flat}.json` manifests beside their
 content-named `.faiss` files (see `clipsearch.index`). Each manifest names the model and the hash
-of the embeddings manifest, which is what the service checks before it serves a pair.
+of the embeddings manifest, which is what the service checks before it serves a pair. When the
+hubness stage has chosen a β > 0 for this model (`offline/hubness.py`), both caption indexes carry
+each caption's offset −β·r_c and their manifests say so under "hubness".
 """
 
 from __future__ import annotations
@@ -31,38 +33,46 @@ def index_dir(out: Path, split: str) -> Path:
     return Path(out) / "indexes" / split
 
 
-def _up_to_date(path: Path, emb_sha: str, params: IndexParams) -> bool:
+def _up_to_date(path: Path, emb_sha: str, params: IndexParams, hubness: dict[str, Any] | None) -> bool:
     try:
         m = read_json(path)
     except ArtifactError:
         return False
     return (m.get("embeddings_manifest_sha256") == emb_sha and m.get("params") == asdict(params)
-            and (path.parent / m.get("index_file", "")).is_file())
+            and m.get("hubness") == hubness and (path.parent / m.get("index_file", "")).is_file())
 
 
 def build_indexes(out: Path, split: str, params: IndexParams, force: bool = False,
-                  sweep: bool = True) -> dict[str, Any]:
+                  sweep: bool = True, hubness: bool = True) -> dict[str, Any]:
+    """`hubness=False` ignores the hubness stage's β and builds plain caption indexes."""
+    from offline.hubness import offsets_for_split
+
     t0 = time.perf_counter()
     emb = load_embeddings(out, split)
     idir = index_dir(out, split)
     extra = {"model": emb["manifest"]["model"], "split": split,
              "embeddings_manifest_sha256": emb["manifest_sha256"],
              "data_sha256": emb["manifest"]["data_sha256"]}
+    offsets, hub_info = (offsets_for_split(out, split, emb["texts"], emb["manifest"]["model"])
+                         if hubness else (None, None))
     built, timings = {}, {}
     for target in TARGETS:
         for kind in KINDS:
             p = IndexParams(kind=kind, m=params.m, ef_construction=params.ef_construction,
                             ef_search=params.ef_search) if kind == "hnsw" else IndexParams(kind="flat")
             name = f"{target}.{kind}"
-            if not force and _up_to_date(idir / f"{name}.json", emb["manifest_sha256"], p):
+            hub = hub_info if target == "texts" else None
+            if not force and _up_to_date(idir / f"{name}.json", emb["manifest_sha256"], p, hub):
                 log.info("index[%s]: %s up to date, reused", split, name)
                 built[name] = "reused"
                 continue
-            idx = VectorIndex.build(emb[target], p, **extra)
+            idx = VectorIndex.build(emb[target], p, offsets=offsets if hub else None,
+                                    **extra, **({"hubness": hub} if hub else {}))
             idx.save(idir, name)
             built[name] = "built"
             timings[f"{name}_build_seconds"] = idx.manifest["build_seconds"]
-    result: dict[str, Any] = {"split": split, "dir": str(idir), "indexes": built, **timings}
+    result: dict[str, Any] = {"split": split, "dir": str(idir), "indexes": built, **timings,
+                              "hubness": hub_info}
     if sweep:
         result["sweep"] = run_sweep(out, split, emb)
     result["seconds"] = round(time.perf_counter() - t0, 2)

@@ -28,6 +28,7 @@ async def readyz(request: Request) -> Response:
     body = ReadyResponse(
         ready=True, model=dict(res.model), index_version=res.version, split=res.split,
         images=res.image_index.ntotal, captions=res.text_index.ntotal,
+        hubness=res.text_index.manifest.get("hubness"),
         reloading=state.loading or None, reload_error=state.reload_error).model_dump()
     for optional in ("reloading", "reload_error"):
         if body[optional] is None:

@@ -90,7 +90,7 @@ def image_search_job(res: Resources, data: bytes, k: int, max_pixels: int
     for rank, (row, score) in enumerate(_rows(ids, scores), 1):
         c = res.captions[row]
         hits.append(CaptionHit(caption_id=c.caption_id, caption=c.caption, image_id=c.image_id,
-                               score=score, rank=rank))
+                               score=score, cosine=score - float(res.caption_offsets[row]), rank=rank))
     return tuple(hits), {"decode": t1 - t0, "encode": t2 - t1, "search": t3 - t2}
 
 

@@ -151,8 +151,10 @@ FAKE_MODEL = {"model": "fake-color", "pretrained": None, "checkpoint_sha256": No
 
 
 def fake_resources(dataset: tuple[list[dict], list[dict]], encoder: ColorEncoder | None = None,
-                   images_dir: Path | None = None) -> Resources:
-    """Resources with exact (flat) indexes over the fake encoder's vectors."""
+                   images_dir: Path | None = None, caption_offsets: np.ndarray | None = None,
+                   hubness: dict[str, Any] | None = None) -> Resources:
+    """Resources with exact (flat) indexes over the fake encoder's vectors; `caption_offsets` (and
+    the manifest's `hubness` entry) as the hubness correction stores them in the caption index."""
     encoder = encoder or ColorEncoder()
     image_rows, text_rows = dataset
     base = ColorEncoder()  # index vectors do not count as calls on `encoder`
@@ -160,7 +162,8 @@ def fake_resources(dataset: tuple[list[dict], list[dict]], encoder: ColorEncoder
     txt_vecs = base.encode_texts([r["caption"] for r in text_rows])
     params = IndexParams(kind="flat")
     image_index = VectorIndex.build(img_vecs, params, model=FAKE_MODEL, split="test")
-    text_index = VectorIndex.build(txt_vecs, params, model=FAKE_MODEL, split="test")
+    text_index = VectorIndex.build(txt_vecs, params, offsets=caption_offsets, model=FAKE_MODEL, split="test",
+                                   **({"hubness": hubness} if hubness else {}))
     return make_resources(encoder, image_index, text_index,
                           [ImageRecord(r["image_id"], r["image_path"]) for r in image_rows],
                           [CaptionRecord(r["caption_id"], r["image_id"], r["caption"]) for r in text_rows],

@@ -55,7 +55,9 @@ def test_image_search_exact_ranking(client, dataset, fakes):
     rows, scores = _expected(enc.image_vector(upload), txt_vecs, 4)
     assert [h["caption_id"] for h in body["results"]] == [texts[i]["caption_id"] for i in rows]
     assert [h["score"] for h in body["results"]] == pytest.approx(scores, abs=1e-5)
-    assert set(body["results"][0]) == {"caption_id", "caption", "image_id", "score", "rank"}
+    assert set(body["results"][0]) == {"caption_id", "caption", "image_id", "score", "cosine", "rank"}
+    # no hubness correction in this index: the ranking score is the cosine
+    assert [h["cosine"] for h in body["results"]] == pytest.approx(scores, abs=1e-5)
     # the three captions of the brown/teal checkerboard come first
     assert {h["image_id"] for h in body["results"][:3]} == {"09_checkerboard_brown_teal.png"}
 
@@ -135,3 +137,34 @@ def test_server_timing_header_names_stages_then_cache(client):
     assert 0 <= float(miss["encode"]["dur"]) <= float(miss["total"]["dur"])
     hit = _server_timing(client.post("/search/text", json={"query": "magenta", "k": 2}))
     assert hit["cache"] == {"desc": "hit"} and "encode" not in hit and float(hit["total"]["dur"]) >= 0
+
+
+def test_image_search_ranks_by_hubness_corrected_score(make_client, dataset, fakes):
+    """A caption index with row offsets (the hubness correction) ranks captions by cosine + offset,
+    reports both numbers, and /readyz says which correction is served."""
+    images, texts = dataset
+    enc = fakes.ColorEncoder()
+    txt_vecs = enc.encode_texts([t["caption"] for t in texts])
+    upload = fakes.image("checkerboard", "brown", "teal")
+    cos = txt_vecs @ enc.image_vector(upload)
+    # penalise the query's best caption hard enough to move it down, as a hub would be
+    offsets = np.zeros(len(texts), np.float32)
+    top = int(np.argmax(cos))
+    offsets[top] = -1.0
+    hub = {"beta": 0.5, "k": 10, "bank_split": "train", "bank_count": 7, "selected_on": "val"}
+    client = make_client(resources=fakes.fake_resources(dataset, caption_offsets=offsets, hubness=hub))
+    r = client.post("/search/image", files={"file": ("q.png", fakes.png_bytes(upload), "image/png")},
+                    data={"k": str(len(texts))})
+    assert r.status_code == 200, r.text
+    hits = r.json()["results"]
+    expected = np.argsort(-(cos + offsets), kind="stable")
+    assert [h["caption_id"] for h in hits] == [texts[i]["caption_id"] for i in expected[:len(hits)]]
+    assert hits[0]["caption_id"] != texts[top]["caption_id"]
+    by_id = {t["caption_id"]: i for i, t in enumerate(texts)}
+    for h in hits:
+        i = by_id[h["caption_id"]]
+        assert h["cosine"] == pytest.approx(float(cos[i]), abs=1e-5)
+        assert h["score"] == pytest.approx(float(cos[i] + offsets[i]), abs=1e-5)
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    assert client.get("/readyz").json()["hubness"] == hub
