@@ -32,7 +32,7 @@ import numpy as np
 from clipsearch.manifest import ArtifactError, now_iso, read_json, save_with, write_json_atomic
 from clipsearch.models import LoadedModel
 from clipsearch.recall import KS, retrieval_metrics
-from offline.embed import embed, load_embeddings, load_image_embeddings
+from offline.embed import embed, load_embeddings, load_image_embeddings, split_records
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,10 @@ def run_hubness(out: Path, loaded: LoadedModel, bank_split: str = DEFAULT_BANK,
                          "the selection queries themselves)")
     t0 = time.perf_counter()
     kw = embed_kwargs or {}
+    for split in (bank_split, select_split):
+        if not (Path(out) / "splits" / f"{split}.jsonl").is_file() or not split_records(out, split)[0]:
+            log.warning("hubness: split '%s' is empty or missing; no correction (beta = 0)", split)
+            return _write_off(out, loaded, bank_split, select_split, k, f"split '{split}' is empty or missing")
     embed(out, bank_split, loaded, captions=False, **kw)
     embed(out, select_split, loaded, **kw)
     bank = load_image_embeddings(out, bank_split)
@@ -129,6 +133,16 @@ def run_hubness(out: Path, loaded: LoadedModel, bank_split: str = DEFAULT_BANK,
             f"{select_split}_image_to_text_before": {k_: base[f"image_to_text_R@{k_}"] for k_ in KS},
             f"{select_split}_image_to_text_after": {k_: chosen[f"image_to_text_R@{k_}"] for k_ in KS},
             "seconds": record["seconds"]}
+
+
+def _write_off(out: Path, loaded: LoadedModel, bank_split: str, select_split: str, k: int,
+               reason: str) -> dict[str, Any]:
+    """Record that no correction applies (β = 0), and why."""
+    write_json_atomic(hubness_path(out), {
+        "beta": 0.0, "k": k, "bank_split": bank_split, "bank_count": 0, "selected_on": select_split,
+        "bank_embeddings_manifest_sha256": None, "model": loaded.identity.to_dict(), "skipped": reason,
+        "sweep": [], "created": now_iso()})
+    return {"beta": 0.0, "skipped": reason, "json": str(hubness_path(out))}
 
 
 def read_hubness(out: Path) -> dict[str, Any] | None:

@@ -167,3 +167,17 @@ def test_offsets_are_not_applied_when_they_would_not_be_honest(tmp_path, caplog)
     write_json_atomic(hubness_path(tmp_path), rec)
     with pytest.raises(Exception, match="image embeddings|missing"):
         offsets_for_split(tmp_path, "test", texts, {"model": "a"})
+
+
+def test_an_empty_bank_or_selection_split_turns_the_correction_off(tmp_path):
+    from types import SimpleNamespace
+
+    from offline.hubness import hubness_path, offsets_for_split, run_hubness
+
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits/train.jsonl").write_text("")
+    loaded = SimpleNamespace(identity=SimpleNamespace(to_dict=lambda: {"model": "m"}))
+    res = run_hubness(tmp_path, loaded)  # never reaches the model: nothing to embed
+    assert res["beta"] == 0.0 and "train" in res["skipped"]
+    assert json.loads(hubness_path(tmp_path).read_text())["beta"] == 0.0
+    assert offsets_for_split(tmp_path, "test", np.zeros((2, 4), np.float32), {"model": "m"}) == (None, None)
