@@ -87,9 +87,13 @@ class VectorIndex:
 
     def offsets(self) -> NDArray[np.float32]:
         """Each row's score offset (zeros when the index has none)."""
-        if not self.has_offsets:
-            return np.zeros(self.ntotal, np.float32)
-        return np.asarray(self.index.reconstruct_n(0, self.ntotal)[:, -1], dtype=np.float32)
+        out = np.zeros(self.ntotal, np.float32)
+        if self.has_offsets:
+            # in chunks: a full reconstruct of a large index would briefly double its memory
+            for start in range(0, self.ntotal, 65536):
+                n = min(65536, self.ntotal - start)
+                out[start:start + n] = self.index.reconstruct_n(start, n)[:, -1]
+        return out
 
     @classmethod
     def build(cls, vectors: np.ndarray, params: IndexParams, offsets: np.ndarray | None = None,

@@ -33,7 +33,7 @@ def _hub_world(rng, n, d=32):
 def test_index_with_row_offsets_ranks_by_score_plus_offset(tmp_path):
     rng = np.random.default_rng(0)
     base, queries = _unit(rng.normal(size=(1500, 24))), _unit(rng.normal(size=(40, 24)))
-    offsets = (-0.3 * rng.random(1500)).astype(np.float32)
+    offsets = (-0.3 * rng.random(len(base))).astype(np.float32)
     want = queries @ base.T + offsets[None]
     flat = VectorIndex.build(base, IndexParams(kind="flat"), offsets=offsets)
     assert flat.dim == 24 and flat.has_offsets
@@ -47,12 +47,16 @@ def test_index_with_row_offsets_ranks_by_score_plus_offset(tmp_path):
     assert loaded.dim == 24 and loaded.manifest["dim"] == 24 and loaded.manifest["row_offsets"] is True
     np.testing.assert_allclose(loaded.offsets(), offsets, atol=1e-6)
     assert (loaded.search(queries, 10)[1] == hnsw.search(queries, 10)[1]).all()
+    # offsets are read back in chunks of 65,536 rows
+    many = (-rng.random(70000)).astype(np.float32)
+    big = VectorIndex.build(np.zeros((70000, 4), np.float32), IndexParams(kind="flat"), offsets=many)
+    np.testing.assert_array_equal(big.offsets(), many)
     plain = VectorIndex.build(base, IndexParams(kind="flat"))
     assert not plain.has_offsets and not plain.offsets().any()
     with pytest.raises(ValueError, match="offsets"):
         VectorIndex.build(base, IndexParams(), offsets=offsets[:10])
     with pytest.raises(ValueError, match="finite"):
-        VectorIndex.build(base, IndexParams(), offsets=np.full(1500, np.nan, np.float32))
+        VectorIndex.build(base, IndexParams(), offsets=np.full(len(base), np.nan, np.float32))
 
 
 def test_bank_similarity_and_offsets_match_brute_force():
