@@ -86,10 +86,12 @@ class ServiceState:
         # next one sees the new set. Cache keys carry the index version, so clearing only frees memory.
         self.metrics.set_served(resources.image_index.ntotal, resources.text_index.ntotal,
                                 dict(resources.model), resources.version, resources.split)
+        # The error and reason are cleared before the swap: /readyz (on the event loop) may run between
+        # any two of these lines, and must never pair the new index version with the old error.
+        self.reload_error = None
+        self.reason = ""
         self.resources = resources
         self.cache.clear()
-        self.reason = ""
-        self.reload_error = None
 
     def set_reload_failed(self, reason: str) -> None:
         """A reload failed while resources were being served: keep serving them, remember why."""
