@@ -39,21 +39,11 @@ from clipsearch.models import load_model  # noqa: E402
 from clipsearch.onnx_image import maybe_onnx_image  # noqa: E402
 from clipsearch.onnx_text import maybe_onnx_text  # noqa: E402
 from clipsearch.recall import KS, retrieval_metrics  # noqa: E402
+from offline.finetune import read_split_data  # noqa: E402
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def read_split(artifacts: Path, split: str) -> tuple[list[str], list[str], np.ndarray]:
-    records = [json.loads(line) for line in (artifacts / "splits" / f"{split}.jsonl").read_text().splitlines()]
-    paths: list[str] = []
-    index: dict[str, int] = {}
-    for r in records:
-        if r["image_id"] not in index:
-            index[r["image_id"]] = len(paths)
-            paths.append(r["image_path"])
-    return paths, [r["caption"] for r in records], np.array([index[r["image_id"]] for r in records])
 
 
 def model_of(artifacts: Path, split: str) -> tuple[str, str | None]:
@@ -74,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     name, pretrained = model_of(args.artifacts, args.split)
     loaded = load_model(name, pretrained, "cpu")
-    paths, captions, t2i = read_split(args.artifacts, args.split)
+    data = read_split_data(args.artifacts, args.split)
+    paths, captions, t2i = data.image_paths, data.captions, data.text_to_image
     images = [decode_image(p) for p in paths]
     cache = tempfile.mkdtemp(prefix="bench_onnx_recall_")
     backends = {"torch": (None, None),

@@ -155,11 +155,10 @@ def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, work
 
     kept_ids = {r["image_id"] for r in image_recs}
     text_recs = [r for r in text_recs if r["image_id"] in kept_ids]
-    if not captions:
-        pass
-    elif parts.get("texts") == key and (edir / "texts.npy").is_file():
+    texts_fresh = parts.get("texts") == key and (edir / "texts.npy").is_file()
+    if captions and texts_fresh:
         log.info("embed[%s]: caption embeddings up to date, reused", split)
-    else:
+    elif captions:
         t = time.perf_counter()
         tb = text_backend_for(loaded, text_backend, out / "onnx", torch.get_num_threads())
         vecs = embed_texts(loaded, [r["caption"] for r in text_recs], batch_size, text_backend=tb)
@@ -201,18 +200,21 @@ def load_image_embeddings(out: Path, split: str) -> dict[str, Any]:
 
 
 def load_embeddings(out: Path, split: str) -> dict[str, Any]:
-    """Read a split's embeddings and records back; checks they agree with the manifest."""
+    """Read a split's embeddings and records back; checks they agree with the manifest.
+
+    Besides the arrays and records: `text_to_image`, each caption's image row."""
     from clipsearch.manifest import ArtifactError
 
+    emb = load_image_embeddings(out, split)
     edir = embeddings_dir(out, split)
-    manifest = read_json(edir / "manifest.json")
-    if set(manifest.get("parts", {})) != {"images", "texts"} or "counts" not in manifest:
+    if "texts" not in emb["manifest"]["parts"]:
         raise ArtifactError(f"embeddings in {edir} are incomplete; run the embed stage again")
-    images = np.load(edir / "images.npy")
     texts = np.load(edir / "texts.npy")
     image_recs = read_json(edir / "images.json")
     text_recs = read_json(edir / "texts.json")
-    if len(images) != len(image_recs) or len(texts) != len(text_recs):
+    if len(emb["images"]) != len(image_recs) or len(texts) != len(text_recs):
         raise ArtifactError(f"embeddings in {edir} do not match their records; run embed with --force")
-    return {"images": images, "texts": texts, "image_records": image_recs, "text_records": text_recs,
-            "manifest": manifest, "manifest_sha256": sha256_file(edir / "manifest.json")}
+    row = {r["image_id"]: i for i, r in enumerate(image_recs)}
+    text_to_image = np.array([row[r["image_id"]] for r in text_recs], dtype=np.int64)
+    return {**emb, "texts": texts, "image_records": image_recs, "text_records": text_recs,
+            "text_to_image": text_to_image}

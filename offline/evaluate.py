@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from clipsearch.index import VectorIndex
 from clipsearch.manifest import ArtifactError, now_iso, write_json_atomic
@@ -22,8 +21,7 @@ from offline.index import index_dir
 def evaluate(out: Path, split: str, tag: str | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     emb = load_embeddings(out, split)
-    id_of_image = {r["image_id"]: i for i, r in enumerate(emb["image_records"])}
-    text_to_image = np.array([id_of_image[r["image_id"]] for r in emb["text_records"]], dtype=np.int64)
+    text_to_image = emb["text_to_image"]
 
     idir = index_dir(out, split)
     img_idx = VectorIndex.load(idir / "images.hnsw.json")

@@ -102,10 +102,8 @@ def run_hubness(out: Path, loaded: LoadedModel, bank_split: str = DEFAULT_BANK,
     for name, m in (("bank", bank["manifest"]), ("selection", sel["manifest"])):
         if m.get("model") != loaded.identity.to_dict():
             raise ArtifactError(f"the {name} embeddings were made by another model; embed with --force")
-    row = {r["image_id"]: i for i, r in enumerate(sel["image_records"])}
-    t2i = np.array([row[r["image_id"]] for r in sel["text_records"]], dtype=np.int64)
     r = bank_similarity(sel["texts"], bank["images"], k)
-    beta, table = sweep_beta(sel["images"], sel["texts"], t2i, r, betas)
+    beta, table = sweep_beta(sel["images"], sel["texts"], sel["text_to_image"], r, betas)
     base = next(t for t in table if t["beta"] == 0.0)
     chosen = next(t for t in table if t["beta"] == beta)
     record = {
