@@ -1,12 +1,6 @@
-"""The ``prepare`` stage: read a Flickr8k-style corpus, validate it, write image-disjoint splits.
+"""The ``prepare`` stage: validate a Flickr8k-style corpus and write image-disjoint splits.
 
-Three input layouts are understood:
-
-* ``original``: ``Flicker8k_Dataset/`` (or ``Images/``) + ``Flickr8k.token.txt`` (at the top or in
-  ``Flickr8k_text/``) + the official ``Flickr_8k.{train,dev,test}Images.txt`` lists.
-* ``kaggle``: ``Images/`` + ``captions.txt`` (CSV with an ``image,caption`` header).
-* ``generic``: a ``.jsonl`` or ``.csv`` file of ``{"image": ..., "caption": ...}`` records; image
-  paths are absolute or relative to the file's folder. The file itself is passed as ``data``.
+The layouts it reads (original, Kaggle, a generic ``.jsonl``/``.csv``) live in ``offline/layouts.py``.
 
 Output (``<out>/splits/``): ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` with one record per
 caption (``image_id``, ``image_path``, ``caption_id``, ``caption``), plus
@@ -16,302 +10,40 @@ item with its reason. Bad items are skipped, never fatal.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
 import random
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 from tqdm import tqdm
 
 from clipsearch.images import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image_with_mode
-
-try:  # shared helpers; the fallbacks keep this module usable on its own
-    from clipsearch.manifest import atomic_write_text, write_json_atomic
-except ImportError:  # pragma: no cover - only when clipsearch.manifest is absent
-    atomic_write_text = None  # type: ignore[assignment]
-    write_json_atomic = None  # type: ignore[assignment]
+from clipsearch.manifest import atomic_write_text, sha256_file, write_json_atomic
+from offline.layouts import (IMAGE_SUFFIXES, R_BAD_ID, R_CORRUPT, R_DUP, R_DUP_ID, R_EMPTY, R_MISSING, READERS,
+                             SPLIT_LIST_FILES, SPLITS, CaptionRecord, DataError, Layout, detect_layout,
+                             read_generic, read_list, resolve_layout)
 
 __all__ = ["DataError", "SPLITS", "detect_layout", "prepare", "read_split"]
 
 #: Bump when the output format or validation rules change, so old outputs are not reused.
 PREPARE_FORMAT = 2  # 2: repeated captions of an image are kept (noted), as published Flickr8k results count them
-SPLITS = ("train", "val", "test")
-
-IMAGE_DIR_NAMES = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images")
-TEXT_DIR_NAMES = ("", "Flickr8k_text")
-TOKEN_FILE = "Flickr8k.token.txt"
-KAGGLE_FILE = "captions.txt"
-# The official lists call the validation split "dev".
-SPLIT_LIST_FILES = {"train": "Flickr_8k.trainImages.txt",
-                    "val": "Flickr_8k.devImages.txt",
-                    "test": "Flickr_8k.testImages.txt"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-GENERIC_SUFFIXES = {".jsonl", ".csv"}
-
-# Skip reasons, as they appear in the report.
-R_MALFORMED = "malformed_record"
-R_BAD_ID = "bad_image_id"
-R_MISSING = "missing_image"
-R_CORRUPT = "corrupt_image"
-R_EMPTY = "empty_caption"
-R_DUP = "duplicate_caption"
-R_DUP_ID = "duplicate_caption_id"
-
-
-class DataError(ValueError):
-    """The dataset path or layout cannot be used at all (as opposed to one bad item)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def _write_text(path: Path, text: str) -> None:
-    if atomic_write_text is not None:
-        atomic_write_text(path, text)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    if write_json_atomic is not None:
-        write_json_atomic(path, obj)
-    else:
-        _write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-# --------------------------------------------------------------------------------------------
-# Layout detection and readers
-
-
-@dataclass
-class _Layout:
-    kind: str
-    root: Path                      # folder that relative image paths resolve against
-    caption_file: Path
-    image_dir: Path | None          # None for generic
-    split_lists: dict[str, Path] | None
-
-
-@dataclass
-class _Caption:
-    image_id: str
-    image_path: Path | None         # None when the id cannot name an image file
-    caption_id: str
-    caption: str                    # raw text
-    where: str                      # "file:line" for the report
-
-
-def _find_image_dir(root: Path) -> Path | None:
-    for name in IMAGE_DIR_NAMES:
-        if (root / name).is_dir():
-            return root / name
-    return None
-
-
-def _find_text_file(root: Path, name: str) -> Path | None:
-    for sub in TEXT_DIR_NAMES:
-        p = root / sub / name if sub else root / name
-        if p.is_file():
-            return p
-    return None
-
-
-def _find_split_lists(root: Path) -> dict[str, Path] | None:
-    found = {s: _find_text_file(root, f) for s, f in SPLIT_LIST_FILES.items()}
-    if all(found.values()):
-        return found  # type: ignore[return-value]
-    return None
-
-
-def _resolve_layout(data: Path) -> _Layout:
-    data = Path(data).expanduser()
-    if not data.exists():
-        raise DataError(f"Dataset path {data} does not exist.")
-    data = data.resolve()
-    if data.is_file():
-        if data.suffix.lower() in GENERIC_SUFFIXES:
-            return _Layout("generic", data.parent, data, None, _find_split_lists(data.parent))
-        raise DataError(f"{data} is a file but not a .jsonl or .csv caption file; "
-                        "pass a Flickr8k folder or a .jsonl/.csv file of image,caption records.")
-    image_dir = _find_image_dir(data)
-    token = _find_text_file(data, TOKEN_FILE)
-    kaggle = data / KAGGLE_FILE
-    lists = _find_split_lists(data)
-    # The original layout wins when both caption files are present: it carries caption ids.
-    if image_dir is not None and token is not None:
-        return _Layout("original", data, token, image_dir, lists)
-    if image_dir is not None and kaggle.is_file():
-        return _Layout("kaggle", data, kaggle, image_dir, lists)
-    raise DataError(
-        f"Unrecognised dataset layout in {data}: expected an image folder "
-        f"({' or '.join(IMAGE_DIR_NAMES)}) with {TOKEN_FILE} (original) or {KAGGLE_FILE} "
-        "(Kaggle), or pass a .jsonl/.csv file with image and caption columns.")
-
-
-def detect_layout(data_dir: str | Path) -> str:
-    """Return ``"original"``, ``"kaggle"`` or ``"generic"`` for a dataset path.
-
-    Raises:
-        DataError: if the path does not exist or matches no known layout.
-    """
-    return _resolve_layout(Path(data_dir)).kind
-
-
-def _image_path_for(image_dir: Path, image_id: str) -> Path | None:
-    # The stray Flickr8k id "....jpg.1" (and any id with a path separator) names no image file.
-    if ("/" in image_id or "\\" in image_id or Path(image_id).suffix.lower() not in IMAGE_SUFFIXES):
-        return None
-    return image_dir / image_id
-
-
-def _read_original(layout: _Layout, skipped: list[dict]) -> list[_Caption]:
-    assert layout.image_dir is not None
-    out: list[_Caption] = []
-    name = layout.caption_file.name
-    with open(layout.caption_file, encoding="utf-8-sig", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            key, sep, text = line.partition("\t")
-            if not sep or "#" not in key:
-                skipped.append({"kind": "caption", "reason": R_MALFORMED,
-                                "where": f"{name}:{lineno}",
-                                "detail": "expected '<image>#<k><TAB><caption>'"})
-                continue
-            key = key.strip()
-            image_id = key.rsplit("#", 1)[0]
-            out.append(_Caption(image_id, _image_path_for(layout.image_dir, image_id), key, text,
-                                f"{name}:{lineno}"))
-    return out
-
-
-def _read_kaggle(layout: _Layout, skipped: list[dict]) -> list[_Caption]:
-    assert layout.image_dir is not None
-    out: list[_Caption] = []
-    name = layout.caption_file.name
-    counters: Counter[str] = Counter()
-    with open(layout.caption_file, encoding="utf-8-sig", errors="replace", newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-        if "image" not in fields or "caption" not in fields:
-            raise DataError(f"{layout.caption_file} has no 'image,caption' header row.")
-        reader.fieldnames = fields
-        for row in reader:
-            lineno = reader.line_num
-            image_id = (row.get("image") or "").strip()
-            text = row.get("caption")
-            if not image_id or text is None or None in row:
-                skipped.append({"kind": "caption", "reason": R_MALFORMED,
-                                "where": f"{name}:{lineno}",
-                                "detail": "expected 'image,caption' (quote captions with commas)"})
-                continue
-            # Number captions per image in file order, which reproduces the original '#k' ids.
-            caption_id = f"{image_id}#{counters[image_id]}"
-            counters[image_id] += 1
-            out.append(_Caption(image_id, _image_path_for(layout.image_dir, image_id), caption_id,
-                                text, f"{name}:{lineno}"))
-    return out
-
-
-def _generic_rows(path: Path, skipped: list[dict]) -> Iterator[tuple[int, dict]]:
-    name = path.name
-    if path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8-sig", errors="replace") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    rec = None
-                if not isinstance(rec, dict):
-                    skipped.append({"kind": "caption", "reason": R_MALFORMED,
-                                    "where": f"{name}:{lineno}", "detail": "not a JSON object"})
-                    continue
-                yield lineno, rec
-    else:
-        with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
-            reader = csv.DictReader(fh)
-            fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-            if "image" not in fields or "caption" not in fields:
-                raise DataError(f"{path} has no 'image' and 'caption' columns in its header row.")
-            reader.fieldnames = fields
-            for row in reader:
-                yield reader.line_num, row
-
-
-def _read_generic(layout: _Layout, skipped: list[dict]) -> list[_Caption]:
-    out: list[_Caption] = []
-    name = layout.caption_file.name
-    counters: Counter[str] = Counter()
-    for lineno, rec in _generic_rows(layout.caption_file, skipped):
-        image = rec.get("image")
-        text = rec.get("caption")
-        if not isinstance(image, str) or not image.strip() or not isinstance(text, str):
-            skipped.append({"kind": "caption", "reason": R_MALFORMED, "where": f"{name}:{lineno}",
-                            "detail": "needs string 'image' and 'caption' fields"})
-            continue
-        rel = Path(image.strip()).expanduser()
-        path = rel if rel.is_absolute() else layout.root / rel
-        path = Path(os.path.normpath(path))
-        # Ids must be unique across subfolders, so keep the path relative to the file's folder.
-        try:
-            image_id = path.relative_to(layout.root).as_posix()
-        except ValueError:
-            image_id = path.as_posix()
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            path_or_none: Path | None = None
-        else:
-            path_or_none = path
-        cid = rec.get("caption_id")
-        if not isinstance(cid, str) or not cid.strip():
-            cid = f"{image_id}#{counters[image_id]}"
-        counters[image_id] += 1
-        out.append(_Caption(image_id, path_or_none, cid.strip(), text, f"{name}:{lineno}"))
-    return out
-
-
-_READERS = {"original": _read_original, "kaggle": _read_kaggle, "generic": _read_generic}
-
 
 # --------------------------------------------------------------------------------------------
 # Fingerprint for idempotence
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _inputs_fingerprint(layout: _Layout) -> str:
+def _inputs_fingerprint(layout: Layout) -> str:
     """Hash of the caption file, split lists and the image listing (names + sizes, not contents)."""
     h = hashlib.sha256()
-    h.update(f"captions {_sha256_file(layout.caption_file)}\n".encode())
+    h.update(f"captions {sha256_file(layout.caption_file)}\n".encode())
     for s, p in sorted((layout.split_lists or {}).items()):
-        h.update(f"list {s} {_sha256_file(p)}\n".encode())
+        h.update(f"list {s} {sha256_file(p)}\n".encode())
     if layout.image_dir is not None:
         entries = []
         with os.scandir(layout.image_dir) as it:
@@ -323,7 +55,7 @@ def _inputs_fingerprint(layout: _Layout) -> str:
     else:
         # Generic: the referenced images can be anywhere, so list exactly those.
         skipped: list[dict] = []
-        paths = sorted({str(c.image_path) for c in _read_generic(layout, skipped) if c.image_path})
+        paths = sorted({str(c.image_path) for c in read_generic(layout, skipped) if c.image_path})
         for p in paths:
             try:
                 size = os.stat(p).st_size
@@ -366,7 +98,7 @@ def _decode_all(paths: Sequence[Path], workers: int) -> list[_ImageResult]:
 
 @dataclass
 class _Validated:
-    captions: dict[str, list[_Caption]]          # image_id -> kept captions, in file order
+    captions: dict[str, list[CaptionRecord]]          # image_id -> kept captions, in file order
     image_paths: dict[str, Path]
     skipped: list[dict]
     reasons: Counter[str] = field(default_factory=Counter)
@@ -383,12 +115,12 @@ def _normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def _validate(layout: _Layout, workers: int) -> _Validated:
+def _validate(layout: Layout, workers: int) -> _Validated:
     skipped: list[dict] = []
-    raw = _READERS[layout.kind](layout, skipped)
+    raw = READERS[layout.kind](layout, skipped)
     n_malformed = len(skipped)
 
-    by_image: dict[str, list[_Caption]] = {}
+    by_image: dict[str, list[CaptionRecord]] = {}
     paths: dict[str, Path | None] = {}
     for c in raw:
         by_image.setdefault(c.image_id, []).append(c)
@@ -420,7 +152,7 @@ def _validate(layout: _Layout, workers: int) -> _Validated:
         skipped.append({"kind": "image", "reason": reason, "image_id": image_id,
                         "captions_dropped": len(caps), "where": caps[0].where, "detail": detail})
 
-    kept: dict[str, list[_Caption]] = {}
+    kept: dict[str, list[CaptionRecord]] = {}
     notes: list[dict] = []
     seen_ids: set[str] = set()
     for image_id in by_image:
@@ -446,7 +178,7 @@ def _validate(layout: _Layout, workers: int) -> _Validated:
             else:
                 seen_text[key] = c.caption_id
             seen_ids.add(c.caption_id)
-            kept.setdefault(image_id, []).append(_Caption(image_id, c.image_path, c.caption_id,
+            kept.setdefault(image_id, []).append(CaptionRecord(image_id, c.image_path, c.caption_id,
                                                           text, c.where))
     # Images whose every caption was dropped cannot be retrieved by text: leave them out.
     no_captions_left = sorted(i for i in usable if i not in kept)
@@ -489,12 +221,7 @@ def _random_split(image_ids: Iterable[str], ratios: tuple[float, float, float],
             "test": sorted(ids[n_train + n_val:])}
 
 
-def _read_list(path: Path) -> list[str]:
-    with open(path, encoding="utf-8-sig") as fh:
-        return [ln.strip() for ln in fh if ln.strip()]
-
-
-def _official_split(layout: _Layout, usable: Iterable[str]) -> tuple[dict[str, list[str]], dict]:
+def _official_split(layout: Layout, usable: Iterable[str]) -> tuple[dict[str, list[str]], dict]:
     if layout.split_lists is None:
         raise DataError(
             f"split='official' needs the lists {', '.join(SPLIT_LIST_FILES.values())} next to the "
@@ -505,7 +232,7 @@ def _official_split(layout: _Layout, usable: Iterable[str]) -> tuple[dict[str, l
     listed_unusable: dict[str, list[str]] = {s: [] for s in SPLITS}
     in_several: list[str] = []
     for s in SPLITS:
-        for image_id in _read_list(layout.split_lists[s]):
+        for image_id in read_list(layout.split_lists[s]):
             if image_id in assigned:
                 if assigned[image_id] != s:
                     in_several.append(image_id)   # keeps its first split: splits stay disjoint
@@ -593,7 +320,7 @@ def prepare(data: Path, out: Path, split: str = "official",
     if split not in ("official", "random"):
         raise DataError(f"split must be 'official' or 'random', got {split!r}.")
     r = _check_ratios(ratios)
-    layout = _resolve_layout(Path(data))
+    layout = resolve_layout(Path(data))
     if split == "official" and layout.split_lists is None:
         _official_split(layout, ())  # raises the explanatory DataError before any work
     out = Path(out).expanduser().resolve()
@@ -634,7 +361,7 @@ def prepare(data: Path, out: Path, split: str = "official",
     counts = {}
     for s in SPLITS:
         recs = _split_records(v, assignment[s])
-        _write_text(split_paths[s], _jsonl(recs))
+        atomic_write_text(split_paths[s], _jsonl(recs))
         counts[s] = {"images": len(assignment[s]), "captions": len(recs)}
 
     report = {
@@ -663,12 +390,12 @@ def prepare(data: Path, out: Path, split: str = "official",
         "images_without_usable_captions": v.images_without_usable_captions,
         **extra,
     }
-    _write_json(report_path, report)
+    write_json_atomic(report_path, report)
     result = {"layout": layout.kind, "split": split, "counts": counts,
               "splits": {s: str(p) for s, p in split_paths.items()}, "report": str(report_path),
               "skipped_items": len(v.skipped), "up_to_date": False}
     print(_summary_text(report, result))
-    _write_json(manifest_path, {"inputs": inputs, "result": result})
+    write_json_atomic(manifest_path, {"inputs": inputs, "result": result})
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
 

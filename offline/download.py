@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from offline.data import _write_json
+from clipsearch.manifest import write_json_atomic as _write_json
 
 __all__ = ["DEFAULT_URLS", "DownloadError", "download"]
 
