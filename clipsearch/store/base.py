@@ -1,0 +1,110 @@
+"""The `VectorStore` contract every backend implements, and the small types it speaks.
+
+A store holds one collection: items (an image, zero or more captions, free metadata), each embedded
+with one model. It searches either the images or the captions, with a metadata filter, an offset
+(pagination), a minimum score and ids to leave out. Routes, the cache and the metrics only ever
+speak this contract, never a backend's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
+
+from clipsearch.store.catalog import NewItem
+
+Target = Literal["images", "captions"]
+TARGETS: tuple[Target, ...] = ("images", "captions")
+Scalar = str | int | float | bool
+# {"field": value} (equality) or {"field": [v1, v2]} (one of); every field must match.
+Filter = Mapping[str, Scalar | Sequence[Scalar]]
+
+
+@dataclass(frozen=True)
+class Item:
+    image_id: str
+    path: str  # the image file: absolute, or relative to ARTIFACTS_DIR for media the collection owns
+    captions: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    image_id: str
+    score: float  # what ranks: the cosine, plus the caption's hubness offset for caption hits
+    cosine: float
+    caption_id: str | None = None
+    caption: str | None = None
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    name: str
+
+    @property
+    def model(self) -> Mapping[str, Any]: ...  # ModelIdentity.to_dict() of the vectors' model
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def version(self) -> str: ...  # changes whenever the contents change; part of every cache key
+
+    def count(self, target: Target = "images") -> int: ...
+
+    def ids(self) -> list[str]: ...
+
+    def get(self, image_id: str) -> Item | None: ...
+
+    def vector(self, image_id: str) -> NDArray[np.float32] | None: ...
+
+    def search(self, query: NDArray[np.float32], k: int, *, target: Target = "images",
+               filter: Filter | None = None, offset: int = 0, min_score: float | None = None,
+               exclude: Sequence[str] = ()) -> list[Hit]: ...
+
+    def add(self, items: Sequence[NewItem]) -> None: ...
+
+    def delete(self, image_ids: Sequence[str]) -> int: ...
+
+    def describe(self) -> dict[str, Any]: ...  # counts, model, index kind, metadata fields
+
+
+def value_key(value: Any) -> tuple[str, Any] | None:
+    """How a metadata value is compared: numbers by value (1 == 1.0), strings and booleans as such;
+    None for values no filter can name (lists, objects, null)."""
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, (int, float)):
+        return ("n", float(value))
+    if isinstance(value, str):
+        return ("s", value)
+    return None
+
+
+def filter_keys(flt: Filter) -> dict[str, set[tuple[str, Any]]]:
+    """The filter as field -> accepted value keys; raises ValueError for a value no item can hold."""
+    out: dict[str, set[tuple[str, Any]]] = {}
+    for name, wanted in flt.items():
+        values = list(wanted) if isinstance(wanted, (list, tuple)) else [wanted]
+        keys = set()
+        for v in values:
+            key = value_key(v)
+            if key is None:
+                raise ValueError(f"filter field {name!r}: values must be strings, numbers or booleans")
+            keys.add(key)
+        if not keys:
+            raise ValueError(f"filter field {name!r}: give at least one value")
+        out[name] = keys
+    return out
+
+
+def matches(metadata: Mapping[str, Any], keys: Mapping[str, set[tuple[str, Any]]]) -> bool:
+    return all(value_key(metadata.get(name)) in accepted for name, accepted in keys.items())
+
+
+class StoreError(ValueError):
+    """A request the store cannot answer: unknown id, wrong vector dimension, bad filter."""

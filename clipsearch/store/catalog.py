@@ -1,0 +1,353 @@
+"""A collection's source of truth: one SQLite database (WAL) of items, captions, metadata and vectors.
+
+Every change runs in one transaction and bumps a sequence number, so "committed" is "acknowledged":
+a process killed at any moment leaves the database at its last commit. The FAISS index is derived
+from these rows (`clipsearch.store.faiss_store`) and can be rebuilt from them at any time.
+
+Tables:
+  meta(key, value)       format, model (JSON identity), dim, seq, hubness (JSON or null), created
+  items(row, image_id, path, size, mtime_ns, sha256, metadata JSON, text_sha256, vector, seq)
+  captions(row, caption_id, image_id, ord, caption, vector, offset, seq)
+`row` (INTEGER PRIMARY KEY) orders the vectors of the derived index. Vectors are float32 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from clipsearch.manifest import ArtifactError, now_iso, sha256_json
+
+CATALOG_FORMAT = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS items (
+    row INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_id TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,
+    size INTEGER,
+    mtime_ns INTEGER,
+    sha256 TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    text_sha256 TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS captions (
+    row INTEGER PRIMARY KEY AUTOINCREMENT,
+    caption_id TEXT NOT NULL UNIQUE,
+    image_id TEXT NOT NULL REFERENCES items(image_id) ON DELETE CASCADE,
+    ord INTEGER NOT NULL,
+    caption TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    offset REAL NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS captions_by_image ON captions(image_id);
+"""
+
+
+def captions_sha256(captions: Sequence[str]) -> str:
+    """What an item's caption list hashes to (a changed list means re-embedding its captions)."""
+    return sha256_json(list(captions))
+
+
+@dataclass(frozen=True)
+class ItemState:
+    """What incremental ingest compares against a source file."""
+
+    image_id: str
+    path: str
+    size: int | None
+    mtime_ns: int | None
+    sha256: str | None
+    text_sha256: str
+    metadata: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """One item to write: the image's vector, its captions with theirs, and its metadata."""
+
+    image_id: str
+    path: str
+    vector: NDArray[np.float32]
+    captions: tuple[str, ...] = ()
+    caption_vectors: NDArray[np.float32] | None = None  # (len(captions), dim)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    size: int | None = None
+    mtime_ns: int | None = None
+    sha256: str | None = None
+    caption_ids: tuple[str, ...] | None = None  # default: "<image_id>#<i>"
+
+
+@dataclass
+class CatalogRows:
+    """Every live row, in row order, as the derived index needs them."""
+
+    image_ids: list[str]
+    paths: list[str]
+    metadata: list[dict[str, Any]]
+    vectors: NDArray[np.float32]
+    caption_ids: list[str]
+    caption_image_rows: NDArray[np.int64]  # row of each caption's image in `image_ids`
+    caption_texts: list[str]
+    caption_vectors: NDArray[np.float32]
+    caption_offsets: NDArray[np.float32]
+    seq: int
+
+
+class Catalog:
+    """Thread-safe access to one catalog file (or `":memory:"`). Writers are serialised by a lock;
+    SQLite's WAL lets readers of other processes see the last commit."""
+
+    def __init__(self, path: str | Path, readonly: bool = False):
+        self.path = str(path)
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        try:
+            if self.path == ":memory:":
+                conn = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+            elif readonly:
+                p = Path(self.path)
+                if not p.is_file():
+                    raise ArtifactError(f"missing catalog {p}")
+                # immutable=1 where the folder is read-only (a container's read-only mount): no
+                # -shm/-wal files can be made there, and nothing writes while we read.
+                immutable = "&immutable=1" if not _writable(p.parent) else ""
+                conn = sqlite3.connect(f"file:{p}?mode=ro{immutable}", uri=True, check_same_thread=False,
+                                       isolation_level=None)
+            else:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA foreign_keys=ON")
+            if not readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                # FULL: a commit is on disk when it returns, so an acknowledged write survives a crash.
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.executescript(_SCHEMA)
+            self._conn = conn
+            self._check_format()
+        except sqlite3.DatabaseError as exc:
+            raise ArtifactError(f"catalog {Path(self.path).name} cannot be read ({exc}); "
+                                "re-ingest the collection") from None
+
+    def _check_format(self) -> None:
+        fmt = self.get_meta("format")
+        if fmt is None and not self.readonly:
+            with self.transaction() as conn:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?), ('seq', '0'), ('created', ?)",
+                             (str(CATALOG_FORMAT), now_iso()))
+        elif fmt is None or int(fmt) != CATALOG_FORMAT:
+            raise ArtifactError(f"catalog {Path(self.path).name} has format {fmt}, this version reads "
+                                f"{CATALOG_FORMAT}; re-ingest the collection with --force")
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.readonly and self.path != ":memory:":
+                try:
+                    # fold the WAL back into the main file so a read-only mount can open it alone
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.DatabaseError:
+                    pass
+            self._conn.close()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic change; bumps `seq` when it commits."""
+        if self.readonly:
+            raise ArtifactError("this catalog is open read-only")
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'seq'")
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('updated', ?)", (now_iso(),))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    # -- meta --------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    @property
+    def seq(self) -> int:
+        return int(self.get_meta("seq") or 0)
+
+    def model(self) -> dict[str, Any] | None:
+        raw = self.get_meta("model")
+        return None if raw is None else json.loads(raw)
+
+    @property
+    def dim(self) -> int | None:
+        raw = self.get_meta("dim")
+        return None if raw is None else int(raw)
+
+    def hubness(self) -> dict[str, Any] | None:
+        raw = self.get_meta("hubness")
+        return None if raw in (None, "null") else json.loads(raw)
+
+    def set_model(self, model: Mapping[str, Any], dim: int) -> None:
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('model', ?), ('dim', ?)",
+                         (json.dumps(dict(model), sort_keys=True), str(int(dim))))
+
+    # -- reads -------------------------------------------------------------------------------
+    def count(self) -> tuple[int, int]:
+        with self._lock:
+            n_items = self._conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+            n_caps = self._conn.execute("SELECT COUNT(*) FROM captions").fetchone()[0]
+        return int(n_items), int(n_caps)
+
+    def states(self) -> dict[str, ItemState]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT image_id, path, size, mtime_ns, sha256, text_sha256, metadata FROM items").fetchall()
+        return {r[0]: ItemState(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows}
+
+    def rows(self) -> CatalogRows:
+        """Every item and caption with its vector, in row order (one consistent read)."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN")
+            try:
+                seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+                items = conn.execute("SELECT image_id, path, metadata, vector FROM items ORDER BY row").fetchall()
+                caps = conn.execute("SELECT caption_id, image_id, caption, vector, offset FROM captions "
+                                    "ORDER BY row").fetchall()
+            finally:
+                conn.execute("COMMIT")
+        dim = self.dim or 0
+        image_ids = [r[0] for r in items]
+        row_of = {image_id: i for i, image_id in enumerate(image_ids)}
+        return CatalogRows(
+            image_ids=image_ids, paths=[r[1] for r in items], metadata=[json.loads(r[2]) for r in items],
+            vectors=_stack([r[3] for r in items], dim),
+            caption_ids=[r[0] for r in caps],
+            caption_image_rows=np.array([row_of[r[1]] for r in caps], dtype=np.int64),
+            caption_texts=[r[2] for r in caps], caption_vectors=_stack([r[3] for r in caps], dim),
+            caption_offsets=np.array([r[4] for r in caps], dtype=np.float32), seq=seq)
+
+    def caption_vectors(self) -> tuple[list[int], NDArray[np.float32]]:
+        """(caption rows, their vectors): what the hubness offsets are computed from."""
+        with self._lock:
+            caps = self._conn.execute("SELECT row, vector FROM captions ORDER BY row").fetchall()
+        return [r[0] for r in caps], _stack([r[1] for r in caps], self.dim or 0)
+
+    # -- writes ------------------------------------------------------------------------------
+    def put(self, items: Iterable[NewItem]) -> int:
+        """Insert or replace items (and all their captions) in one transaction; returns how many."""
+        dim = self.dim
+        if dim is None:
+            raise ArtifactError("set the catalog's model before adding items")
+        n = 0
+        with self.transaction() as conn:
+            seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]) + 1
+            for item in items:
+                vec = _vector_bytes(item.vector, dim)
+                conn.execute("DELETE FROM items WHERE image_id = ?", (item.image_id,))
+                conn.execute(
+                    "INSERT INTO items (image_id, path, size, mtime_ns, sha256, metadata, text_sha256, vector, seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (item.image_id, item.path, item.size, item.mtime_ns, item.sha256,
+                     json.dumps(dict(item.metadata), sort_keys=True, ensure_ascii=False),
+                     captions_sha256(item.captions), vec, seq))
+                self._insert_captions(conn, item, dim, seq)
+                n += 1
+        return n
+
+    def update_state(self, image_id: str, path: str, size: int | None, mtime_ns: int | None,
+                     sha256: str | None, metadata: Mapping[str, Any]) -> None:
+        """A file that moved, was touched or has new metadata, with the same pixels: no new vector."""
+        with self.transaction() as conn:
+            seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]) + 1
+            conn.execute("UPDATE items SET path = ?, size = ?, mtime_ns = ?, sha256 = ?, metadata = ?, seq = ? "
+                         "WHERE image_id = ?",
+                         (path, size, mtime_ns, sha256, json.dumps(dict(metadata), sort_keys=True,
+                                                                   ensure_ascii=False), seq, image_id))
+
+    def replace_captions(self, item: NewItem) -> None:
+        """New captions for an existing item (the image vector stays)."""
+        dim = self.dim or 0
+        with self.transaction() as conn:
+            seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]) + 1
+            conn.execute("DELETE FROM captions WHERE image_id = ?", (item.image_id,))
+            conn.execute("UPDATE items SET text_sha256 = ?, seq = ? WHERE image_id = ?",
+                         (captions_sha256(item.captions), seq, item.image_id))
+            self._insert_captions(conn, item, dim, seq)
+
+    def delete(self, image_ids: Iterable[str]) -> int:
+        ids = list(image_ids)
+        if not ids:
+            return 0
+        with self.transaction() as conn:
+            n = 0
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                n += conn.execute(f"DELETE FROM items WHERE image_id IN ({marks})", chunk).rowcount
+        return n
+
+    def set_caption_offsets(self, rows: Sequence[int], offsets: NDArray[np.float32],
+                            hubness: Mapping[str, Any] | None) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE captions SET offset = 0")
+            conn.executemany("UPDATE captions SET offset = ? WHERE row = ?",
+                             [(float(o), int(r)) for r, o in zip(rows, offsets)])
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('hubness', ?)",
+                         (json.dumps(dict(hubness), sort_keys=True) if hubness else "null",))
+
+    @staticmethod
+    def _insert_captions(conn: sqlite3.Connection, item: NewItem, dim: int, seq: int) -> None:
+        if not item.captions:
+            return
+        vecs = item.caption_vectors
+        if vecs is None or len(vecs) != len(item.captions):
+            raise ValueError(f"item {item.image_id}: {len(item.captions)} captions need as many vectors")
+        ids = item.caption_ids or tuple(f"{item.image_id}#{i}" for i in range(len(item.captions)))
+        conn.executemany(
+            "INSERT INTO captions (caption_id, image_id, ord, caption, vector, seq) VALUES (?, ?, ?, ?, ?, ?)",
+            [(cid, item.image_id, i, text, _vector_bytes(v, dim), seq)
+             for i, (cid, text, v) in enumerate(zip(ids, item.captions, vecs))])
+
+
+def _writable(folder: Path) -> bool:
+    import os
+
+    return os.access(folder, os.W_OK)
+
+
+def _vector_bytes(vector: np.ndarray, dim: int) -> bytes:
+    v = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+    if v.shape[0] != dim:
+        raise ValueError(f"vector of dimension {v.shape[0]}, the catalog's model embeds to {dim}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError("vector has NaN or infinite values")
+    return v.tobytes()
+
+
+def _stack(blobs: list[bytes], dim: int) -> NDArray[np.float32]:
+    if not blobs:
+        return np.zeros((0, dim), np.float32)
+    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1).copy()
