@@ -5,7 +5,8 @@ pass over a batch of short queries costs far less than the same queries one at a
 text tower is bound by per-op overhead and weight reads). There is no timer and no added latency at
 low load: a query that finds a free encoder slot starts at once; only queries that would have waited
 anyway are grouped, up to `max_batch`. Everything here runs on the event loop thread (no locks);
-the batch itself (encode + search) runs on the bounded inference pool.
+the batch itself (encode, then each query's own `finish`, e.g. its search) runs on the bounded
+inference pool, so a lone query costs one hop to the pool, as before batching.
 """
 
 from __future__ import annotations
@@ -18,28 +19,36 @@ from typing import Any
 
 import numpy as np
 
-from app.resources import Resources
+# What a query does with its vector once the batch is encoded (e.g. search its collection). It runs
+# on the inference thread; an exception it raises reaches that query alone.
+Finish = Callable[[np.ndarray], Any]
 
 
 @dataclass
 class _Batch:
-    res: Resources
-    items: list[tuple[str, int, asyncio.Future]] = field(default_factory=list)
+    res: Any  # the Resources whose encoder encodes this batch
+    items: list[tuple[str, Finish, asyncio.Future]] = field(default_factory=list)
 
 
-def text_batch_job(res: Resources, queries: list[str], k: int
-                   ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Encode a batch of queries and search the image index for all of them."""
+def text_batch_job(res: Any, queries: list[str], finishes: list[Finish]
+                   ) -> tuple[list[tuple[bool, Any]], dict[str, float]]:
+    """Encode a batch of queries, then run each query's `finish` on its vector: per query
+    (True, result) or (False, the exception), and the batch's stage timings."""
     t0 = time.perf_counter()
     vecs = res.encoder.encode_texts(queries)
     t1 = time.perf_counter()
-    scores, ids = res.image_index.search(vecs, k)
+    out: list[tuple[bool, Any]] = []
+    for vec, finish in zip(vecs, finishes):
+        try:
+            out.append((True, finish(vec)))
+        except Exception as exc:  # noqa: BLE001 - it belongs to that query only
+            out.append((False, exc))
     t2 = time.perf_counter()
-    return scores, ids, {"encode": t1 - t0, "search": t2 - t1, "batch_size": len(queries)}
+    return out, {"encode": t1 - t0, "search": (t2 - t1) / max(1, len(queries)), "batch_size": len(queries)}
 
 
 class TextBatcher:
-    """`await search(res, query, k)` → (scores row, ids row, stage timings of its batch)."""
+    """`await search(res, query, finish)` → (finish(query's vector), stage timings of its batch)."""
 
     def __init__(self, run: Callable[..., Awaitable[Any]], slots: int, max_batch: int):
         self._run = run  # runs a blocking function on the inference pool
@@ -49,29 +58,29 @@ class TextBatcher:
         self._waiting: list[_Batch] = []
         self._tasks: set[asyncio.Task] = set()
 
-    async def search(self, res: Resources, query: str, k: int):
+    async def search(self, res: Any, query: str, finish: Finish) -> tuple[Any, dict[str, float]]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         if self.max_batch == 1 or self._busy < self.slots:
-            self._start(_Batch(res, [(query, k, fut)]))
+            self._start(_Batch(res, [(query, finish, fut)]))
         else:
             last = self._waiting[-1] if self._waiting else None
             if last is None or last.res is not res or len(last.items) >= self.max_batch:
                 last = _Batch(res)
                 self._waiting.append(last)
-            last.items.append((query, k, fut))
+            last.items.append((query, finish, fut))
         return await fut
 
     async def _one_by_one(self, batch: _Batch) -> None:
-        for query, k, fut in batch.items:
+        for query, finish, fut in batch.items:
             if fut.done():
                 continue
             try:
-                scores, ids, stages = await self._run(text_batch_job, batch.res, [query], k)
+                out, stages = await self._run(text_batch_job, batch.res, [query], [finish])
             except Exception as exc:
                 fut.set_exception(exc)
             else:
-                fut.set_result((scores[0, :k], ids[0, :k], stages))
+                _settle(fut, out[0], stages)
 
     def _start(self, batch: _Batch) -> None:
         self._busy += 1
@@ -82,9 +91,9 @@ class TextBatcher:
     async def _execute(self, batch: _Batch) -> None:
         try:
             queries = [q for q, _, _ in batch.items]
-            kmax = max(k for _, k, _ in batch.items)
+            finishes = [f for _, f, _ in batch.items]
             try:
-                scores, ids, stages = await self._run(text_batch_job, batch.res, queries, kmax)
+                out, stages = await self._run(text_batch_job, batch.res, queries, finishes)
             except Exception:
                 if len(batch.items) == 1:
                     raise
@@ -92,9 +101,8 @@ class TextBatcher:
                 # run each alone, so an error reaches only the queries that fail by themselves.
                 await self._one_by_one(batch)
                 return
-            for row, (_, k, fut) in enumerate(batch.items):
-                if not fut.done():
-                    fut.set_result((scores[row, :k], ids[row, :k], stages))
+            for result, (_, _, fut) in zip(out, batch.items):
+                _settle(fut, result, stages)
         except BaseException as exc:  # every waiter gets the error; none hangs
             for _, _, fut in batch.items:
                 if not fut.done():
@@ -105,3 +113,13 @@ class TextBatcher:
             self._busy -= 1
             if self._waiting:
                 self._start(self._waiting.pop(0))
+
+
+def _settle(fut: asyncio.Future, result: tuple[bool, Any], stages: dict[str, float]) -> None:
+    if fut.done():
+        return
+    ok, value = result
+    if ok:
+        fut.set_result((value, stages))
+    else:
+        fut.set_exception(value)

@@ -1,7 +1,7 @@
 """The service's one settings object, read from the environment once at start-up.
 
 Every variable takes the `CLIPSEARCH_` prefix; the two the deployment docs use most also work without
-it (`ARTIFACTS_DIR`, `SERVE_SPLIT`). A bad value stops the process at start-up with pydantic's
+it (`ARTIFACTS_DIR`). A bad value stops the process at start-up with pydantic's
 message instead of surfacing in the first request.
 """
 
@@ -26,13 +26,15 @@ class Settings(BaseSettings):
         Path("artifacts"),
         validation_alias=AliasChoices("CLIPSEARCH_ARTIFACTS_DIR", "ARTIFACTS_DIR"),
         description="Root of the offline pipeline's output (embeddings/, indexes/, models/).")
-    serve_split: str = Field(
-        "test", pattern=r"^[A-Za-z0-9_.-]+$",
-        validation_alias=AliasChoices("CLIPSEARCH_SERVE_SPLIT", "SERVE_SPLIT"),
-        description="Which split's embeddings and indexes to serve.")
+    collections: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated collections to serve; empty (the default) "
+                                          "serves every collection under ARTIFACTS_DIR/collections.")
+    default_collection: str | None = Field(
+        None, description="The collection a request without `collection` searches; default: the "
+                          "first of `collections` (alphabetical when they are discovered).")
     images_dir: Path | None = Field(
         None, description="Serve image files from this folder (by file name) instead of the "
-                          "absolute paths recorded in images.json, e.g. inside a container.")
+                          "paths recorded in the collections, e.g. inside a container.")
     device: str = Field("auto", description="torch device for the model: auto, cpu, cuda, cuda:1 ...")
 
     default_k: int = Field(10, ge=1)
@@ -40,6 +42,12 @@ class Settings(BaseSettings):
     max_query_chars: int = Field(1000, ge=1, le=100_000)
     max_upload_bytes: int = Field(10 * MiB, ge=1024)
     max_image_pixels: int = Field(25_000_000, ge=1)
+    max_offset: int = Field(10_000, ge=0, description="Deepest result a page may start at (pagination).")
+    thumbnail_px: int = Field(256, ge=32, le=1024, description="Longest side of GET /thumbnails images.")
+    thumbnail_cache_size: int = Field(2048, ge=0, description="Thumbnails kept in memory (LRU entries).")
+    hnsw_m: int = Field(16, ge=2, description="HNSW M for collections large enough to use HNSW.")
+    hnsw_ef_construction: int = Field(200, ge=8)
+    hnsw_ef_search: int = Field(100, ge=8)
 
     cache_size: int = Field(1024, ge=0, description="Response LRU entries; 0 turns the cache off.")
     inference_threads: int = Field(2, ge=1, description="Worker threads for decode + encode + search.")
@@ -71,7 +79,7 @@ class Settings(BaseSettings):
         True, description="SIGHUP reloads model and indexes in the background and swaps them in "
                           "once loaded; the old ones serve until then and stay if the load fails.")
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "collections", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -86,15 +94,3 @@ class Settings(BaseSettings):
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             object.__setattr__(self, "torch_threads", max(1, (cores or 1) // self.inference_threads))
         return self
-
-    @property
-    def split_embeddings_dir(self) -> Path:
-        return self.artifacts_dir / "embeddings" / self.serve_split
-
-    @property
-    def split_indexes_dir(self) -> Path:
-        return self.artifacts_dir / "indexes" / self.serve_split
-
-    @property
-    def models_dir(self) -> Path:
-        return self.artifacts_dir / "models"

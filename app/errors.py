@@ -60,6 +60,12 @@ class Unauthorized(ApiError):
     status, code = 401, "unauthorized"
 
 
+class InvalidSearch(ApiError):
+    """A well-formed request the collection cannot answer as asked (e.g. a filter value no item holds)."""
+
+    status, code = 422, "invalid_request"
+
+
 # Domain errors raised by the shared core, mapped to (status, code) in this one place.
 DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
     ImageDecodeError: (422, "invalid_image"),

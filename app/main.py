@@ -28,7 +28,7 @@ from app.config import Settings
 from app.errors import install_error_handlers, public_reason
 from app.middleware import AdmissionMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
 from app.resources import Resources, configure_threads, load_resources
-from app.routes import admin, ops, search
+from app.routes import admin, collections, media, ops, search
 from app.state import ServiceState
 
 log = logging.getLogger("app")
@@ -57,10 +57,10 @@ def load_in_background(state: ServiceState, loader: Loader) -> threading.Thread 
                 reason = f"unexpected {type(exc).__name__} while loading resources{': ' + first if first else ''}"
             else:
                 state.set_ready(resources)
-                log.info("%s: %s, %d images / %d captions of split '%s', index version %s",
+                log.info("%s: %s, %d images / %d captions in %d collection(s) (default %s), version %s",
                          "reloaded" if reloading else "ready", resources.model.get("model"),
-                         resources.image_index.ntotal, resources.text_index.ntotal, resources.split,
-                         resources.version)
+                         resources.image_count, resources.caption_count, len(resources.collections),
+                         resources.default_collection, resources.version)
                 return
             # The log is for operators and keeps paths; clients see the reason without them.
             public = public_reason(reason, settings.artifacts_dir)
@@ -70,8 +70,7 @@ def load_in_background(state: ServiceState, loader: Loader) -> threading.Thread 
                           state.resources.version, reason)
             else:
                 state.set_failed(public)
-                log.error("not ready (ARTIFACTS_DIR=%s, split '%s'): %s", settings.artifacts_dir,
-                          settings.serve_split, reason)
+                log.error("not ready (ARTIFACTS_DIR=%s): %s", settings.artifacts_dir, reason)
         finally:
             state.end_loading()
 
@@ -131,10 +130,13 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
             state.close_pool()
 
     app = FastAPI(title="clipsearch", version=__version__, lifespan=lifespan,
-                  description="CLIP text-to-image and image-to-text search over an indexed split.")
+                  description="CLIP search over image collections: text → images, image → images, "
+                              "image → captions, more like this.")
     app.state.service = state
     install_error_handlers(app)
     app.include_router(search.build_router(settings))
+    app.include_router(collections.router)
+    app.include_router(media.router)
     app.include_router(ops.router)
     if settings.admin_token is not None:
         app.include_router(admin.build_router(settings, lambda: load_in_background(state, load)))

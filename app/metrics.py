@@ -54,7 +54,7 @@ class Metrics:
             self.stage_seconds.labels(endpoint, stage).observe(value)
 
     def set_served(self, image_count: int, caption_count: int, model: dict[str, Any], version: str,
-                   split: str) -> None:
+                   default_collection: str) -> None:
         self.index_size.labels("images").set(image_count)
         self.index_size.labels("texts").set(caption_count)
         pretrained = model.get("pretrained") or "none"
@@ -62,7 +62,7 @@ class Metrics:
             pretrained = Path(pretrained).name  # the file, not where this host keeps it
         self.model.info({"model": str(model.get("model")), "pretrained": str(pretrained),
                          "embed_dim": str(model.get("embed_dim")), "index_version": version,
-                         "split": split})
+                         "default_collection": default_collection})
         self.ready.set(1)
 
     def render(self) -> bytes:

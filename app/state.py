@@ -18,6 +18,7 @@ from app.config import Settings
 from app.errors import NotReady
 from app.metrics import Metrics
 from app.resources import Resources
+from app.thumbnails import ThumbnailCache
 
 T = TypeVar("T")
 
@@ -51,6 +52,8 @@ class ServiceState:
         self.settings = settings
         self.metrics = Metrics()
         self.cache = ResponseCache(settings.cache_size)
+        self.thumbnails = ThumbnailCache(settings.thumbnail_cache_size, settings.thumbnail_px,
+                                         settings.max_image_pixels)
         self.limiter = InFlightLimiter(settings.max_in_flight)
         self._pool: ThreadPoolExecutor | None = None
         # concurrent text queries share forward passes; one batch in flight per inference thread
@@ -58,7 +61,7 @@ class ServiceState:
                                    max_batch=settings.text_batch_size)
         self._pool_lock = threading.Lock()
         self.resources: Resources | None = None
-        self.reason = f"loading model and indexes of split '{settings.serve_split}'"
+        self.reason = "loading the model and the collections"
         self.reload_error: str | None = None  # why the last reload failed while old resources served
         self._loading = False
         self._loading_lock = threading.Lock()
@@ -84,14 +87,15 @@ class ServiceState:
     def set_ready(self, resources: Resources) -> None:
         # One reference swap: a request that already holds the old resources finishes on them, the
         # next one sees the new set. Cache keys carry the index version, so clearing only frees memory.
-        self.metrics.set_served(resources.image_index.ntotal, resources.text_index.ntotal,
-                                dict(resources.model), resources.version, resources.split)
+        self.metrics.set_served(resources.image_count, resources.caption_count,
+                                dict(resources.model), resources.version, resources.default_collection)
         # The error and reason are cleared before the swap: /readyz (on the event loop) may run between
         # any two of these lines, and must never pair the new index version with the old error.
         self.reload_error = None
         self.reason = ""
         self.resources = resources
         self.cache.clear()
+        self.thumbnails.clear()
 
     def set_reload_failed(self, reason: str) -> None:
         """A reload failed while resources were being served: keep serving them, remember why."""

@@ -1,4 +1,4 @@
-"""GET /healthz (process up), GET /readyz (model and indexes loaded), GET /metrics (Prometheus)."""
+"""GET /healthz (process up), GET /readyz (model and collections loaded), GET /metrics (Prometheus)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,13 @@ async def readyz(request: Request) -> Response:
         body = ReadyResponse(ready=False, reason=state.reason).model_dump(exclude_none=True)
         return JSONResponse(body, status_code=503,
                             headers={"Retry-After": str(max(state.settings.retry_after_s, 1))})
+    counts = {name: {"images": store.count("images"), "captions": store.count("captions")}
+              for name, store in sorted(res.collections.items())}
     body = ReadyResponse(
-        ready=True, model=dict(res.model), index_version=res.version, split=res.split,
-        images=res.image_index.ntotal, captions=res.text_index.ntotal,
-        hubness=res.text_index.manifest.get("hubness"),
+        ready=True, model=dict(res.model), index_version=res.version,
+        default_collection=res.default_collection, collections=counts,
+        images=res.image_count, captions=res.caption_count,
+        hubness=res.store().describe().get("hubness"),
         reloading=state.loading or None, reload_error=state.reload_error).model_dump()
     for optional in ("reloading", "reload_error"):
         if body[optional] is None:

@@ -1,4 +1,4 @@
-"""POST /search/text, POST /search/image and GET /images/{image_id}.
+"""POST /search/text, POST /search/image and POST /search/similar.
 
 Handlers stay on the event loop only for cheap work (validation, cache lookup, reading the upload);
 decode, encode and search run on the bounded inference pool. The request models are built from this
@@ -6,28 +6,26 @@ app's Settings, so the module deliberately has no `from __future__ import annota
 to resolve the closure-local model types in the signatures.
 """
 
+import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Annotated, Any
-from urllib.parse import quote
+from typing import Annotated, Any, Literal
 
-import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, Response
-from pydantic import TypeAdapter
+from fastapi.responses import Response
+from pydantic import TypeAdapter, ValidationError
 
-from clipsearch.images import ImageDecodeError, decode_image
+from clipsearch.images import ImageDecodeError
 
-from app.cache import image_key, text_key
 from app.config import Settings
-from app.errors import NotFound, PayloadTooLarge, UnsupportedMediaType
-from app.resources import Resources
-from app.schemas import CaptionHit, ErrorResponse, ImageHit, ImageSearchResponse, TextSearchResponse, \
-    text_search_request
+from app.errors import InvalidSearch, PayloadTooLarge, UnsupportedMediaType
+from app.schemas import CaptionHit, ErrorResponse, ImageHit, ImageSearchResponse, MetadataFilter, \
+    TextSearchResponse, similar_request, text_search_request
+from app.search import SearchSpec, image_search_job, resolve, search_vector, similar_job
 from app.state import ServiceState, get_state
 
-SEARCH_PATHS = {"/search/text": "text", "/search/image": "image"}
+SEARCH_PATHS = {"/search/text": "text", "/search/image": "image", "/search/similar": "similar"}
 DEFAULT_BODY_LIMIT = 64 * 1024  # JSON bodies; a 1000-character query needs a few KB
 # Room for the multipart boundaries, part headers and the k field around the file itself.
 MULTIPART_OVERHEAD = 16 * 1024
@@ -57,47 +55,11 @@ def require_content_type(*allowed: str) -> Callable[[Request], None]:
     return check
 
 
-def _image_url(image_id: str) -> str:
-    return f"/images/{quote(image_id, safe='')}"
+_HITS_JSON = {"images": TypeAdapter(list[ImageHit]), "captions": TypeAdapter(list[CaptionHit])}
+_FILTER = TypeAdapter(MetadataFilter)
 
 
-def _rows(ids: np.ndarray, scores: np.ndarray) -> list[tuple[int, float]]:
-    return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-
-
-def text_hits(res: Resources, scores: np.ndarray, ids: np.ndarray) -> tuple[ImageHit, ...]:
-    hits = []
-    for rank, (row, score) in enumerate(_rows(ids[None], scores[None]), 1):
-        image_id = res.images[row].image_id
-        hits.append(ImageHit(image_id=image_id, score=score, rank=rank, image_url=_image_url(image_id),
-                             captions=list(res.captions_by_image.get(image_id, ()))))
-    return tuple(hits)
-
-
-def image_search_job(res: Resources, data: bytes, k: int, max_pixels: int
-                     ) -> tuple[tuple[CaptionHit, ...], dict[str, float]]:
-    t0 = time.perf_counter()
-    image = decode_image(data, max_pixels=max_pixels)
-    t1 = time.perf_counter()
-    try:
-        vec = res.encoder.encode_images([image])
-    finally:
-        image.close()
-    t2 = time.perf_counter()
-    scores, ids = res.text_index.search(vec, k)
-    t3 = time.perf_counter()
-    hits = []
-    for rank, (row, score) in enumerate(_rows(ids, scores), 1):
-        c = res.captions[row]
-        hits.append(CaptionHit(caption_id=c.caption_id, caption=c.caption, image_id=c.image_id,
-                               score=score, cosine=score - float(res.caption_offsets[row]), rank=rank))
-    return tuple(hits), {"decode": t1 - t0, "encode": t2 - t1, "search": t3 - t2}
-
-
-_HITS_JSON = {"text": TypeAdapter(list[ImageHit]), "image": TypeAdapter(list[CaptionHit])}
-
-
-async def _cached(state: ServiceState, endpoint: str, key: Hashable,
+async def _cached(state: ServiceState, endpoint: str, key: Hashable, target: str,
                   compute: Callable[[], Awaitable[tuple[tuple[Any, ...], dict[str, float]]]]
                   ) -> tuple[bytes, dict[str, float] | None]:
     """The cached results (a JSON array, serialised once) for `key` and None, or `await compute()`
@@ -110,7 +72,7 @@ async def _cached(state: ServiceState, endpoint: str, key: Hashable,
     state.metrics.cache_misses.labels(endpoint).inc()
     hits, stages = await compute()
     state.metrics.observe_stages(endpoint, stages)
-    body = _HITS_JSON[endpoint].dump_json(list(hits))
+    body = _HITS_JSON[target].dump_json(list(hits))
     state.cache.put(key, body)
     state.metrics.cache_entries.set(len(state.cache))
     return body, stages
@@ -123,16 +85,30 @@ def server_timing(stages: dict[str, float] | None, took: float) -> str:
     return ", ".join([*parts, f"total;dur={took * 1000:.3f}"])
 
 
-def _search_response(results_json: bytes, k: int, took: float, stages: dict[str, float] | None) -> Response:
+def _search_response(results_json: bytes, spec: SearchSpec, took: float, stages: dict[str, float] | None,
+                     with_target: bool = False) -> Response:
     """The TextSearchResponse / ImageSearchResponse JSON, assembled around the cached results."""
-    tail = json.dumps({"k": k, "took_ms": round(took * 1000, 3), "cached": stages is None})
+    tail = json.dumps({**({"target": spec.target} if with_target else {}), "k": spec.k, "offset": spec.offset,
+                       "collection": spec.collection, "took_ms": round(took * 1000, 3),
+                       "cached": stages is None})
     return Response(b'{"results":' + results_json + b"," + tail[1:].encode(), media_type="application/json",
                     headers={"Server-Timing": server_timing(stages, took)})
+
+
+def _form_filter(raw: str | None) -> dict[str, Any] | None:
+    """The `filter` form field of an image search: the same JSON object /search/text takes."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return _FILTER.validate_json(raw)
+    except ValidationError:
+        raise InvalidSearch("filter must be a JSON object of metadata fields to values (or lists of values)") from None
 
 
 def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(tags=["search"])
     TextSearchRequest = text_search_request(settings)
+    SimilarRequest = similar_request(settings)
     k_form = Form(ge=1, le=settings.max_k, description=f"How many results (1..{settings.max_k})")
     upload_cap = settings.max_upload_bytes
 
@@ -143,55 +119,69 @@ def build_router(settings: Settings) -> APIRouter:
         state = get_state(request)
         res = state.require_ready()
         t0 = time.perf_counter()
+        store = resolve(res, body.collection)
+        spec = SearchSpec(store.name, body.k, body.offset, body.min_score, body.filter)
         query = body.query  # already normalised (NFC, whitespace collapsed) by the request model
-        async def compute() -> tuple[tuple[ImageHit, ...], dict[str, float]]:
-            scores, ids, stages = await state.batcher.search(res, query, body.k)
-            return text_hits(res, scores, ids), {s: v for s, v in stages.items() if s != "batch_size"}
 
-        results, stages = await _cached(state, "text", text_key(query, body.k, res.version), compute)
+        async def compute() -> tuple[tuple[ImageHit, ...], dict[str, float]]:
+            hits, stages = await state.batcher.search(res, query, lambda vec: search_vector(res, store, spec, vec))
+            return hits, {s: v for s, v in stages.items() if s != "batch_size"}
+
+        results, stages = await _cached(state, "text", spec.cache_key("text", query, res.version), "images",
+                                        compute)
         took = time.perf_counter() - t0
         state.metrics.observe_stages("text", {"total": took})
-        return _search_response(results, body.k, took, stages)
+        return _search_response(results, spec, took, stages)
 
     @router.post("/search/image", response_model=ImageSearchResponse, responses=ERRORS,
                  dependencies=[Depends(require_content_type("multipart/form-data"))],
-                 summary="Captions that match an uploaded image")
+                 summary="Similar images (target=images) or matching captions (target=captions) of an "
+                         "uploaded image")
     async def search_image(
         request: Request,
         file: Annotated[UploadFile, File(description=f"JPEG/PNG/WebP/... image, at most "
                                                      f"{upload_cap} bytes")],
         k: Annotated[int, k_form] = settings.default_k,
+        target: Annotated[Literal["images", "captions"], Form(description="images (similar images, each "
+                                                                         "once) or captions")] = "images",
+        collection: Annotated[str | None, Form(max_length=64)] = None,
+        offset: Annotated[int, Form(ge=0, le=settings.max_offset)] = 0,
+        min_score: Annotated[float | None, Form(ge=-2, le=2, allow_inf_nan=False)] = None,
+        filter: Annotated[str | None, Form(max_length=16384, description="JSON metadata filter")] = None,
     ) -> Response:
         state = get_state(request)
         res = state.require_ready()
         t0 = time.perf_counter()
+        store = resolve(res, collection)
+        spec = SearchSpec(store.name, k, offset, min_score, _form_filter(filter), target)
         data = await file.read(upload_cap + 1)  # never more than one byte past the cap
         if len(data) > upload_cap:
             raise PayloadTooLarge(f"image upload is larger than {upload_cap} bytes")
         if not data:
             raise ImageDecodeError("empty file (0 bytes)")
-        results, stages = await _cached(state, "image", image_key(data, k, res.version),
-                                        lambda: state.run(image_search_job, res, data, k,
+        key = spec.cache_key("image", hashlib.sha256(data).hexdigest(), res.version)
+        results, stages = await _cached(state, "image", key, target,
+                                        lambda: state.run(image_search_job, res, store, spec, data,
                                                           settings.max_image_pixels))
         took = time.perf_counter() - t0
         state.metrics.observe_stages("image", {"total": took})
-        return _search_response(results, k, took, stages)
+        return _search_response(results, spec, took, stages, with_target=True)
 
-    @router.get("/images/{image_id:path}", response_class=FileResponse, tags=["images"],
-                responses={200: {"description": "The image file, as stored",
-                                 "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
-                           404: {"model": ErrorResponse, "description": "Unknown image id"},
-                           422: ERRORS[422], 503: ERRORS[503]},
-                summary="The image file of an indexed image id")
-    async def get_image(image_id: str, request: Request) -> FileResponse:
-        res = get_state(request).require_ready()
-        # Only ids from the served metadata map to files; the client never supplies a path.
-        path = res.image_files.get(image_id)
-        if path is None:
-            raise NotFound("unknown image id")
-        if not path.is_file():
-            raise NotFound("image file not available on this server")
-        return FileResponse(path, headers={"Cache-Control": "public, max-age=3600",
-                                           "X-Content-Type-Options": "nosniff"})
+    @router.post("/search/similar", response_model=TextSearchResponse, responses=ERRORS | {404: {
+                 "model": ErrorResponse, "description": "Unknown collection or image id"}},
+                 dependencies=[Depends(require_content_type("application/json"))],
+                 summary="More images like one already in the collection (no upload)")
+    async def search_similar(body: SimilarRequest, request: Request) -> Response:
+        state = get_state(request)
+        res = state.require_ready()
+        t0 = time.perf_counter()
+        store = resolve(res, body.collection)
+        spec = SearchSpec(store.name, body.k, body.offset, body.min_score, body.filter)
+        key = spec.cache_key("similar", body.image_id, res.version)
+        results, stages = await _cached(state, "similar", key, "images",
+                                        lambda: state.run(similar_job, res, store, spec, body.image_id))
+        took = time.perf_counter() - t0
+        state.metrics.observe_stages("similar", {"total": took})
+        return _search_response(results, spec, took, stages)
 
     return router

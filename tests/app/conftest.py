@@ -4,8 +4,9 @@
 - `ColorEncoder`: a deterministic fake encoder whose vectors depend on the colour words of a text and
   the palette colours of an image (plus a little hash noise so no two scores tie), so API tests can
   predict and assert exact rankings.
-- `build_artifacts`: the on-disk layout the offline pipeline writes (embeddings/<split>/*.json and
-  indexes/<split>/*.hnsw.json + .faiss), built with the real tiny open_clip model `test-tiny-vit`.
+- `fake_store` / `fake_resources`: an in-memory collection of that dataset over the fake encoder's vectors.
+- `build_artifacts`: a collection on disk as `offline ingest` writes it (ARTIFACTS_DIR/collections/<name>/
+  catalog.sqlite), embedded with the real tiny open_clip model `test-tiny-vit`.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ from fastapi.testclient import TestClient
 from numpy.typing import NDArray
 from PIL import Image
 
+from clipsearch.artifacts import ArtifactLayout
 from clipsearch.encoder import ClipEncoder
-from clipsearch.index import IndexParams, VectorIndex
-from clipsearch.manifest import now_iso, sha256_file, write_json_atomic
 from clipsearch.models import load_model
+from clipsearch.store import Catalog, FaissStore, NewItem
 
 from app.config import Settings
 from app.main import create_app
-from app.resources import CaptionRecord, ImageRecord, Resources, make_resources
+from app.resources import Resources, make_resources
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 20, 30), "green": (20, 160, 40), "blue": (30, 40, 220), "yellow": (240, 220, 20),
@@ -150,46 +151,59 @@ FAKE_MODEL = {"model": "fake-color", "pretrained": None, "checkpoint_sha256": No
               "embed_dim": ColorEncoder.dim}
 
 
-def fake_resources(dataset: tuple[list[dict], list[dict]], encoder: ColorEncoder | None = None,
-                   images_dir: Path | None = None, caption_offsets: np.ndarray | None = None,
-                   hubness: dict[str, Any] | None = None) -> Resources:
-    """Resources with exact (flat) indexes over the fake encoder's vectors; `caption_offsets` (and
-    the manifest's `hubness` entry) as the hubness correction stores them in the caption index."""
-    encoder = encoder or ColorEncoder()
+def _items(dataset: tuple[list[dict], list[dict]], image_vecs: np.ndarray, text_vecs: np.ndarray) -> list[NewItem]:
+    """The dataset as collection items: captions grouped by image in file order, `kind` as metadata."""
     image_rows, text_rows = dataset
-    base = ColorEncoder()  # index vectors do not count as calls on `encoder`
+    rows_of: dict[str, list[int]] = {}
+    for j, r in enumerate(text_rows):
+        rows_of.setdefault(r["image_id"], []).append(j)
+    items = []
+    for i, r in enumerate(image_rows):
+        js = rows_of.get(r["image_id"], [])
+        items.append(NewItem(r["image_id"], r["image_path"], image_vecs[i],
+                             captions=tuple(text_rows[j]["caption"] for j in js),
+                             caption_vectors=text_vecs[js] if js else None,
+                             caption_ids=tuple(text_rows[j]["caption_id"] for j in js),
+                             metadata={"kind": r["image_id"].split("_")[1], "index": i}))
+    return items
+
+
+def fake_store(dataset: tuple[list[dict], list[dict]], name: str = "test",
+               caption_offsets: np.ndarray | None = None, hubness: dict[str, Any] | None = None) -> FaissStore:
+    """An in-memory collection over the fake encoder's vectors (exact search); `caption_offsets` (one per
+    caption, in the dataset's order) as the hubness correction stores them."""
+    image_rows, text_rows = dataset
+    base = ColorEncoder()  # collection vectors do not count as calls on a test's encoder
     img_vecs = base.encode_images([Image.open(r["image_path"]) for r in image_rows])
     txt_vecs = base.encode_texts([r["caption"] for r in text_rows])
-    params = IndexParams(kind="flat")
-    image_index = VectorIndex.build(img_vecs, params, model=FAKE_MODEL, split="test")
-    text_index = VectorIndex.build(txt_vecs, params, offsets=caption_offsets, model=FAKE_MODEL, split="test",
-                                   **({"hubness": hubness} if hubness else {}))
-    return make_resources(encoder, image_index, text_index,
-                          [ImageRecord(r["image_id"], r["image_path"]) for r in image_rows],
-                          [CaptionRecord(r["caption_id"], r["image_id"], r["caption"]) for r in text_rows],
-                          FAKE_MODEL, split="test", images_dir=images_dir)
+    store = FaissStore.in_memory(name, FAKE_MODEL, ColorEncoder.dim)
+    store.add(_items(dataset, img_vecs, txt_vecs))
+    if caption_offsets is not None:
+        rows, _ = store.catalog.caption_vectors()
+        store.catalog.set_caption_offsets(rows, np.asarray(caption_offsets, np.float32), hubness)
+        store.add([])  # re-read the offsets
+    return store
+
+
+def fake_resources(dataset: tuple[list[dict], list[dict]], encoder: ColorEncoder | None = None,
+                   images_dir: Path | None = None, caption_offsets: np.ndarray | None = None,
+                   hubness: dict[str, Any] | None = None, stores: list[FaissStore] | None = None) -> Resources:
+    """Resources serving the fake collection `test` (or `stores`) over `encoder`."""
+    stores = stores or [fake_store(dataset, caption_offsets=caption_offsets, hubness=hubness)]
+    return make_resources(encoder or ColorEncoder(), stores, FAKE_MODEL, images_dir=images_dir)
 
 
 def build_artifacts(root: Path, dataset: tuple[list[dict], list[dict]], pretrained: str | None = None,
-                    split: str = "test") -> Path:
-    """Write what offline embed + index write for `split`, with the real tiny model."""
+                    name: str = "tiny") -> Path:
+    """Write the collection `name` as offline ingest writes it, with the real tiny model."""
     image_rows, text_rows = dataset
     loaded = load_model("test-tiny-vit", pretrained, device="cpu")
     encoder = ClipEncoder(loaded)
-    identity = loaded.identity.to_dict()
     img_vecs = encoder.encode_images([Image.open(r["image_path"]).convert("RGB") for r in image_rows])
     txt_vecs = encoder.encode_texts([r["caption"] for r in text_rows])
-    emb_dir = root / "embeddings" / split
-    write_json_atomic(emb_dir / "images.json", image_rows)
-    write_json_atomic(emb_dir / "texts.json", text_rows)
-    write_json_atomic(emb_dir / "manifest.json", {
-        "model": identity, "counts": {"images": len(image_rows), "texts": len(text_rows)},
-        "split": split, "created": now_iso()})
-    emb_sha = sha256_file(emb_dir / "manifest.json")
-    idx_dir = root / "indexes" / split
-    for name, vecs in (("images.hnsw", img_vecs), ("texts.hnsw", txt_vecs)):
-        VectorIndex.build(vecs, IndexParams(), model=identity, split=split,
-                          embeddings_manifest_sha256=emb_sha).save(idx_dir, name)
+    with Catalog(ArtifactLayout(root).collection(name).catalog) as catalog:
+        catalog.set_model(loaded.identity.to_dict(), encoder.dim)
+        catalog.put(_items(dataset, img_vecs, txt_vecs))
     return root
 
 
@@ -210,7 +224,7 @@ def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
 # run share the module name "conftest", so `from conftest import ...` is ambiguous.
 FAKES = SimpleNamespace(
     ColorEncoder=ColorEncoder, GatedEncoder=GatedEncoder, BrokenEncoder=BrokenEncoder,
-    fake_resources=fake_resources, build_artifacts=build_artifacts, settings_for=settings_for,
+    fake_resources=fake_resources, fake_store=fake_store, build_artifacts=build_artifacts, settings_for=settings_for,
     png_bytes=png_bytes, image=_image, PALETTE=PALETTE, FAKE_MODEL=FAKE_MODEL)
 
 
@@ -226,7 +240,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, dataset) -> Path:
-    """Artifacts of split 'test' built with the real tiny model; copy before breaking them."""
+    """The collection 'tiny' embedded with the real tiny model; copy before breaking it."""
     return build_artifacts(tmp_path_factory.mktemp("artifacts"), dataset)
 
 

@@ -1,0 +1,68 @@
+"""GET /images/{image_id} (the file as stored) and GET /thumbnails/{image_id} (a small JPEG).
+
+Only ids of the served collections map to files; a client never supplies a path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, Response
+
+from clipsearch.images import ImageDecodeError
+
+from app.errors import NotFound
+from app.schemas import ErrorResponse
+from app.search import resolve
+from app.state import get_state
+
+router = APIRouter(tags=["images"])
+
+CollectionParam = Annotated[str | None, Query(max_length=64, description="Collection (default: the default one)")]
+_ERRORS = {404: {"model": ErrorResponse, "description": "Unknown collection or image id"},
+           503: {"model": ErrorResponse, "description": "Not ready"}}
+
+
+def _file(request: Request, image_id: str, collection: str | None):
+    res = get_state(request).require_ready()
+    store = resolve(res, collection)
+    path = res.image_file(store, image_id)
+    if path is None:
+        raise NotFound("unknown image id")
+    if not path.is_file():
+        raise NotFound("image file not available on this server")
+    return store, path
+
+
+@router.get("/images/{image_id:path}", response_class=FileResponse,
+            responses={200: {"description": "The image file, as stored",
+                             "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                       **_ERRORS, 422: {"model": ErrorResponse, "description": "Invalid request"}},
+            summary="The image file of an item")
+async def get_image(image_id: str, request: Request, collection: CollectionParam = None) -> FileResponse:
+    _, path = _file(request, image_id, collection)
+    return FileResponse(path, headers={"Cache-Control": "public, max-age=3600",
+                                       "X-Content-Type-Options": "nosniff"})
+
+
+@router.get("/thumbnails/{image_id:path}", response_class=Response,
+            responses={200: {"description": "A JPEG at most CLIPSEARCH_THUMBNAIL_PX on its longest side",
+                             "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                       304: {"description": "Not modified (If-None-Match matched the ETag)"},
+                       **_ERRORS, 422: {"model": ErrorResponse, "description": "The stored image cannot be decoded"}},
+            summary="A small JPEG of an item, for result grids")
+async def get_thumbnail(image_id: str, request: Request, collection: CollectionParam = None) -> Response:
+    state = get_state(request)
+    store, path = _file(request, image_id, collection)
+    try:
+        thumb = await state.run(state.thumbnails.get, store.name, image_id, path)
+    except OSError:
+        raise NotFound("image file not available on this server") from None
+    except ImageDecodeError:
+        raise
+    headers = {"ETag": thumb.etag, "Cache-Control": "public, max-age=86400",
+               "X-Content-Type-Options": "nosniff"}
+    if thumb.etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return Response(thumb.data, media_type="image/jpeg", headers=headers)

@@ -1,0 +1,107 @@
+"""HTTP-free search jobs: what one search asks of a collection, and its hits as response models.
+
+The routes validate and cache; these functions run on the inference pool (decode, encode, search)
+and never see a request. `SearchSpec.cache_key` says everything that changes an answer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from clipsearch.images import decode_image
+from clipsearch.store import Hit, StoreError, VectorStore
+
+from app.errors import InvalidSearch, NotFound
+from app.resources import Resources, UnknownCollection
+from app.schemas import CaptionHit, ImageHit
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    collection: str  # resolved name
+    k: int
+    offset: int = 0
+    min_score: float | None = None
+    filter: dict[str, Any] | None = None
+    target: str = "images"
+
+    def cache_key(self, kind: str, query: Hashable, version: str) -> tuple[Hashable, ...]:
+        flt = json.dumps(self.filter, sort_keys=True) if self.filter else None
+        return (kind, query, self.collection, self.target, self.k, self.offset, self.min_score, flt, version)
+
+
+def resolve(res: Resources, name: str | None) -> VectorStore:
+    try:
+        return res.store(name)
+    except UnknownCollection:
+        raise NotFound("unknown collection") from None
+
+
+def spec_for(res: Resources, body: Any, target: str = "images") -> tuple[VectorStore, SearchSpec]:
+    """The store and spec of a validated request body (text, similar) or form (image)."""
+    store = resolve(res, body.collection)
+    return store, SearchSpec(store.name, body.k, body.offset, body.min_score, body.filter, target)
+
+
+def image_url(res: Resources, collection: str, image_id: str, kind: str = "images") -> str:
+    url = f"/{kind}/{quote(image_id, safe='')}"
+    return url if collection == res.default_collection else f"{url}?collection={quote(collection, safe='')}"
+
+
+def to_models(res: Resources, store: VectorStore, spec: SearchSpec, hits: Sequence[Hit]
+              ) -> tuple[ImageHit, ...] | tuple[CaptionHit, ...]:
+    out: list[Any] = []
+    for rank, hit in enumerate(hits, spec.offset + 1):
+        urls = {"image_url": image_url(res, store.name, hit.image_id),
+                "thumbnail_url": image_url(res, store.name, hit.image_id, "thumbnails")}
+        if spec.target == "captions":
+            out.append(CaptionHit(caption_id=hit.caption_id or "", caption=hit.caption or "",
+                                  image_id=hit.image_id, score=hit.score, cosine=hit.cosine, rank=rank, **urls))
+        else:
+            item = store.get(hit.image_id)
+            out.append(ImageHit(image_id=hit.image_id, score=hit.score, rank=rank,
+                                captions=list(item.captions) if item else [],
+                                metadata=dict(item.metadata) if item else {}, **urls))
+    return tuple(out)
+
+
+def search_vector(res: Resources, store: VectorStore, spec: SearchSpec, vec: np.ndarray,
+                  exclude: Sequence[str] = ()) -> tuple[Any, ...]:
+    """The hits of one query vector, as response models."""
+    try:
+        hits = store.search(vec, spec.k, target=spec.target, filter=spec.filter,  # type: ignore[arg-type]
+                            offset=spec.offset, min_score=spec.min_score, exclude=exclude)
+    except StoreError as exc:
+        raise InvalidSearch(str(exc)) from None
+    return to_models(res, store, spec, hits)
+
+
+def image_search_job(res: Resources, store: VectorStore, spec: SearchSpec, data: bytes, max_pixels: int
+                     ) -> tuple[tuple[Any, ...], dict[str, float]]:
+    t0 = time.perf_counter()
+    image = decode_image(data, max_pixels=max_pixels)
+    t1 = time.perf_counter()
+    try:
+        vec = res.encoder.encode_images([image])[0]
+    finally:
+        image.close()
+    t2 = time.perf_counter()
+    hits = search_vector(res, store, spec, vec)
+    return hits, {"decode": t1 - t0, "encode": t2 - t1, "search": time.perf_counter() - t2}
+
+
+def similar_job(res: Resources, store: VectorStore, spec: SearchSpec, image_id: str
+                ) -> tuple[tuple[Any, ...], dict[str, float]]:
+    t0 = time.perf_counter()
+    vec = store.vector(image_id)
+    if vec is None:
+        raise NotFound("unknown image id")
+    hits = search_vector(res, store, spec, vec, exclude=(image_id,))
+    return hits, {"search": time.perf_counter() - t0}
