@@ -100,6 +100,16 @@ def _add_hubness(p: argparse.ArgumentParser) -> None:
                    help="nearest bank images averaged per caption (default: %(default)s)")
 
 
+def _add_ingest(p: argparse.ArgumentParser, source: bool = True) -> None:
+    if source:
+        p.add_argument("source", type=Path,
+                       help="a folder of images (recursive; captions optional, a sidecar NAME.txt beside "
+                            "NAME.jpg holds them, one a line), a .jsonl/.csv of records with 'image' and "
+                            "optional 'caption' (other fields become metadata), or a Flickr8k folder")
+    p.add_argument("--collection", default=None,
+                   help="collection name (default: the source's folder or file name)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m offline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="validate a dataset and write image-disjoint splits (JSONL)")
     _add_common(p)
     _add_data(p, required=True)
+
+    p = sub.add_parser("ingest", help="add a photo folder, a record file or Flickr8k to a collection "
+                                      "(incremental: only new and changed files are embedded)")
+    _add_common(p)
+    _add_ingest(p)
+    _add_model(p)
+    p.set_defaults(model=None)  # default: the model this project built (<out>/model.json)
+    _add_backends(p)
+    _add_index(p)
 
     p = sub.add_parser("download", help="download and unpack the public Flickr8k archives")
     p.add_argument("--dest", type=Path, default=DEFAULT_DATA, help="where to put the data (default: %(default)s)")
@@ -142,9 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune.add_arguments(p)
 
-    p = sub.add_parser("build", help="prepare → (finetune) → embed → hubness → index → evaluate")
+    p = sub.add_parser("build", help="prepare → (finetune) → embed → hubness → index → evaluate → ingest "
+                                     "the whole dataset as a collection")
     _add_common(p)
     _add_data(p, required=False)
+    _add_ingest(p, source=False)
+    p.add_argument("--no-ingest", action="store_true", help="build and evaluate the model only")
     p.add_argument("--download", action="store_true",
                    help="download Flickr8k into --data (default data/flickr8k) if it is not there")
     _add_model(p)
@@ -156,10 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("huggingface_hub", "urllib3", "httpx", "root", "timm", "open_clip"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    verbose = getattr(args, "verbose", False)
+    # Our stages speak at INFO (headings, what was skipped and why); libraries only when something is
+    # wrong: open_clip logs its model-building steps on the root logger, ONNX fusion every pass.
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    for ours in ("offline", "clipsearch"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
     threads = getattr(args, "threads", 0) or os.cpu_count() or 1
     import faiss
     import torch
@@ -266,6 +291,67 @@ def run_hubness(args: argparse.Namespace, loaded=None) -> dict[str, Any]:
                                  "image_backend": args.image_backend, "text_backend": args.text_backend})
 
 
+def collection_name(args: argparse.Namespace, source: Path) -> str:
+    """--collection, or the source's folder or file name made into a valid collection name."""
+    import re
+
+    from clipsearch.artifacts import check_collection_name
+
+    if args.collection:
+        return check_collection_name(args.collection)
+    stem = Path(source).expanduser().resolve()
+    stem_name = stem.stem if stem.is_file() else stem.name
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem_name).strip("-._")[:64] or "photos"
+    return check_collection_name(name)
+
+
+def write_model_record(out: Path, loaded) -> Path:
+    """Record the model this project built, so `ingest` (and `serve.sh --media`) embed with it."""
+    from clipsearch.artifacts import ArtifactLayout
+    from clipsearch.manifest import write_json_atomic
+
+    path = ArtifactLayout(out).model_record
+    write_json_atomic(path, loaded.identity.to_dict())
+    return path
+
+
+def _ingest_model(args: argparse.Namespace):
+    """--model/--pretrained when given, else the model the project built (<out>/model.json)."""
+    from clipsearch.artifacts import ArtifactLayout
+    from clipsearch.manifest import read_json
+    from clipsearch.models import DEFAULT_PRETRAINED, ModelLoadError, load_model
+
+    if args.model is not None or args.pretrained is not None:
+        args.model = args.model or "ViT-B-32"
+        args.pretrained = args.pretrained or (None if args.model == "lit-effnet-minilm" else DEFAULT_PRETRAINED)
+        return _load(args)
+    layout = ArtifactLayout(args.out)
+    if not layout.model_record.is_file():
+        raise ModelLoadError(
+            f"no model built yet in {args.out}: build one with `python -m offline build --data "
+            f"../shared/flickr8k --out {args.out}` (or `bash scripts/serve.sh --data DIR`), or pass "
+            f"--model NAME --pretrained TAG|FILE")
+    rec = read_json(layout.model_record)
+    pretrained = rec.get("pretrained")
+    if pretrained and rec.get("checkpoint_sha256") and not Path(pretrained).is_file():
+        moved = layout.models_dir / Path(pretrained).name
+        pretrained = str(moved) if moved.is_file() else pretrained
+    log.info("model: %s (%s), as built in %s", rec.get("model"), pretrained, layout.model_record)
+    return load_model(rec["model"], pretrained, args.device, checkpoint_sha256=rec.get("checkpoint_sha256"))
+
+
+def run_ingest(args: argparse.Namespace, loaded=None, source: Path | None = None) -> dict[str, Any]:
+    from clipsearch.index import IndexParams
+    from offline.ingest import ingest
+
+    source = Path(source or args.source)
+    name = collection_name(args, source)
+    loaded = loaded or _ingest_model(args)
+    return ingest(source, args.out, name, loaded, batch_size=args.batch_size, workers=args.workers,
+                  force=args.force, image_backend=args.image_backend, text_backend=args.text_backend,
+                  params=IndexParams("hnsw", args.m, args.ef_construction, args.ef_search))
+
+
 def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     from offline import finetune
 
@@ -301,16 +387,20 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
         stage("finetune", train, args)
         args.pretrained = summary["finetune"]["checkpoint"]
     loaded = _load(args)
+    write_model_record(args.out, loaded)
     stage("embed", run_embed, args, loaded)
     if not args.no_hubness and args.eval_split not in (args.bank_split, args.select_split):
         stage("hubness", run_hubness, args, loaded)
     stage("index", run_index, args)
     stage("evaluate", run_evaluate, args)
+    if not args.no_ingest:
+        stage("ingest", run_ingest, args, loaded, Path(args.data))
     summary["timings_seconds"] = timings
     return summary
 
 
-COMMANDS = {"prepare": run_prepare, "download": run_download, "embed": run_embed, "index": run_index,
+COMMANDS = {"prepare": run_prepare, "download": run_download, "ingest": run_ingest, "embed": run_embed,
+            "index": run_index,
             "evaluate": run_evaluate, "hubness": run_hubness, "finetune": run_finetune, "build": run_build}
 
 

@@ -154,6 +154,9 @@ class Catalog:
 
     def close(self) -> None:
         with self._lock:
+            if getattr(self, "_closed", False):
+                return
+            self._closed = True
             if not self.readonly and self.path != ":memory:":
                 try:
                     # fold the WAL back into the main file so a read-only mount can open it alone
@@ -277,25 +280,31 @@ class Catalog:
                 n += 1
         return n
 
-    def update_state(self, image_id: str, path: str, size: int | None, mtime_ns: int | None,
-                     sha256: str | None, metadata: Mapping[str, Any]) -> None:
-        """A file that moved, was touched or has new metadata, with the same pixels: no new vector."""
+    def update_states(self, states: Iterable[ItemState]) -> int:
+        """Files that moved, were touched or have new metadata, with the same pixels: no new vectors."""
+        n = 0
         with self.transaction() as conn:
             seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]) + 1
-            conn.execute("UPDATE items SET path = ?, size = ?, mtime_ns = ?, sha256 = ?, metadata = ?, seq = ? "
-                         "WHERE image_id = ?",
-                         (path, size, mtime_ns, sha256, json.dumps(dict(metadata), sort_keys=True,
-                                                                   ensure_ascii=False), seq, image_id))
+            for st in states:
+                n += conn.execute(
+                    "UPDATE items SET path = ?, size = ?, mtime_ns = ?, sha256 = ?, metadata = ?, seq = ? "
+                    "WHERE image_id = ?",
+                    (st.path, st.size, st.mtime_ns, st.sha256,
+                     json.dumps(dict(st.metadata), sort_keys=True, ensure_ascii=False), seq, st.image_id)).rowcount
+        return n
 
-    def replace_captions(self, item: NewItem) -> None:
-        """New captions for an existing item (the image vector stays)."""
+    def replace_captions(self, items: Iterable[NewItem]) -> int:
+        """New captions (with their vectors) for existing items; the image vectors stay."""
         dim = self.dim or 0
+        n = 0
         with self.transaction() as conn:
             seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]) + 1
-            conn.execute("DELETE FROM captions WHERE image_id = ?", (item.image_id,))
-            conn.execute("UPDATE items SET text_sha256 = ?, seq = ? WHERE image_id = ?",
-                         (captions_sha256(item.captions), seq, item.image_id))
-            self._insert_captions(conn, item, dim, seq)
+            for item in items:
+                conn.execute("DELETE FROM captions WHERE image_id = ?", (item.image_id,))
+                n += conn.execute("UPDATE items SET text_sha256 = ?, seq = ? WHERE image_id = ?",
+                                  (captions_sha256(item.captions), seq, item.image_id)).rowcount
+                self._insert_captions(conn, item, dim, seq)
+        return n
 
     def delete(self, image_ids: Iterable[str]) -> int:
         ids = list(image_ids)

@@ -1,0 +1,242 @@
+"""The `ingest` stage: a folder, a record file or a Flickr8k layout becomes (or updates) a collection.
+
+    python -m offline ingest ~/Pictures --collection photos
+
+Steps: read the source (`offline/sources.py`), plan what changed against the collection's catalog
+(`clipsearch/collections.py`), delete what is gone, embed what is new or changed with the project's
+model, committing every few hundred images (an interrupted ingest resumes from the last commit
+without embedding those again), apply the hubness correction to captions where the project chose
+one for this model, save the HNSW snapshot of a large collection, and write the collection's report.
+Ingesting never trains or changes the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from clipsearch.artifacts import ArtifactLayout, CollectionLayout
+from clipsearch.collections import FileStat, IngestPlan, plan_ingest
+from clipsearch.encoder import ClipEncoder, image_backend_for, text_backend_for
+from clipsearch.index import IndexParams
+from clipsearch.manifest import ArtifactError, now_iso, write_json_atomic
+from clipsearch.models import LoadedModel
+from clipsearch.store import Catalog, FaissStore, NewItem
+from clipsearch.store.catalog import ItemState
+from offline.embed import ImageFiles, _collate
+from offline.layouts import IMAGE_SUFFIXES, R_CORRUPT, DataError
+from offline.sources import Source, SourceItem, read_source
+
+log = logging.getLogger(__name__)
+
+COMMIT_EVERY = 256  # images per catalog transaction: what an interrupted ingest can lose
+
+
+def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedModel, *,
+           batch_size: int = 64, workers: int = 0, force: bool = False, image_backend: str = "onnx",
+           text_backend: str = "onnx", params: IndexParams | None = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    layout = ArtifactLayout(Path(out))
+    coll = layout.collection(collection)
+    log.info("── ingest: reading %s", source)
+    src = read_source(source)
+    identity = loaded.identity.to_dict()
+    existed = coll.catalog.is_file()
+    if not src.items and not existed:
+        raise DataError(f"no images found in {src.root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} "
+                        "files in it and its subfolders); nothing was written")
+    if existed and not force:
+        with Catalog(coll.catalog, readonly=True) as cat:
+            old_model = cat.model()
+        if old_model is not None and old_model != identity:
+            raise DataError(f"collection {collection!r} was embedded with {old_model.get('model')} "
+                            f"({old_model.get('pretrained')}), not {identity['model']} "
+                            f"({identity['pretrained']}); pass --force to re-embed it with this model")
+    if force and existed:
+        _remove_catalog(coll)
+        existed = False
+
+    catalog = Catalog(coll.catalog)
+    try:
+        if catalog.model() is None:
+            catalog.set_model(identity, identity["embed_dim"])
+        plan = plan_ingest(src.items, catalog.states())
+        log.info("── ingest %s: %s", collection, plan.summary())
+        skipped = list(src.skipped) + [{"kind": "image", "reason": "missing_image", "image_id": i, "detail": why}
+                                       for i, why in plan.missing]
+        removed = catalog.delete(plan.removed)
+        threads = torch.get_num_threads()
+        encoder = ClipEncoder(
+            loaded, batch_size=batch_size,
+            image_backend=(image_backend_for(loaded, image_backend, layout.onnx_dir, threads)
+                           if plan.to_embed else None),
+            text_backend=(text_backend_for(loaded, text_backend, layout.onnx_dir, threads)
+                          if plan.to_embed or plan.recaptioned else None))
+        t_embed = time.perf_counter()
+        embedded, bad = _embed_items(catalog, encoder, loaded, plan.to_embed, batch_size, workers)
+        skipped += bad
+        _recaption(catalog, encoder, plan.recaptioned, batch_size)
+        _restate(catalog, plan.restated)
+        embed_seconds = time.perf_counter() - t_embed
+        hubness = _apply_hubness(layout, catalog, identity)
+        n_items, n_captions = catalog.count()
+        if n_items == 0:
+            if not existed:
+                catalog.close()
+                _remove_catalog(coll)
+                _write_report(coll, src, plan, skipped, {"images": 0, "captions": 0}, identity, None, t0, 0.0)
+                raise DataError(f"none of the {len(src.items)} images in {src.root} could be read; nothing "
+                                f"was indexed (each one's reason is in {coll.report})")
+            log.warning("collection %s is now empty: every item was removed or unreadable", collection)
+        store = FaissStore(collection, catalog, coll, params or IndexParams())
+        snapshot = store.save_snapshot()
+        info = store.describe()
+        counts = {"images": n_items, "captions": n_captions}
+        report = _write_report(coll, src, plan, skipped, counts, identity, hubness, t0, embed_seconds)
+    finally:
+        catalog.close()
+    for item in skipped[:8]:
+        log.warning("skipped %s: %s (%s)", item.get("image_id") or item.get("where"), item["reason"],
+                    item.get("detail", ""))
+    if len(skipped) > 8:
+        log.warning("... %d more skipped items in %s", len(skipped) - 8, coll.report)
+    print(f"ingest {collection}: {n_items} images, {n_captions} captions "
+          f"({embedded} embedded, {removed} removed, {len(skipped)} skipped) in "
+          f"{time.perf_counter() - t0:.1f} s; index: {info['index']['images']}", flush=True)
+    return {"collection": collection, "dir": str(coll.dir), "source": str(src.root), "kind": src.kind,
+            **report["changes"], "embedded": embedded, "images": n_items, "captions": n_captions,
+            "skipped": len(skipped), "snapshot": snapshot, "report": str(coll.report),
+            "seconds": report["seconds"]}
+
+
+def _remove_catalog(coll: CollectionLayout) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(coll.catalog) + suffix).unlink(missing_ok=True)
+    shutil.rmtree(coll.index_dir, ignore_errors=True)
+
+
+def _chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def _encode_captions(encoder: ClipEncoder, items: Sequence[SourceItem], batch_size: int
+                     ) -> list[np.ndarray | None]:
+    texts = [c for item in items for c in item.captions]
+    vecs = [encoder.encode_texts(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+    flat = np.concatenate(vecs) if vecs else np.zeros((0, encoder.dim), np.float32)
+    out, at = [], 0
+    for item in items:
+        n = len(item.captions)
+        out.append(flat[at:at + n] if n else None)
+        at += n
+    return out
+
+
+def _new_item(item: SourceItem, stat: FileStat, vector: np.ndarray, caption_vectors: np.ndarray | None) -> NewItem:
+    return NewItem(item.image_id, str(item.path), vector, item.captions, caption_vectors, item.metadata,
+                   stat.size, stat.mtime_ns, stat.sha256, item.caption_ids)
+
+
+def _embed_items(catalog: Catalog, encoder: ClipEncoder, loaded: LoadedModel,
+                 todo: list[tuple[SourceItem, FileStat]], batch_size: int, workers: int
+                 ) -> tuple[int, list[dict[str, Any]]]:
+    """Embed images (decoded beside the forward pass) and their captions; commit every COMMIT_EVERY."""
+    if not todo:
+        return 0, []
+    loader = DataLoader(ImageFiles([str(item.path) for item, _ in todo], loaded.preprocess),
+                        batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                        prefetch_factor=4 if workers else None)
+    pending: list[tuple[int, np.ndarray]] = []
+    bad: list[dict[str, Any]] = []
+    done = 0
+
+    def commit() -> None:
+        nonlocal done
+        items = [todo[i][0] for i, _ in pending]
+        cap_vecs = _encode_captions(encoder, items, batch_size)
+        catalog.put(_new_item(todo[i][0], todo[i][1], vec, cv) for (i, vec), cv in zip(pending, cap_vecs))
+        done += len(pending)
+        pending.clear()
+
+    with tqdm(total=len(todo), desc="embedding images", unit="img") as bar:
+        for idx, pixels, errs in loader:
+            if pixels is not None:
+                vecs = encoder.encode_pixels(pixels).cpu().numpy()
+                pending.extend(zip(idx, vecs))
+            for i, reason in errs:
+                bad.append({"kind": "image", "reason": R_CORRUPT, "image_id": todo[i][0].image_id,
+                            "detail": reason})
+            bar.update(len(idx) + len(errs))
+            if len(pending) >= COMMIT_EVERY:
+                commit()
+        if pending:
+            commit()
+    return done, bad
+
+
+def _recaption(catalog: Catalog, encoder: ClipEncoder, todo: list[tuple[SourceItem, FileStat]],
+               batch_size: int) -> None:
+    for chunk in _chunks(todo, COMMIT_EVERY):
+        items = [item for item, _ in chunk]
+        cap_vecs = _encode_captions(encoder, items, batch_size)
+        catalog.replace_captions(NewItem(i.image_id, str(i.path), np.zeros(encoder.dim, np.float32), i.captions,
+                                         cv, i.metadata, caption_ids=i.caption_ids)
+                                 for i, cv in zip(items, cap_vecs))
+    _restate(catalog, todo)
+
+
+def _restate(catalog: Catalog, todo: list[tuple[SourceItem, FileStat]]) -> None:
+    if todo:
+        catalog.update_states(ItemState(item.image_id, str(item.path), st.size, st.mtime_ns, st.sha256, "",
+                                        item.metadata) for item, st in todo)
+
+
+def _apply_hubness(layout: ArtifactLayout, catalog: Catalog, model: dict[str, Any]) -> dict[str, Any] | None:
+    """Caption offsets -β·r_c from the hubness stage's choice for this model (bank: its train images)."""
+    from offline.embed import load_image_embeddings
+    from offline.hubness import caption_offsets, read_hubness
+
+    rec = read_hubness(layout.root)
+    info = None
+    if rec is not None and rec.get("model") == model and rec.get("beta"):
+        info = {k: rec[k] for k in ("beta", "k", "bank_split", "bank_count", "bank_embeddings_manifest_sha256",
+                                    "selected_on")}
+    rows, texts = catalog.caption_vectors()
+    stored = catalog.hubness()
+    if info is None:
+        if stored is not None:
+            catalog.set_caption_offsets([], np.zeros(0, np.float32), None)
+        return None
+    try:
+        bank = load_image_embeddings(layout.root, rec["bank_split"])
+    except ArtifactError as exc:
+        log.warning("hubness correction not applied to captions: %s", exc)
+        return None
+    offsets = caption_offsets(texts, bank["images"], rec["beta"], rec["k"]) if len(rows) else np.zeros(0)
+    catalog.set_caption_offsets(rows, np.asarray(offsets, np.float32), info)
+    return info
+
+
+def _write_report(coll: CollectionLayout, src: Source, plan: IngestPlan, skipped: list[dict[str, Any]],
+                  counts: dict[str, int], model: dict[str, Any], hubness: dict[str, Any] | None, t0: float,
+                  embed_seconds: float) -> dict[str, Any]:
+    reasons: dict[str, int] = {}
+    for item in skipped:
+        reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+    report = {"collection": coll.name, "source": str(src.root), "kind": src.kind, "model": model,
+              "counts": counts, "source_items": len(src.items), "changes": plan.counts(),
+              "skipped_by_reason": reasons, "skipped": skipped, "hubness": hubness,
+              "embed_seconds": round(embed_seconds, 2), "seconds": round(time.perf_counter() - t0, 2),
+              "created": now_iso()}
+    write_json_atomic(coll.report, report)
+    return report
