@@ -14,7 +14,8 @@ WORKDIR /srv
 # multi-GB CUDA build from PyPI.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch torchvision
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
+COPY scripts ./scripts
 COPY clipsearch ./clipsearch
 COPY app ./app
 COPY offline ./offline
@@ -22,7 +23,7 @@ RUN pip install . && python -c "import app.main, offline.cli"
 
 RUN useradd --create-home --uid 10001 clipsearch \
     && mkdir -p /artifacts /cache \
-    && chown clipsearch:clipsearch /cache
+    && chown clipsearch:clipsearch /cache /artifacts
 USER clipsearch
 
 EXPOSE 8000
