@@ -100,18 +100,14 @@ def _snapshot(idir: Path) -> dict[str, dict]:
 
 
 def _assert_servable(out: Path, tmp_path: Path) -> None:
-    """Every index loads and checks out, and the service's start-up accepts the set."""
-    from app.config import Settings
-    from app.resources import load_resources
-
+    """Every index loads, checks out and searches, and the evaluation accepts the set."""
     idir = out / "indexes" / "test"
     for name in NAMES:
         index = VectorIndex.load(idir / f"{name}.json", verify=True)
         assert index.ntotal > 0
-    res = load_resources(Settings(artifacts_dir=out, serve_split="test", device="cpu", torch_threads=1))
-    vec = res.encoder.encode_texts(["a red circle"])
-    _, ids = res.image_index.search(vec, 3)
-    assert (ids >= 0).all()
+        _, ids = index.search(np.eye(1, index.dim, dtype=np.float32), 3)
+        assert (ids >= 0).all()
+    assert main(["evaluate", "--out", str(out), "--eval-split", "test"]) == 0
 
 
 # kill point -> the manifests the killed run had committed (renames 1-3 are images.hnsw's staging
@@ -156,25 +152,35 @@ def test_sigkill_mid_index_leaves_previous_index_servable_and_rerun_resumes(inde
     assert time.perf_counter() - t0 < 60
 
 
-def test_app_becomes_ready_on_the_previous_index_after_a_kill(indexed, tmp_path):
+def test_app_serves_a_collection_whose_ingest_was_killed(tiny_dataset, tiny_checkpoint, tmp_path):
+    """SIGKILL at ingest's last atomic rename (its report, after the catalog commits): the service
+    serves every committed item, and the rerun finds nothing left to embed."""
     from fastapi.testclient import TestClient
 
     from app.config import Settings
     from app.main import create_app
 
-    out = Path(shutil.copytree(indexed, tmp_path / "art"))
-    version_files = _snapshot(out / "indexes" / "test")
-    proc = run_killed("write:1", "index", *_common(out), "--no-sweep", "--m", "8", "--force")
-    assert proc.returncode == -signal.SIGKILL
-    assert _snapshot(out / "indexes" / "test") == version_files  # nothing committed
-    settings = Settings(artifacts_dir=out, serve_split="test", device="cpu", torch_threads=1)
+    out = tmp_path / "art"
+    argv = ["ingest", str(tiny_dataset), "--out", str(out), "--collection", "tiny", "--model", "test-tiny-vit",
+            "--pretrained", str(tiny_checkpoint), "--workers", "0", "--batch-size", "4", "--threads", "1",
+            "--image-backend", "torch", "--text-backend", "torch"]
+    proc = run_killed("replace:1", *argv)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (out / "collections" / "tiny" / "report.json").exists()
+    settings = Settings(artifacts_dir=out, device="cpu", torch_threads=1, text_backend="torch",
+                        image_backend="torch")
     with TestClient(create_app(settings)) as client:
         deadline = time.monotonic() + 60
         while (r := client.get("/readyz")).status_code != 200:
             assert r.json()["reason"].startswith("loading"), r.json()
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert client.post("/search/text", json={"query": "a red circle", "k": 3}).status_code == 200
+        assert r.json()["collections"]["tiny"] == {"images": 12, "captions": 36}
+        hits = client.post("/search/text", json={"query": "a red circle", "k": 3})
+        assert hits.status_code == 200 and len(hits.json()["results"]) == 3
+    assert main(argv) == 0
+    report = json.loads((out / "collections" / "tiny" / "report.json").read_text())
+    assert report["changes"]["unchanged"] == 12 and report["changes"]["new"] == 0
 
 
 def _spy(monkeypatch, module, name: str) -> list[int]:
