@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from clipsearch.artifacts import check_collection_name
+from clipsearch.store import EXACT_MAX
+
 MiB = 1 << 20
 
 
@@ -48,6 +51,10 @@ class Settings(BaseSettings):
     hnsw_m: int = Field(16, ge=2, description="HNSW M for collections large enough to use HNSW.")
     hnsw_ef_construction: int = Field(200, ge=8)
     hnsw_ef_search: int = Field(100, ge=8)
+    exact_max: int = Field(
+        EXACT_MAX, ge=0, description="A target (images or captions) of a collection with at most this many "
+                                     "vectors is searched exactly; above it, by HNSW (loaded from the "
+                                     "collection's snapshot when it is current, else built at start-up).")
 
     cache_size: int = Field(1024, ge=0, description="Response LRU entries; 0 turns the cache off.")
     inference_threads: int = Field(2, ge=1, description="Worker threads for decode + encode + search.")
@@ -86,8 +93,27 @@ class Settings(BaseSettings):
             return [o.strip() for o in value.split(",") if o.strip()]
         return value
 
+    @field_validator("collections")
+    @classmethod
+    def _check_collections(cls, value: list[str]) -> list[str]:
+        for name in value:
+            check_collection_name(name)
+        if len(set(value)) != len(value):
+            raise ValueError(f"collections {value} names a collection twice")
+        return value
+
+    @field_validator("default_collection", mode="before")
+    @classmethod
+    def _check_default(cls, value: Any) -> Any:
+        if isinstance(value, str):  # an empty variable (compose's `${VAR:-}`) means "not set"
+            return check_collection_name(value.strip()) if value.strip() else None
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
+        if self.collections and self.default_collection and self.default_collection not in self.collections:
+            raise ValueError(f"default_collection {self.default_collection!r} is not one of collections "
+                             f"({', '.join(self.collections)})")
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) must not exceed max_k ({self.max_k})")
         if self.torch_threads is None:

@@ -12,12 +12,13 @@ reason and a single log line.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipsearch.artifacts import ArtifactLayout
+from clipsearch.artifacts import ArtifactLayout, check_collection_name
 from clipsearch.encoder import ClipEncoder, Encoder, image_backend_for, text_backend_for
 from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError, sha256_json
@@ -107,48 +108,85 @@ def load_resources(settings: Settings) -> Resources:
         raise ArtifactError("no collection under ARTIFACTS_DIR/collections: ingest one with "
                             "`python -m offline ingest SOURCE --collection NAME` "
                             "(or `bash scripts/serve.sh --data DIR` / `--media DIR`)")
+    for name in names:
+        try:
+            check_collection_name(name)
+        except ValueError as exc:  # Settings validates them; a hand-built Settings may not have
+            raise ArtifactError(str(exc)) from None
     default = settings.default_collection or names[0]
     if default not in names:
         raise ArtifactError(f"CLIPSEARCH_DEFAULT_COLLECTION {default!r} is not among the served "
                             f"collections ({', '.join(names)})")
     params = IndexParams("hnsw", settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef_search)
     stores: dict[str, VectorStore] = {}
-    for name in [default, *[n for n in names if n != default]]:
+    try:
+        for name in [default, *[n for n in names if n != default]]:
+            stores[name] = _open_collection(layout, name, params, settings)
+        model = _model_of(stores[default].model)
+        _check_model_fields(model, default)
+        skipped: dict[str, str] = {}
+        for name, store in list(stores.items()):
+            if _model_of(store.model) != model:
+                why = (f"collection {name!r} was embedded with {_describe(store.model)}, the default "
+                       f"collection {default!r} with {_describe(model)}")
+                if explicit:
+                    raise ArtifactError(f"{why}; serve collections of one model (CLIPSEARCH_COLLECTIONS)")
+                log.warning("%s: not served", why)
+                skipped[name] = why
+                _close(stores.pop(name))
+            elif store.dim != model["embed_dim"]:
+                raise ArtifactError(f"collection {name!r} holds {store.dim}-d vectors but names the model "
+                                    f"{_describe(model)}; re-ingest it")
+
+        pretrained = _resolve_checkpoint(model.get("pretrained"), model.get("checkpoint_sha256"), settings)
+        loaded = load_model(model["model"], pretrained, device=settings.device,
+                            checkpoint_sha256=model.get("checkpoint_sha256"))
+        if not loaded.identity.same_weights(model):
+            raise ModelLoadError(f"the loaded model {_describe(loaded.identity.to_dict())} is not the one the "
+                                 f"collections were embedded with ({_describe(model)})")
+        threads = settings.torch_threads or 1
+        encoder = ClipEncoder(
+            loaded,
+            text_backend=text_backend_for(loaded, settings.text_backend, settings.onnx_cache_dir, threads),
+            image_backend=image_backend_for(loaded, settings.image_backend, settings.onnx_cache_dir, threads))
+        return make_resources(encoder, list(stores.values()), model, default=default,
+                              images_dir=settings.images_dir, base_dir=root, skipped=skipped)
+    except BaseException:
+        for store in stores.values():  # a failed (re)load must not keep catalogs open
+            _close(store)
+        raise
+
+
+def _open_collection(layout: ArtifactLayout, name: str, params: IndexParams, settings: Settings) -> VectorStore:
+    """Open one collection and load its rows and index now (not in the first request); every way it
+    can fail is one ArtifactError that names the collection."""
+    prefix = f"collection {name!r}"
+    store: VectorStore | None = None
+    try:
+        store = open_store(layout, name, readonly=True, params=params, exact_max=settings.exact_max,
+                           verify=settings.verify_index_checksum)
+        store.describe()
+        return store
+    except ArtifactError as exc:
+        message = _relative_paths(str(exc), layout.root)
+        problem = message if message.startswith(prefix) else f"{prefix}: {message}"
+    except (sqlite3.DatabaseError, ValueError) as exc:
+        # reads past the catalog's first page (the rows, a vector blob, a metadata or model record)
+        # fail as sqlite3/ValueError, not ArtifactError
+        rel = layout.collection(name).catalog.relative_to(layout.root)
+        problem = f"{prefix}: catalog {rel} cannot be read ({exc}); re-ingest the collection"
+    if store is not None:
+        _close(store)
+    raise ArtifactError(problem)
+
+
+def _close(store: VectorStore) -> None:
+    close = getattr(store, "close", None)
+    if close is not None:
         try:
-            store = open_store(layout, name, readonly=True, params=params, verify=settings.verify_index_checksum)
-            store.describe()  # loads the rows and the index now, not in the first request
-        except ValueError as exc:  # a malformed name in CLIPSEARCH_COLLECTIONS
-            raise ArtifactError(str(exc)) from None
-        except ArtifactError as exc:
-            raise ArtifactError(f"collection {name!r}: {_relative_paths(str(exc), root)}") from None
-        stores[name] = store
-
-    model = _model_of(stores[default].model)
-    _check_model_fields(model, default)
-    skipped: dict[str, str] = {}
-    for name, store in list(stores.items()):
-        if _model_of(store.model) != model:
-            why = (f"collection {name!r} was embedded with {_describe(store.model)}, the default "
-                   f"collection {default!r} with {_describe(model)}")
-            if explicit:
-                raise ArtifactError(f"{why}; serve collections of one model (CLIPSEARCH_COLLECTIONS)")
-            log.warning("%s: not served", why)
-            skipped[name] = why
-            del stores[name]
-
-    pretrained = _resolve_checkpoint(model.get("pretrained"), model.get("checkpoint_sha256"), settings)
-    loaded = load_model(model["model"], pretrained, device=settings.device,
-                        checkpoint_sha256=model.get("checkpoint_sha256"))
-    if not loaded.identity.same_weights(model):
-        raise ModelLoadError(f"the loaded model {_describe(loaded.identity.to_dict())} is not the one the "
-                             f"collections were embedded with ({_describe(model)})")
-    threads = settings.torch_threads or 1
-    encoder = ClipEncoder(
-        loaded,
-        text_backend=text_backend_for(loaded, settings.text_backend, settings.onnx_cache_dir, threads),
-        image_backend=image_backend_for(loaded, settings.image_backend, settings.onnx_cache_dir, threads))
-    return make_resources(encoder, list(stores.values()), model, default=default,
-                          images_dir=settings.images_dir, base_dir=root, skipped=skipped)
+            close()
+        except Exception:  # noqa: BLE001 - closing a broken catalog must not hide why it broke
+            log.debug("closing collection %s failed", store.name, exc_info=True)
 
 
 def _relative_paths(message: str, root: Path) -> str:

@@ -43,8 +43,8 @@ class CaptionHit(BaseModel):
     caption_id: str
     caption: str
     image_id: str
-    score: float = Field(description="Ranking score: the cosine similarity, minus the caption's hubness "
-                                     "offset when the collection has one (GET /collections, `hubness`)")
+    score: float = Field(description="Ranking score: the cosine similarity plus the caption's hubness "
+                                     "offset (-beta x how much of a hub the caption is) when the collection has one (GET /collections, `hubness`)")
     cosine: float = Field(description="Cosine similarity between the query image and the caption")
     rank: int = Field(ge=1)
     image_url: str
@@ -166,8 +166,9 @@ def _common_fields(settings: Settings) -> dict[str, Any]:
                                                                       "the service's default collection)")),
         "offset": (whole, Field(0, ge=0, le=settings.max_offset, strict=True,
                                 description=f"Results to skip, for the next page (0..{settings.max_offset})")),
-        "min_score": (Annotated[float, Field(allow_inf_nan=False)] | None,
-                      Field(None, ge=-2, le=2, description="Leave out results scoring below this")),
+        # strict: a number (an integer is one), never a boolean or a numeric string
+        "min_score": (Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-2, le=2)] | None,
+                      Field(None, description="Leave out results scoring below this (-2..2)")),
         "filter": (MetadataFilter | None, None),
     }
 

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 
-from clipsearch.images import ImageDecodeError
+from clipsearch.artifacts import COLLECTION_NAME
 
 from app.errors import NotFound
 from app.schemas import ErrorResponse
@@ -19,7 +19,8 @@ from app.state import get_state
 
 router = APIRouter(tags=["images"])
 
-CollectionParam = Annotated[str | None, Query(max_length=64, description="Collection (default: the default one)")]
+CollectionParam = Annotated[str | None, Query(pattern=COLLECTION_NAME.pattern,
+                                              description="Collection (default: the default one)")]
 _ERRORS = {404: {"model": ErrorResponse, "description": "Unknown collection or image id"},
            503: {"model": ErrorResponse, "description": "Not ready"}}
 
@@ -59,10 +60,20 @@ async def get_thumbnail(image_id: str, request: Request, collection: CollectionP
         thumb = await state.run(state.thumbnails.get, store.name, image_id, path)
     except OSError:
         raise NotFound("image file not available on this server") from None
-    except ImageDecodeError:
-        raise
+    # (an ImageDecodeError, a stored file that is no image, is answered 422 invalid_image)
     headers = {"ETag": thumb.etag, "Cache-Control": "public, max-age=86400",
                "X-Content-Type-Options": "nosniff"}
-    if thumb.etag in request.headers.get("if-none-match", ""):
+    if etag_matches(request.headers.get("if-none-match"), thumb.etag):
         return Response(status_code=304, headers=headers)
     return Response(thumb.data, media_type="image/jpeg", headers=headers)
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 If-None-Match: `*`, or a comma-separated list of entity tags compared weakly
+    (`W/"x"` matches `"x"`)."""
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    tags = (t.strip() for t in if_none_match.split(","))
+    return any((t[2:] if t.startswith("W/") else t) == etag for t in tags)

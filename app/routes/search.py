@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 
+from clipsearch.artifacts import COLLECTION_NAME
 from clipsearch.images import ImageDecodeError
 
 from app.config import Settings
@@ -31,6 +32,8 @@ DEFAULT_BODY_LIMIT = 64 * 1024  # JSON bodies; a 1000-character query needs a fe
 MULTIPART_OVERHEAD = 16 * 1024
 # The longest JSON spelling of one query character: an escaped surrogate pair, "\ud83d\ude00".
 JSON_BYTES_PER_CHAR = 12
+# The `filter` form field of /search/image (JSON text).
+MAX_FILTER_FORM_CHARS = 16384
 
 
 def body_limits(settings: Settings) -> dict[str, int]:
@@ -41,6 +44,7 @@ def body_limits(settings: Settings) -> dict[str, int]:
 
 ERRORS = {status: {"model": ErrorResponse, "description": desc} for status, desc in {
     400: "Body could not be parsed (not UTF-8, broken multipart)",
+    404: "Unknown collection (or, for /search/similar, image id)",
     413: "Body or upload too large", 415: "Wrong Content-Type", 422: "Invalid request or image",
     429: "Too many searches in flight; retry after Retry-After seconds",
     503: "Model and indexes not loaded (yet); the message says why"}.items()}
@@ -96,8 +100,9 @@ def _search_response(results_json: bytes, spec: SearchSpec, took: float, stages:
 
 
 def _form_filter(raw: str | None) -> dict[str, Any] | None:
-    """The `filter` form field of an image search: the same JSON object /search/text takes."""
-    if raw is None or not raw.strip():
+    """The `filter` form field of an image search: the same JSON object /search/text takes (JSON
+    null, like an empty or missing field, is no filter)."""
+    if raw is None or not raw.strip() or raw.strip() == "null":
         return None
     try:
         return _FILTER.validate_json(raw)
@@ -144,10 +149,17 @@ def build_router(settings: Settings) -> APIRouter:
         k: Annotated[int, k_form] = settings.default_k,
         target: Annotated[Literal["images", "captions"], Form(description="images (similar images, each "
                                                                          "once) or captions")] = "images",
-        collection: Annotated[str | None, Form(max_length=64)] = None,
-        offset: Annotated[int, Form(ge=0, le=settings.max_offset)] = 0,
-        min_score: Annotated[float | None, Form(ge=-2, le=2, allow_inf_nan=False)] = None,
-        filter: Annotated[str | None, Form(max_length=16384, description="JSON metadata filter")] = None,
+        # Optional form fields are typed without null (a form has no null; leave the field out), so
+        # the schema does not invite clients to send the text "null".
+        collection: Annotated[str, Form(pattern=COLLECTION_NAME.pattern, description="Collection to "
+                                        "search (default: the service's default collection)")] = None,  # type: ignore[assignment]
+        offset: Annotated[int, Form(ge=0, le=settings.max_offset, description="Results to skip, for the "
+                                    f"next page (0..{settings.max_offset})")] = 0,
+        min_score: Annotated[float, Form(ge=-2, le=2, allow_inf_nan=False, description="Leave out results "
+                                         "scoring below this")] = None,  # type: ignore[assignment]
+        filter: Annotated[str, Form(max_length=MAX_FILTER_FORM_CHARS, description=(
+            "Metadata filter as JSON text, the same object /search/text takes, e.g. "
+            '{"kind": "photo"} or {"folder": ["2019", "2020"]}'))] = None,  # type: ignore[assignment]
     ) -> Response:
         state = get_state(request)
         res = state.require_ready()
@@ -167,8 +179,7 @@ def build_router(settings: Settings) -> APIRouter:
         state.metrics.observe_stages("image", {"total": took})
         return _search_response(results, spec, took, stages, with_target=True)
 
-    @router.post("/search/similar", response_model=TextSearchResponse, responses=ERRORS | {404: {
-                 "model": ErrorResponse, "description": "Unknown collection or image id"}},
+    @router.post("/search/similar", response_model=TextSearchResponse, responses=ERRORS,
                  dependencies=[Depends(require_content_type("application/json"))],
                  summary="More images like one already in the collection (no upload)")
     async def search_similar(body: SimilarRequest, request: Request) -> Response:

@@ -87,12 +87,14 @@ def exif_rotated(upright: Image.Image, orientation: int = 6) -> bytes:
 
 
 def hits(r) -> list[tuple[str, float]]:
+    """(caption id or image id, score) of a target=captions or target=images answer."""
     assert r.status_code == 200, r.text[:300]
-    return [(h["caption_id"], round(h["score"], 5)) for h in r.json()["results"]]
+    return [(h.get("caption_id", h["image_id"]), round(h["score"], 5)) for h in r.json()["results"]]
 
 
-def upload(client, data: bytes, name: str = "q.png", k: int = 5, mime: str = "image/png"):
-    return client.post("/search/image", files={"file": (name, data, mime)}, data={"k": str(k)})
+def upload(client, data: bytes, name: str = "q.png", k: int = 5, mime: str = "image/png", target: str | None = None):
+    form = {"k": str(k), **({"target": target} if target else {})}
+    return client.post("/search/image", files={"file": (name, data, mime)}, data=form)
 
 
 # --- hostile uploads ------------------------------------------------------------------------------
@@ -119,10 +121,12 @@ def test_declared_huge_or_bogus_images_are_422_without_decoding(client, encoder,
 
 def test_animated_gif_uses_its_first_frame(client, fakes):
     data = animated_gif(fakes.PALETTE["red"], fakes.PALETTE["blue"])
-    got = upload(client, data, "anim.gif", mime="image/gif")
-    results = got.json()["results"]
+    results = upload(client, data, "anim.gif", mime="image/gif", target="captions").json()["results"]
     assert results[0]["image_id"] == "00_solid_red.png"
     assert all("blue" not in h["caption"] for h in results[:2])
+    images = upload(client, data, "anim.gif", mime="image/gif").json()["results"]
+    assert images[0]["image_id"] == "00_solid_red.png"
+    assert "02_solid_blue.png" not in [h["image_id"] for h in images[:2]]
     first_frame = decode_image(data)
     assert first_frame.getpixel((0, 0)) == first_frame.getpixel((31, 31))
 
@@ -161,12 +165,13 @@ def test_palette_with_alpha_composites_on_white(client, fakes):
 def test_exif_rotated_photo_is_searched_upright(client, fakes):
     upright = fakes.image("stripes", "red", "white")
     rotated = exif_rotated(upright)
-    upright_hits = hits(upload(client, fakes.png_bytes(upright), "upright.png"))
-    assert hits(upload(client, rotated, "rotated.png")) == upright_hits
-    # control: the same stored pixels without the EXIF tag give a different (unrotated) answer
     stored = Image.open(io.BytesIO(rotated))
     no_exif = encode(stored.convert("RGB"), "PNG")
-    assert hits(upload(client, no_exif, "raw.png")) != upright_hits
+    for target in ("captions", "images"):
+        upright_hits = hits(upload(client, fakes.png_bytes(upright), "upright.png", target=target))
+        assert hits(upload(client, rotated, "rotated.png", target=target)) == upright_hits
+        # control: the same stored pixels without the EXIF tag give a different (unrotated) answer
+        assert hits(upload(client, no_exif, "raw.png", target=target)) != upright_hits
 
 
 def test_exif_rotated_jpeg_and_broken_exif(client, fakes):

@@ -20,8 +20,9 @@ def test_text_search_exact_ranking(client, dataset, fakes):
     r = client.post("/search/text", json={"query": "  something   red  ", "k": 5})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"results", "k", "took_ms", "cached"}
+    assert set(body) == {"results", "k", "offset", "collection", "took_ms", "cached"}
     assert body["k"] == 5 and body["cached"] is False and body["took_ms"] >= 0
+    assert body["offset"] == 0 and body["collection"] == "test"
     rows, scores = _expected(enc.text_vector("something red"), img_vecs, 5)
     assert [h["image_id"] for h in body["results"]] == [images[i]["image_id"] for i in rows]
     assert [h["score"] for h in body["results"]] == pytest.approx(scores, abs=1e-5)
@@ -29,8 +30,11 @@ def test_text_search_exact_ranking(client, dataset, fakes):
     top = body["results"][0]
     # the plain red square and the red-and-white stripes are the only red images
     assert {h["image_id"] for h in body["results"][:2]} == {"00_solid_red.png", "10_stripes_red_white.png"}
-    assert top["image_url"] == f"/images/{top['image_id']}"
+    assert set(top) == {"image_id", "score", "rank", "image_url", "thumbnail_url", "captions", "metadata"}
+    assert top["image_url"] == f"/images/{top['image_id']}"  # the default collection: no ?collection=
+    assert top["thumbnail_url"] == f"/thumbnails/{top['image_id']}"
     assert top["captions"] == [t["caption"] for t in texts if t["image_id"] == top["image_id"]]
+    assert top["metadata"] == {"kind": "solid", "index": 0}
 
 
 def test_text_search_default_k_and_k_larger_than_index(client, dataset):
@@ -43,23 +47,58 @@ def test_text_search_default_k_and_k_larger_than_index(client, dataset):
 
 
 def test_image_search_exact_ranking(client, dataset, fakes):
+    """target=images (the default): similar images, each once, ranked exactly as brute force."""
+    images, _ = dataset
+    enc = fakes.ColorEncoder()
+    img_vecs = enc.encode_images([Image.open(r["image_path"]) for r in images])
+    upload = fakes.image("checkerboard", "black", "white")  # not one of the collection's images
+    r = client.post("/search/image", files={"file": ("query.png", fakes.png_bytes(upload), "image/png")},
+                    data={"k": "5"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"results", "target", "k", "offset", "collection", "took_ms", "cached"}
+    assert body["target"] == "images" and body["k"] == 5 and body["cached"] is False
+    assert body["offset"] == 0 and body["collection"] == "test"
+    rows, scores = _expected(enc.image_vector(upload), img_vecs, 5)
+    assert [h["image_id"] for h in body["results"]] == [images[i]["image_id"] for i in rows]
+    assert [h["score"] for h in body["results"]] == pytest.approx(scores, abs=1e-5)
+    assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4, 5]
+    assert set(body["results"][0]) == {"image_id", "score", "rank", "image_url", "thumbnail_url", "captions",
+                                       "metadata"}
+    # black and white: the black square, the white square, the black/yellow checkerboard, the red/white stripes
+    assert {h["image_id"] for h in body["results"][:2]} == {"07_solid_black.png", "06_solid_white.png"}
+    # all of them: each image exactly once
+    every = client.post("/search/image", files={"file": ("query.png", fakes.png_bytes(upload), "image/png")},
+                        data={"k": "100"}).json()["results"]
+    assert sorted(h["image_id"] for h in every) == sorted(r["image_id"] for r in images)
+
+
+def test_image_to_caption_search_exact_ranking(client, dataset, fakes):
     images, texts = dataset
     enc = fakes.ColorEncoder()
     txt_vecs = enc.encode_texts([t["caption"] for t in texts])
     upload = fakes.image("checkerboard", "brown", "teal")
     data = fakes.png_bytes(upload)
-    r = client.post("/search/image", files={"file": ("query.png", data, "image/png")}, data={"k": "4"})
+    r = client.post("/search/image", files={"file": ("query.png", data, "image/png")},
+                    data={"k": "4", "target": "captions"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["k"] == 4 and body["cached"] is False
+    assert body["k"] == 4 and body["cached"] is False and body["target"] == "captions"
     rows, scores = _expected(enc.image_vector(upload), txt_vecs, 4)
     assert [h["caption_id"] for h in body["results"]] == [texts[i]["caption_id"] for i in rows]
+    assert [h["caption"] for h in body["results"]] == [texts[i]["caption"] for i in rows]
     assert [h["score"] for h in body["results"]] == pytest.approx(scores, abs=1e-5)
-    assert set(body["results"][0]) == {"caption_id", "caption", "image_id", "score", "cosine", "rank"}
-    # no hubness correction in this index: the ranking score is the cosine
+    assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4]
+    assert set(body["results"][0]) == {"caption_id", "caption", "image_id", "score", "cosine", "rank",
+                                       "image_url", "thumbnail_url"}
+    # no hubness correction in this collection: the ranking score is the cosine
     assert [h["cosine"] for h in body["results"]] == pytest.approx(scores, abs=1e-5)
     # the three captions of the brown/teal checkerboard come first
     assert {h["image_id"] for h in body["results"][:3]} == {"09_checkerboard_brown_teal.png"}
+    top = body["results"][0]
+    assert top["image_url"] == "/images/09_checkerboard_brown_teal.png"
+    assert top["thumbnail_url"] == "/thumbnails/09_checkerboard_brown_teal.png"
+    assert client.get(top["image_url"]).status_code == 200
 
 
 def test_image_search_accepts_jpeg_and_default_k(client, fakes):
@@ -154,9 +193,10 @@ def test_image_search_ranks_by_hubness_corrected_score(make_client, dataset, fak
     hub = {"beta": 0.5, "k": 10, "bank_split": "train", "bank_count": 7, "selected_on": "val"}
     client = make_client(resources=fakes.fake_resources(dataset, caption_offsets=offsets, hubness=hub))
     r = client.post("/search/image", files={"file": ("q.png", fakes.png_bytes(upload), "image/png")},
-                    data={"k": str(len(texts))})
+                    data={"k": str(len(texts)), "target": "captions"})
     assert r.status_code == 200, r.text
     hits = r.json()["results"]
+    assert len(hits) == len(texts)
     expected = np.argsort(-(cos + offsets), kind="stable")
     assert [h["caption_id"] for h in hits] == [texts[i]["caption_id"] for i in expected[:len(hits)]]
     assert hits[0]["caption_id"] != texts[top]["caption_id"]
@@ -168,3 +208,8 @@ def test_image_search_ranks_by_hubness_corrected_score(make_client, dataset, fak
     scores = [h["score"] for h in hits]
     assert scores == sorted(scores, reverse=True)
     assert client.get("/readyz").json()["hubness"] == hub
+    assert client.get("/collections").json()["collections"][0]["hubness"] == hub
+    # image -> image search has no caption offsets: plain cosine ranking, each image once
+    img = client.post("/search/image", files={"file": ("q.png", fakes.png_bytes(upload), "image/png")},
+                      data={"k": "3"}).json()["results"]
+    assert img[0]["image_id"] == "09_checkerboard_brown_teal.png"

@@ -36,18 +36,24 @@ def test_no_stack_traces_or_paths_in_any_error(make_client, fakes, dataset, tmp_
         client.post("/search/image", files={"file": ("x.png", b"\x00" * 4096, "image/png")}),  # 413
         client.post("/search/image", content=b"--x\r\n",
                     headers={"content-type": "multipart/form-data; boundary=x"}),  # 400 multipart
+        client.post("/search/text", json={"query": "red", "collection": "nope"}),  # 404 collection
+        client.post("/search/similar", json={"image_id": "/etc/passwd"}),       # 404 id
+        client.get("/thumbnails/does-not-exist.png"),                          # 404 id
+        client.get("/thumbnails/00_solid_red.png", params={"collection": "nope"}),  # 404 collection
+        client.get("/collections/nope/items/00_solid_red.png"),                # 404 collection
+        client.post("/search/text", json={"query": "red", "filter": {"kind": {"$ne": 1}}}),  # 422 filter
     ]
     broken = make_client(encoder=fakes.BrokenEncoder(), raise_server_exceptions=False)
     responses.append(broken.post("/search/text", json={"query": "red"}))  # 500, generic
     copy = Path(shutil.copytree(tiny_artifacts, tmp_path / "broken"))
-    (copy / "embeddings/test/manifest.json").write_text("{")
+    (copy / "collections/tiny/catalog.sqlite").write_bytes(b"not a database " * 100)
     unready = make_client(resources=None, artifacts_dir=copy)
     deadline = time.monotonic() + 30
     while (r := unready.get("/readyz")).json().get("reason", "").startswith("loading"):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     responses += [r, unready.post("/search/text", json={"query": "red"})]  # 503s with the reason
-    assert "manifest.json" in r.json()["reason"]
+    assert "catalog.sqlite cannot be read" in r.json()["reason"]
     statuses = {r.status_code for r in responses}
     assert {400, 404, 405, 413, 415, 422, 500, 503} <= statuses
     for r in responses:
@@ -80,15 +86,28 @@ def test_body_cap_applies_to_every_path(make_client, method, path):
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
-def test_serving_writes_nothing_under_artifacts(make_client, tiny_artifacts, tmp_path, fakes):
-    """What a read-only mount needs (the tests run as root, so a chmod would prove nothing)."""
+@pytest.mark.parametrize("mount", ["read-only", "writable"])
+def test_serving_writes_nothing_under_artifacts(make_client, tiny_artifacts, tmp_path, fakes, monkeypatch, mount):
+    """What a read-only mount needs (the tests run as root, so a chmod would prove nothing).
+
+    On a read-only mount (simulated: the catalog's folder reports itself unwritable, as access(2)
+    does on a read-only file system even for root) not one file under ARTIFACTS_DIR changes or
+    appears. On a writable one the only new files are SQLite's own WAL reader files beside the
+    catalog (`-wal`, `-shm`): a WAL database's readers need them to see a writer's commits; the
+    catalog itself is not touched."""
     artifacts = Path(shutil.copytree(tiny_artifacts, tmp_path / "artifacts"))
+    catalog = artifacts / "collections/tiny/catalog.sqlite"
+    if mount == "read-only":
+        import clipsearch.store.catalog as catalog_module
+
+        monkeypatch.setattr(catalog_module, "_writable", lambda folder: False)
 
     def tree() -> dict[str, tuple[int, int]]:
         return {str(p.relative_to(artifacts)): (p.stat().st_mtime_ns, p.stat().st_size)
                 for p in artifacts.rglob("*")}
 
     before = tree()
+    catalog_bytes = catalog.read_bytes()
     client = make_client(resources=None, artifacts_dir=artifacts)
     deadline = time.monotonic() + 60
     while client.get("/readyz").status_code != 200:
@@ -97,4 +116,14 @@ def test_serving_writes_nothing_under_artifacts(make_client, tiny_artifacts, tmp
     assert client.post("/search/text", json={"query": "red"}).status_code == 200
     data = fakes.png_bytes(fakes.image("solid", "red"))
     assert client.post("/search/image", files={"file": ("a.png", data, "image/png")}).status_code == 200
-    assert tree() == before
+    assert client.get("/thumbnails/00_solid_red.png").status_code == 200
+    assert client.get("/collections").status_code == 200
+    after = tree()
+    assert catalog.read_bytes() == catalog_bytes
+    if mount == "read-only":
+        assert after == before
+    else:
+        wal_files = {"collections/tiny/catalog.sqlite-wal", "collections/tiny/catalog.sqlite-shm"}
+        assert set(after) - set(before) <= wal_files
+        changed = {p for p in before if after.get(p) != before[p]}
+        assert changed <= {"collections/tiny"}  # the folder's mtime, from those files appearing
