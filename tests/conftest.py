@@ -74,27 +74,23 @@ def lit_onnx_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lit_artifacts(tmp_path_factory, lit_loaded) -> Path:
-    """The smallest artifacts dir `app.resources.load_resources` accepts for lit-effnet-minilm:
-    3 images, 3 captions, placeholder vectors (the tests look at the encoder, not at the hits)."""
+    """The smallest artifacts dir `app.resources.load_resources` accepts for lit-effnet-minilm: one
+    collection of 3 images with a caption each, placeholder vectors (the tests look at the encoder)."""
     import numpy as np
 
-    from clipsearch.index import IndexParams, VectorIndex
-    from clipsearch.manifest import sha256_file, write_json_atomic
+    from clipsearch.artifacts import ArtifactLayout
+    from clipsearch.store import Catalog, NewItem
 
     root = tmp_path_factory.mktemp("lit_artifacts")
     identity = lit_loaded.identity.to_dict()
-    images = [{"image_id": f"im{i}", "image_path": str(root / f"im{i}.png")} for i in range(3)]
-    for i, name in enumerate(("red", "green", "blue")):
-        make_image(COLORS[name], SHAPES[i % 2]).save(root / f"im{i}.png")
-    texts = [{"caption_id": f"im{i}#0", "image_id": f"im{i}", "caption": f"a {name} {SHAPES[i % 2]}"}
-             for i, name in enumerate(("red", "green", "blue"))]
-    emb = root / "embeddings" / "test"
-    write_json_atomic(emb / "images.json", images)
-    write_json_atomic(emb / "texts.json", texts)
-    write_json_atomic(emb / "manifest.json", {"model": identity, "split": "test"})
-    sha = sha256_file(emb / "manifest.json")
     vecs = np.eye(3, identity["embed_dim"], dtype=np.float32)
-    for name in ("images.hnsw", "texts.hnsw"):
-        VectorIndex.build(vecs, IndexParams(), model=identity, split="test",
-                          embeddings_manifest_sha256=sha).save(root / "indexes" / "test", name)
+    items = []
+    for i, name in enumerate(("red", "green", "blue")):
+        path = root / f"im{i}.png"
+        make_image(COLORS[name], SHAPES[i % 2]).save(path)
+        items.append(NewItem(f"im{i}", str(path), vecs[i], captions=(f"a {name} {SHAPES[i % 2]}",),
+                             caption_vectors=vecs[i:i + 1]))
+    with Catalog(ArtifactLayout(root).collection("lit").catalog) as catalog:
+        catalog.set_model(identity, identity["embed_dim"])
+        catalog.put(items)
     return root
