@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -146,8 +147,9 @@ class Catalog:
         fmt = self.get_meta("format")
         if fmt is None and not self.readonly:
             with self.transaction() as conn:
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?), ('seq', '0'), ('created', ?)",
-                             (str(CATALOG_FORMAT), now_iso()))
+                # uid: tells a catalog made afresh from an earlier one with as many commits
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?), ('seq', '0'), ('created', ?), "
+                             "('uid', ?)", (str(CATALOG_FORMAT), now_iso(), uuid.uuid4().hex))
         elif fmt is None or int(fmt) != CATALOG_FORMAT:
             raise ArtifactError(f"catalog {Path(self.path).name} has format {fmt}, this version reads "
                                 f"{CATALOG_FORMAT}; re-ingest the collection with --force")

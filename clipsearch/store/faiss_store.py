@@ -61,6 +61,7 @@ class _State:
     targets: Mapping[str, _Target]
     facets: Mapping[str, Mapping[tuple[str, Any], NDArray[np.int64]]]  # field -> value -> image rows
     facet_values: Mapping[str, list[Any]]
+    hubness: Mapping[str, Any] | None  # the correction the caption offsets were made with
 
 
 class FaissStore:
@@ -81,6 +82,7 @@ class FaissStore:
             raise ArtifactError(f"collection {name!r} names no model; re-ingest it")
         self._model = model
         self._dim = int(catalog.dim)
+        self._uid = catalog.get_meta("uid")
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -113,7 +115,7 @@ class FaissStore:
     @property
     def version(self) -> str:
         state = self._current()
-        return sha256_json([self.name, state.seq, self._model])[:16]
+        return sha256_json([self.name, self._uid, state.seq, self._model])[:16]
 
     def count(self, target: Target = "images") -> int:
         return int(self._current().targets[target].vectors.shape[0])
@@ -149,7 +151,7 @@ class FaissStore:
             "model": dict(self._model),
             "index": {t: ("hnsw" if state.targets[t].index is not None else "exact") for t in state.targets},
             "version": self.version,
-            "hubness": self.catalog.hubness(),
+            "hubness": state.hubness,
             "metadata_fields": {k: list(v) for k, v in state.facet_values.items()},
         }
 
@@ -250,7 +252,8 @@ class FaissStore:
         }
         facets, values = _facets(rows.metadata)
         state = _State(rows.seq, tuple(rows.image_ids), {i: r for r, i in enumerate(rows.image_ids)}, items,
-                       tuple(rows.caption_ids), tuple(rows.caption_texts), targets, facets, values)
+                       tuple(rows.caption_ids), tuple(rows.caption_texts), targets, facets, values,
+                       self.catalog.hubness())
         log.debug("collection %s: %d images, %d captions loaded in %.2f s", self.name, len(items),
                   len(rows.caption_ids), time.perf_counter() - t0)
         return state

@@ -616,10 +616,6 @@ def test_collection_of_another_model_is_skipped_when_found_and_an_error_when_nam
 # --- known store bug, kept visible -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="clipsearch/store/faiss_store.py FaissStore.version hashes only "
-                                       "(name, catalog seq, model): a collection re-ingested from scratch "
-                                       "in as many commits gets the old version, so cache keys and "
-                                       "/readyz index_version cannot tell the contents apart")
 def test_rebuilt_collection_gets_a_new_version(dataset, fakes):
     images, texts = dataset
     kept = {r["image_id"] for r in images[:6]}
