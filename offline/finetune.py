@@ -885,7 +885,7 @@ def _image_runner(module: _ImageFront, example: torch.Tensor, device: torch.devi
 
     if device.type == "cpu":
         try:
-            from clipsearch.onnx_image import onnx_module_runner
+            from clipsearch.onnx.image import onnx_module_runner
 
             run = onnx_module_runner(module, example)  # in memory, torch's thread budget
             if agrees(run(example)):
