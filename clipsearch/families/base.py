@@ -70,7 +70,8 @@ class ModelFamily:
     # the projection heads always train as their own parameter group (head lr, feature dropout, CCA
     # start), even in a plain full fine-tune; False: only when blocks are locked or unlocked
     heads_apart: ClassVar[bool] = False
-    # the frozen front of each tower can be run once and cached for fine-tuning (`offline.finetune.features`)
+    # the frozen front of each tower can be run once and cached for fine-tuning (`offline.finetune.features`,
+    # which runs a timm trunk's blocks and a Hugging Face encoder's layers: needs `unlock_groups`)
     feature_cache: ClassVar[bool] = False
 
     def builds(self, model_name: str) -> bool:

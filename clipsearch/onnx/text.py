@@ -259,17 +259,17 @@ def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], thre
     (cosine >= 0.9999 on a few token batches) before it is used; one that does not is skipped.
     """
     model = loaded.model
-    kind = text_tower_kind(model)
-    if kind is None:
+    arch = text_tower_kind(model)  # which text tower: the exporter and its variants
+    if arch is None:
         raise ValueError(f"{loaded.identity.model} has no exportable text tower "
                          "(open_clip CLIP or Hugging Face)")
     if variants is None:
-        variants = VARIANTS if kind == "clip" else HF_VARIANTS
+        variants = VARIANTS if arch == "clip" else HF_VARIANTS
     cache_dir = Path(cache_dir)
     key = cache_key(loaded)
     cpu_model = model if loaded.device.type == "cpu" else _cpu_copy(model)
     pad_id = text_pad_id(model)
-    if kind == "clip":
+    if arch == "clip":
         width = int(model.transformer.width)
         heads = int(model.transformer.resblocks[0].attn.num_heads)
     else:
@@ -285,7 +285,7 @@ def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], thre
         try:
             if not base.is_file():
                 t = time.perf_counter()
-                if kind == "clip":
+                if arch == "clip":
                     export_text_tower(cpu_model, base, ort_attention=variant == "attention")
                 else:
                     export_hf_text_tower(cpu_model, base, attn_implementation=variant)
@@ -296,7 +296,7 @@ def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], thre
         candidates = []
         if fuse:
             fused = _variant_file(cache_dir, key, variant, fused=True)
-            model_type = "clip" if kind == "clip" else "bert"
+            model_type = "clip" if arch == "clip" else "bert"
             if fused.is_file() or _fuse(base, fused, heads, width, model_type=model_type):
                 candidates.append(fused)
         candidates.append(base)
@@ -304,7 +304,7 @@ def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], thre
             try:
                 enc = OnnxTowerEncoder(path, "text", threads=threads, spinning=spinning, pad_id=pad_id)
                 enc.self_check_cos = self_check(enc, cpu_model.encode_text,
-                                                _check_tokens(cpu_model, kind, pad_id, context))
+                                                _check_tokens(cpu_model, arch, pad_id, context))
                 log.info("onnx text: using %s (min cosine vs torch %.6f)", path.name, enc.self_check_cos)
                 return enc
             except Exception as exc:  # a graph that fails or changes the result is not served
@@ -313,7 +313,7 @@ def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], thre
     raise RuntimeError("no ONNX text variant passed: " + "; ".join(errors))
 
 
-def _check_tokens(model: torch.nn.Module, kind: TextTower, pad_id: int,
+def _check_tokens(model: torch.nn.Module, arch: TextTower, pad_id: int,
                   context: int | None) -> Iterator[torch.Tensor]:
     """Token batches for the self-check against open_clip's full-length `encode_text`.
 
@@ -322,7 +322,7 @@ def _check_tokens(model: torch.nn.Module, kind: TextTower, pad_id: int,
     """
     ctx = int(context or getattr(model, "context_length", 77))
     g = torch.Generator().manual_seed(0)
-    if kind == "clip":
+    if arch == "clip":
         eot = int(getattr(model, "vocab_size", 49408)) - 1
         start, low, high, pad = eot - 1, 1, eot - 1, 0
     else:  # any non-pad ids: the HF tower masks by pad id only (101/102 are BERT's [CLS]/[SEP])

@@ -21,7 +21,8 @@ def _single_linear(module: nn.Module | None, tower: str) -> nn.Linear:
 
 
 @torch.no_grad()
-def head_inputs(model: nn.Module, parts: TowerParts, backend: Backend, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def head_inputs(model: nn.Module, parts: TowerParts, backend: Backend,
+                split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The features that enter each projection head, for every image and caption of a split."""
     captured: dict[str, list[torch.Tensor]] = {"image": [], "text": []}
     handles = []
@@ -50,7 +51,8 @@ def cca_init_heads(model: nn.Module, parts: TowerParts, backend: Backend, train:
     current norm so the learning rate means the same as for a random start.
     """
     t = time.perf_counter()
-    image_lin, text_lin = _single_linear(parts.image_head_module, "image"), _single_linear(parts.text_head_module, "text")
+    image_lin = _single_linear(parts.image_head_module, "image")
+    text_lin = _single_linear(parts.text_head_module, "text")
     xi, xt = head_inputs(model, parts, backend, train.name)
     a = xi.double()[torch.from_numpy(train.text_to_image)]
     b = xt.double()
