@@ -16,9 +16,7 @@ ratio to pure forward (target: >= 0.9 with workers). Random weights are enough f
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,16 +29,13 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import finish, log, machine_env, write_json  # noqa: E402
 from clipsearch.encoder import ClipEncoder  # noqa: E402
 from clipsearch.images import decode_image  # noqa: E402
 from clipsearch.models import load_model  # noqa: E402
 from offline.embed import embed_images  # noqa: E402
 
 FLICKR = Path("/work/shared/flickr8k")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def image_paths(data: Path, n: int) -> list[str]:
@@ -75,7 +70,7 @@ def bench_model(name: str, paths: list[str], args) -> dict[str, Any]:
     if not args.no_onnx:
         import tempfile
 
-        from clipsearch.onnx_image import maybe_onnx_image
+        from clipsearch.onnx.image import maybe_onnx_image
 
         onnx = maybe_onnx_image(loaded, tempfile.mkdtemp(prefix="bench_embed_onnx_"), threads=args.threads)
     if onnx is not None:
@@ -122,34 +117,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # torch's intra-op pool for the forward pass; DataLoader workers are separate processes
     torch.set_num_threads(args.threads)
-    load = os.getloadavg()
     result: dict[str, Any] = {"benchmark": "embed", "argv": sys.argv[1:] if argv is None else argv,
-                              "env": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
-                                      "threads": args.threads, "torch": torch.__version__,
-                                      "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-                                      "loadavg_start": [round(x, 2) for x in load],
-                                      "load_high": load[0] > (os.cpu_count() or 1)}}
-    if result["env"]["load_high"]:
-        log(f"WARNING: load average {result['env']['loadavg_start']} exceeds the core count; timings are noisy")
+                              "env": machine_env(args.threads, torch=torch.__version__)}
     paths = image_paths(args.data, args.images)
     result["models"] = []
     for m in args.models:
         result["models"].append(bench_model(m, paths, args))
-        if args.out:  # keep finished models if a later one is interrupted
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({**result, "partial": m != args.models[-1]}, indent=2) + "\n")
-    result["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    print(json.dumps(result, indent=2))
+        write_json(args.out, {**result, "partial": m != args.models[-1]})  # kept if a later model fails
     lines = [f"{'model':<18} {'variant':<19} {'img/s':>8} {'x pure':>7}"]
     for m in result["models"]:
         for r in m["rows"]:
             lines.append(f"{m['model']:<18} {r['variant']:<19} {r['images_per_s_median']:>8.1f} "
                          f"{r['ratio_to_pure_forward']:>7.3f}")
-    log("\n" + "\n".join(lines))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return finish(result, "\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,13 @@ Text paths, for a typical short query (batch 1) and a batch of real Flickr8k cap
   naive          `model.encode_text(tokens)` on the tokenizer's full padded length (77; 64 for
                  lit-effnet-minilm), then L2-normalise: what open_clip examples do
   torch-trunc    `ClipEncoder.encode_tokens`: only up to the longest real token (exact, see encoder.py)
-  onnx           `clipsearch.onnx_text` session (CLIP and Hugging Face text towers), as the service
+  onnx           `clipsearch.onnx.text` session (CLIP and Hugging Face text towers), as the service
                  opens it (`session.intra_op.allow_spinning=0`)
   onnx-spin      the same file with spinning intra-op threads
   onnx-int8      (`--int8`, informational) onnxruntime dynamic int8 of the plain export; not used by
                  the service (see benchmarks/README.md for why)
 Image paths at batch 1 and 32: `model.encode_image` (naive; the project's torch `encode_pixels` is the
-same call) and, for timm towers (lit-effnet-minilm), the `clipsearch.onnx_image` session (`onnx`).
+same call) and, for timm towers (lit-effnet-minilm), the `clipsearch.onnx.image` session (`onnx`).
 
 Every path is timed in the same run, interleaved (rep r runs every variant once, `--inner` calls each),
 and the medians are reported with the ratio to the naive path and the cosine to the naive embedding.
@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import finish, log, machine_env  # noqa: E402
 from clipsearch.encoder import ClipEncoder  # noqa: E402
 from clipsearch.models import load_model  # noqa: E402
 
@@ -51,10 +50,6 @@ FALLBACK_CAPTIONS = [
 FLICKR = Path("/work/shared/flickr8k")
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def captions(n: int, data: Path) -> list[str]:
     """`n` real captions (every 8th line of Flickr8k's captions.txt, deterministic) or a fallback."""
     path = data / "captions.txt"
@@ -63,16 +58,6 @@ def captions(n: int, data: Path) -> list[str]:
             rows = [r["caption"] for r in csv.DictReader(fh)]
         return rows[::8][:n]
     return (FALLBACK_CAPTIONS * n)[:n]
-
-
-def env_info(threads: int) -> dict[str, Any]:
-    import onnxruntime
-
-    load = os.getloadavg()
-    return {"machine": platform.machine(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "threads": threads, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-            "loadavg_start": [round(x, 2) for x in load], "load_high": load[0] > (os.cpu_count() or 1)}
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int, inner: int, warmup: int = 2) -> dict[str, dict]:
@@ -100,16 +85,16 @@ def _np(x) -> np.ndarray:
 def int8_session(plain_onnx: Path, threads: int):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from clipsearch.onnx_text import OnnxTextEncoder
+    from clipsearch.onnx import OnnxTowerEncoder
 
     q = plain_onnx.with_name(plain_onnx.name.replace(".onnx", ".int8.onnx"))
     if not q.is_file():
         quantize_dynamic(str(plain_onnx), str(q), weight_type=QuantType.QInt8)
-    return OnnxTextEncoder(q, threads=threads)
+    return OnnxTowerEncoder(q, "text", threads=threads)
 
 
 def bench_model(name: str, args, cache_dir: Path) -> list[dict[str, Any]]:
-    from clipsearch.onnx_text import OnnxTextEncoder, build_onnx_text, maybe_onnx_text
+    from clipsearch.onnx import OnnxTowerEncoder, build_onnx_text, maybe_onnx_text
 
     torch.manual_seed(0)
     t = time.perf_counter()
@@ -122,11 +107,12 @@ def bench_model(name: str, args, cache_dir: Path) -> list[dict[str, Any]]:
     onnx = maybe_onnx_text(loaded, cache_dir, threads=args.threads) if not args.no_onnx else None
     extra: dict[str, Any] = {}
     if onnx is not None:
-        extra["onnx-spin"] = OnnxTextEncoder(onnx.path, threads=args.threads, spinning=True)
+        extra["onnx-spin"] = OnnxTowerEncoder(onnx.path, "text", threads=args.threads, spinning=True,
+                                              pad_id=onnx.pad_id)
         if args.int8:
-            from clipsearch.onnx_text import HF_VARIANTS, VARIANTS, has_clip_text_tower
+            from clipsearch.onnx.text import HF_VARIANTS, VARIANTS, text_tower_kind
 
-            unfused = (VARIANTS if has_clip_text_tower(model) else HF_VARIANTS)[-1]  # standard ONNX ops only
+            unfused = (VARIANTS if text_tower_kind(model) == "clip" else HF_VARIANTS)[-1]  # standard ONNX ops only
             plain = build_onnx_text(loaded, cache_dir, threads=args.threads, fuse=False, variants=(unfused,))
             extra["onnx-int8"] = int8_session(plain.path, args.threads)
 
@@ -156,7 +142,7 @@ def bench_model(name: str, args, cache_dir: Path) -> list[dict[str, Any]]:
 
     onnx_image = None
     if not args.no_image and not args.no_onnx:
-        from clipsearch.onnx_image import maybe_onnx_image
+        from clipsearch.onnx import maybe_onnx_image
 
         onnx_image = maybe_onnx_image(loaded, cache_dir, threads=args.threads)  # None for ViT towers
     size = loaded.preprocess.transforms[0].size if hasattr(loaded.preprocess, "transforms") else 224
@@ -241,22 +227,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # the thread counts under test, set once: torch intra-op pool and (per session) onnxruntime's
     torch.set_num_threads(args.threads)
-    result: dict[str, Any] = {"benchmark": "encoders", "env": env_info(args.threads),
+    import onnxruntime
+
+    result: dict[str, Any] = {"benchmark": "encoders",
+                              "env": machine_env(args.threads, torch=torch.__version__,
+                                                 onnxruntime=onnxruntime.__version__),
                               "argv": sys.argv[1:] if argv is None else argv, "query": args.query}
-    if result["env"]["load_high"]:
-        log(f"WARNING: load average {result['env']['loadavg_start']} exceeds the core count; timings are noisy")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or Path(tmp)
         for name in args.models:
             rows.extend(bench_model(name, args, cache))
     result["rows"] = rows
-    result["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    print(json.dumps(result, indent=2))
-    log("\n" + table(rows))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    finish(result, table(rows), args.out)
     if args.plot:
         plot(result, args.plot)
     return result

@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import finish, log, machine_env, write_json  # noqa: E402
 from clipsearch.index import recall_vs_exact  # noqa: E402
 
 SWEEP_EF = (16, 32, 64, 100, 128, 256)
@@ -55,14 +55,6 @@ def rss_bytes() -> int:
     except OSError:
         pass
     return 0
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    load = os.getloadavg()
-    return {"machine": platform.machine(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "threads": threads, "faiss": faiss.__version__,
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "loadavg_start": [round(x, 2) for x in load],
-            "load_high": load[0] > (os.cpu_count() or 1)}
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -284,10 +276,6 @@ def synthetic_run(args, dump=lambda partial: None) -> dict[str, Any]:
             "plan": plan, "hnsw_build": final, "checkpoints": points}
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def table(result: dict[str, Any]) -> str:
     lines = [f"{'dataset':<34} {'N':>9} {'index':<14} {'efS':>4} {'R@10':>6} {'ms/q b1':>9} {'ms/q bat':>9}"]
 
@@ -390,28 +378,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # faiss's OpenMP pool: one thread per core we were given, set once before any index work
     faiss.omp_set_num_threads(args.threads)
-    result: dict[str, Any] = {"benchmark": "index", "env": machine_info(args.threads),
+    result: dict[str, Any] = {"benchmark": "index", "env": machine_env(args.threads, faiss=faiss.__version__),
                               "argv": sys.argv[1:] if argv is None else argv, "k": args.k}
-    if result["env"]["load_high"]:
-        log(f"WARNING: load average {result['env']['loadavg_start']} exceeds the core count; timings are noisy")
     t0 = time.perf_counter()
     if args.artifacts:
         result["flickr"] = [flickr(args.artifacts, args.split, args)]
         log(table({"flickr": result["flickr"]}))
     def dump(partial: dict[str, Any]) -> None:
-        if args.out:  # a long run leaves what it has measured so far, marked partial
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({**result, "synthetic": partial}, indent=2) + "\n")
+        write_json(args.out, {**result, "synthetic": partial})  # a long run leaves what it has so far
 
     if args.n > 0:
         result["synthetic"] = synthetic_run(args, dump)
-    result["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(result, indent=2))
-    log("\n" + table(result))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    finish(result, table(result), args.out)
     if args.plot:
         plot(result, args.plot)
     return result

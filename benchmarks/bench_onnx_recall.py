@@ -15,9 +15,7 @@ The model and checkpoint are the ones named in `<artifacts>/embeddings/<split>/m
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,18 +30,13 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipsearch.encoder import ClipEncoder  # noqa: E402
+from benchmarks._common import finish, log, machine_env  # noqa: E402
+from clipsearch.encoder import build_encoder  # noqa: E402
 from clipsearch.images import decode_image  # noqa: E402
 from clipsearch.manifest import read_json  # noqa: E402
 from clipsearch.models import load_model  # noqa: E402
-from clipsearch.onnx_image import maybe_onnx_image  # noqa: E402
-from clipsearch.onnx_text import maybe_onnx_text  # noqa: E402
 from clipsearch.recall import KS, retrieval_metrics  # noqa: E402
 from offline.finetune import read_split_data  # noqa: E402
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def model_of(artifacts: Path, split: str) -> tuple[str, str | None]:
@@ -68,19 +61,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     paths, captions, t2i = data.image_paths, data.captions, data.text_to_image
     images = [decode_image(p) for p in paths]
     cache = tempfile.mkdtemp(prefix="bench_onnx_recall_")
-    backends = {"torch": (None, None),
-                "onnx": (maybe_onnx_text(loaded, cache, threads=args.threads),
-                         maybe_onnx_image(loaded, cache, threads=args.threads))}
+    encoders = {runtime: build_encoder(loaded, text=runtime, image=runtime, cache_dir=cache, threads=args.threads,
+                                       batch_size=args.batch)
+                for runtime in ("torch", "onnx")}
     result: dict[str, Any] = {
         "benchmark": "onnx_recall", "model": name, "pretrained": pretrained, "split": args.split,
         "images": len(paths), "captions": len(captions), "batch": args.batch,
-        "env": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads,
-                "torch": torch.__version__, "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
-        "onnx_towers": {"text": backends["onnx"][0] is not None, "image": backends["onnx"][1] is not None},
+        "env": machine_env(args.threads, torch=torch.__version__),
+        "onnx_towers": {"text": encoders["onnx"].text_backend is not None,
+                        "image": encoders["onnx"].image_backend is not None},
         "paths": {}}
     emb: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for label, (text_backend, image_backend) in backends.items():
-        enc = ClipEncoder(loaded, batch_size=args.batch, text_backend=text_backend, image_backend=image_backend)
+    for label, enc in encoders.items():
         t = time.perf_counter()
         img = enc.encode_images(images)
         t_img = time.perf_counter() - t
@@ -100,8 +92,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["speedup"] = {
         "images": round(result["paths"]["torch"]["image_encode_s"] / result["paths"]["onnx"]["image_encode_s"], 2),
         "captions": round(result["paths"]["torch"]["text_encode_s"] / result["paths"]["onnx"]["text_encode_s"], 2)}
-    result["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    print(json.dumps(result, indent=2))
     lines = [f"{'path':<6} " + " ".join(f"{k.replace('text_to_image', 'T>I').replace('image_to_text', 'I>T'):>9}"
                                           for k in a) + f" {'img s':>7} {'txt s':>7}"]
     for label, r in result["paths"].items():
@@ -109,11 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      + f" {r['image_encode_s']:>7.1f} {r['text_encode_s']:>7.1f}")
     lines.append(f"max |diff| {result['max_abs_recall_diff_points']} points; min cos {result['min_cosine']}; "
                  f"speed-up {result['speedup']}")
-    log("\n" + "\n".join(lines))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return finish(result, "\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import finish, loadavg  # noqa: E402
+
 WORDS = ("dog cat man woman child girl boy bike ball beach snow grass water street park red blue "
          "black white brown running jumping sitting playing walking two three small large").split()
 
@@ -139,7 +143,7 @@ def main() -> int:
     images = [Path(p).read_bytes() for p in image_paths]
     rng = random.Random(0)
     result = {"env": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                      "loadavg_start": os.getloadavg()}, "artifacts": str(args.artifacts), "runs": []}
+                      "loadavg_start": loadavg()}, "artifacts": str(args.artifacts), "runs": []}
 
     def text_req(cached: bool, k: int = 10):
         async def make(client, i):
@@ -208,13 +212,7 @@ def main() -> int:
         "batching_throughput_gain": round(on["throughput_rps"] / off["throughput_rps"], 2),
         "batching_p99_ratio": round(on["p99_ms"] / off["p99_ms"], 2),
     }
-    result["env"]["loadavg_end"] = os.getloadavg()
-    print(json.dumps(result["ratios"]), file=sys.stderr)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    finish(result, json.dumps(result["ratios"]), args.out)
     return 0
 
 

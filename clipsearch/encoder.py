@@ -1,12 +1,14 @@
-"""The narrow encoder contract every other part depends on.
+"""The narrow encoder contract every other part depends on, its torch implementation, and the one
+place that picks each tower's runtime.
 
 `encode_texts(list[str]) -> float32 (n, d)` and `encode_images(list[PIL.Image]) -> float32 (n, d)`,
 both L2-normalised, so a fake encoder with the same two methods can stand in for tests.
 
-Fast text path: open_clip pads every caption to 77 tokens, but the CLIP text tower is causal and
-pools at the end-of-text token, so positions after the longest real caption in a batch cannot change
-the result. We run the tower only up to that length (`truncate_tokens`). The same holds for Hugging
-Face text towers, which mask padding. `tests/test_encoder.py` checks equality with the full path.
+`ClipEncoder` runs a loaded model in torch; a tower may instead run as an ONNX Runtime export
+(`clipsearch.onnx`), which must give the same embeddings. `build_encoder` (and `text_backend_for` /
+`image_backend_for`, what the service and `offline embed` call per tower) decide that in one place,
+`tower_backend`. The torch text path runs only up to the longest real token of a batch
+(`clipsearch.towers`); `tests/test_encoder.py` checks equality with the full 77-token path.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image
 
+from clipsearch.families import family_of
 from clipsearch.models import LoadedModel
+from clipsearch.onnx import OnnxTowerEncoder, maybe_onnx_image, maybe_onnx_text
+from clipsearch.onnx.runtime import Runtime, Tower
+from clipsearch.towers import clip_encode_text_truncated, text_pad_id, truncate_tokens
+
+__all__ = ["ClipEncoder", "Encoder", "PixelEncoder", "Runtime", "TokenEncoder", "build_encoder",
+           "image_backend_for", "text_backend_for", "tower_backend"]
 
 
 class TokenEncoder(Protocol):
@@ -31,29 +40,6 @@ class PixelEncoder(Protocol):
     def encode_pixels(self, pixels: torch.Tensor) -> NDArray[np.float32]: ...
 
 
-def text_backend_for(loaded: LoadedModel, choice: str, cache_dir: str | os.PathLike[str],
-                     threads: int) -> TokenEncoder | None:
-    """The text backend a `--text-backend` / `CLIPSEARCH_TEXT_BACKEND` choice gives: for "onnx" the
-    ONNX Runtime export of the tower (cached in `cache_dir`, self-checked against torch), else None,
-    which is the torch path; None (logged) too where the tower cannot be exported."""
-    if choice != "onnx":
-        return None
-    from clipsearch.onnx_text import maybe_onnx_text
-
-    return maybe_onnx_text(loaded, cache_dir, threads=threads)
-
-
-def image_backend_for(loaded: LoadedModel, choice: str, cache_dir: str | os.PathLike[str],
-                      threads: int) -> PixelEncoder | None:
-    """The same for the image tower (`--image-backend` / `CLIPSEARCH_IMAGE_BACKEND`): ONNX Runtime
-    for timm towers such as lit-effnet-minilm's, torch (None) for the rest."""
-    if choice != "onnx":
-        return None
-    from clipsearch.onnx_image import maybe_onnx_image
-
-    return maybe_onnx_image(loaded, cache_dir, threads=threads)
-
-
 class Encoder(Protocol):
     dim: int
 
@@ -62,38 +48,40 @@ class Encoder(Protocol):
     def encode_images(self, images: Sequence[Image.Image]) -> NDArray[np.float32]: ...
 
 
-def truncate_tokens(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-    """Drop the all-padding columns at the right end of a right-padded token batch."""
-    real = (tokens != pad_id).any(dim=0).nonzero()
-    length = int(real.max()) + 1 if real.numel() else 1
-    return tokens[:, :length]
+def tower_backend(loaded: LoadedModel, tower: Tower, runtime: Runtime,
+                  cache_dir: str | os.PathLike[str] | None, threads: int) -> OnnxTowerEncoder | None:
+    """What runs `tower` instead of torch: for "onnx" the ONNX Runtime export (cached in `cache_dir`,
+    self-checked against torch), else None, which is the torch path; None (logged) too where the
+    tower cannot be exported or its export fails."""
+    if runtime != "onnx":
+        return None
+    if cache_dir is None:
+        raise ValueError(f"the ONNX {tower} tower needs a cache_dir for its export")
+    maybe = maybe_onnx_text if tower == "text" else maybe_onnx_image
+    return maybe(loaded, cache_dir, threads=threads)
 
 
-def _has_clip_text_tower(model: torch.nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer",
-                                           "ln_final", "attn_mask")) \
-        and getattr(model, "text_pool_type", "argmax") in ("argmax", "eos")
+def text_backend_for(loaded: LoadedModel, choice: Runtime, cache_dir: str | os.PathLike[str],
+                     threads: int) -> TokenEncoder | None:
+    """The text backend a `--text-backend` / `CLIPSEARCH_TEXT_BACKEND` choice gives (`tower_backend`)."""
+    return tower_backend(loaded, "text", choice, cache_dir, threads)
 
 
-def clip_encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """open_clip `CLIP.encode_text` over a truncated token batch (un-normalised features)."""
-    length = tokens.shape[1]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype)
-    x = x + model.positional_embedding[:length].to(cast_dtype)
-    attn_mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
-    x = model.transformer(x, attn_mask=attn_mask)
-    x = model.ln_final(x)
-    if model.text_pool_type == "argmax":
-        # the end-of-text token has the highest id in open_clip's CLIP vocabulary
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-    else:
-        idx = (tokens == model.text_eos_id).int().argmax(dim=-1)
-        x = x[torch.arange(x.shape[0], device=x.device), idx]
-    proj = model.text_projection
-    if proj is not None:
-        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-    return x
+def image_backend_for(loaded: LoadedModel, choice: Runtime, cache_dir: str | os.PathLike[str],
+                      threads: int) -> PixelEncoder | None:
+    """The same for the image tower (`--image-backend` / `CLIPSEARCH_IMAGE_BACKEND`): ONNX Runtime
+    for timm towers such as lit-effnet-minilm's, torch (None) for the rest."""
+    return tower_backend(loaded, "image", choice, cache_dir, threads)
+
+
+def build_encoder(loaded: LoadedModel, text: Runtime = "torch", image: Runtime = "torch",
+                  cache_dir: str | os.PathLike[str] | None = None, threads: int = 1, batch_size: int = 64,
+                  fast_text: bool = True) -> ClipEncoder:
+    """An encoder for `loaded` with each tower on the runtime asked for, where it can run there
+    (`tower_backend`); `cache_dir` holds the ONNX exports and is needed when either asks for "onnx"."""
+    return ClipEncoder(loaded, batch_size=batch_size, fast_text=fast_text,
+                       text_backend=tower_backend(loaded, "text", text, cache_dir, threads),
+                       image_backend=tower_backend(loaded, "image", image, cache_dir, threads))
 
 
 class ClipEncoder:
@@ -101,9 +89,9 @@ class ClipEncoder:
 
     def __init__(self, loaded: LoadedModel, batch_size: int = 64, fast_text: bool = True,
                  text_backend: "TokenEncoder | None" = None, image_backend: "PixelEncoder | None" = None):
-        """`text_backend` / `image_backend`: an exported tower (`clipsearch.onnx_text.OnnxTextEncoder`,
-        `clipsearch.onnx_image.OnnxImageEncoder`) that replaces the torch path; it must give the same
-        embeddings (both self-check against torch on build)."""
+        """`text_backend` / `image_backend`: an exported tower (`clipsearch.onnx.OnnxTowerEncoder`,
+        see `tower_backend`) that replaces the torch path; it must give the same embeddings (each
+        self-checks against torch on build)."""
         self.loaded = loaded
         self.text_backend = text_backend
         self.image_backend = image_backend
@@ -112,10 +100,10 @@ class ClipEncoder:
         self.batch_size = batch_size
         self.dim = loaded.identity.embed_dim
         self.fast_text = fast_text
-        self._clip_text = _has_clip_text_tower(self.model)
-        text = getattr(self.model, "text", None)
+        # open_clip's own CLIP text tower runs truncated here; others get the truncated tokens
+        self._clip_text = family_of(self.model).text_tower(self.model) == "clip"
         # HF towers mask padding by pad_token_id; right-truncation is equally safe there.
-        self._pad_id = int(getattr(getattr(text, "config", None), "pad_token_id", 0) or 0)
+        self._pad_id = text_pad_id(self.model)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.loaded.tokenizer(list(texts))

@@ -31,6 +31,7 @@ local checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.resources
@@ -40,6 +41,7 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -274,14 +276,15 @@ def build_lit_model(device: str | torch.device = "cpu", load_towers: bool = True
     import open_clip
 
     register()
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        LIT_MODEL_NAME,
-        pretrained=None,
-        device="cpu",
-        pretrained_image=False,  # timm would fetch its own weights from the hub
-        pretrained_text=load_towers,  # MiniLM from the local package folder
-        **open_clip_transform_kwargs(),
-    )
+    with _quiet_transformers():
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            LIT_MODEL_NAME,
+            pretrained=None,
+            device="cpu",
+            pretrained_image=False,  # timm would fetch its own weights from the hub
+            pretrained_text=load_towers,  # MiniLM from the local package folder
+            **open_clip_transform_kwargs(),
+        )
     if load_towers:
         trunk_sd = {k: v for k, v in load_efficientnet_lite0_timm_state_dict().items()
                     if not k.startswith("classifier.")}
@@ -292,6 +295,24 @@ def build_lit_model(device: str | torch.device = "cpu", load_towers: bool = True
     tokenizer = open_clip.get_tokenizer(LIT_MODEL_NAME)
     model = model.to(device).eval()
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers prints a colour-coded load report (MiniLM's pooler weights, which open_clip's own
+    mean pooler does not use) and a progress bar on every `from_pretrained`: neither says anything
+    about our load, so both are off while it runs and restored after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def tower_parameter_groups(model: nn.Module) -> dict[str, Any]:

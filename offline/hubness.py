@@ -29,10 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.manifest import ArtifactError, now_iso, read_json, save_with, write_json_atomic
+from clipsearch.manifest import ArtifactError, now_iso, read_json, write_json_atomic
 from clipsearch.models import LoadedModel
 from clipsearch.recall import KS, retrieval_metrics
 from offline.embed import embed, load_embeddings, load_image_embeddings, split_records
+from offline.plots import plot_hubness_sweep
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def run_hubness(out: Path, loaded: LoadedModel, bank_split: str = DEFAULT_BANK,
     }
     path = hubness_path(out)
     write_json_atomic(path, record)
-    plot_sweep(record, path.with_suffix(".png"))
+    plot_hubness_sweep(record, path.with_suffix(".png"))
     log.info("hubness: beta=%.2f chosen on %s (bank: %d %s images, k=%d); %s I→T R@1/5/10 %s -> %s",
              beta, select_split, len(bank["images"]), bank_split, k, select_split,
              "/".join(f"{base[f'image_to_text_R@{k_}']:.2f}" for k_ in KS),
@@ -177,25 +178,3 @@ def offsets_for_split(out: Path, split: str, texts: np.ndarray, model: dict[str,
     info = {k: rec[k] for k in ("beta", "k", "bank_split", "bank_count", "bank_embeddings_manifest_sha256",
                                 "selected_on")}
     return offsets, info
-
-
-def plot_sweep(record: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    betas = [r["beta"] for r in record["sweep"]]
-    for k in KS:
-        ax.plot(betas, [r[f"image_to_text_R@{k}"] for r in record["sweep"]], marker="o", label=f"R@{k}")
-    ax.axvline(record["beta"], linestyle=":", color="grey", label=f"chosen β = {record['beta']:g}")
-    ax.set_xlabel("β (penalty on a caption's mean cosine to its k nearest bank images)")
-    ax.set_ylabel(f"image → text recall on {record['selected_on']} (%)")
-    ax.set_title(f"Hubness correction: bank = {record['bank_count']} {record['bank_split']} images, "
-                 f"k = {record['k']}", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_with(path, lambda p: fig.savefig(p, format="png", dpi=120))
-    plt.close(fig)

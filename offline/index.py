@@ -21,6 +21,7 @@ import numpy as np
 from clipsearch.index import IndexParams, VectorIndex, recall_vs_exact
 from clipsearch.manifest import ArtifactError, read_json, write_json_atomic
 from offline.embed import load_embeddings
+from offline.plots import plot_ef_sweep
 
 log = logging.getLogger(__name__)
 
@@ -107,36 +108,7 @@ def run_sweep(out: Path, split: str, emb: dict[str, Any] | None = None, k: int =
               "batch": "all queries in one search call", "rows": rows}
     res_dir = Path(out) / "results"
     write_json_atomic(res_dir / f"sweep_{split}.json", result)
-    plot_sweep(result, res_dir / f"sweep_{split}.png")
+    plot_ef_sweep(result, res_dir / f"sweep_{split}.png")
     result["json"] = str(res_dir / f"sweep_{split}.json")
     result["png"] = str(res_dir / f"sweep_{split}.png")
     return result
-
-
-def plot_sweep(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from clipsearch.manifest import save_with
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for target, label in (("images", "text→image (image index)"), ("texts", "image→text (caption index)")):
-        rows = [r for r in result["rows"] if r["index"] == target]
-        rkey = next(k for k in rows[0] if k.startswith("recall@"))
-        xs, ys = [r["ms_per_query"] for r in rows], [r[rkey] for r in rows]
-        ax.plot(xs, ys, marker="o", label=f"HNSW {label}")
-        for r, x, y in zip(rows, xs, ys):
-            ax.annotate(str(r["ef_search"]), (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7)
-        ax.axvline(rows[0]["flat_ms_per_query"], linestyle=":", color=ax.lines[-1].get_color(),
-                   label=f"exact flat, {target}")
-    ax.set_xscale("log")
-    ax.set_xlabel("ms per query (batched, log scale)")
-    ax.set_ylabel(f"recall@{result['k']} vs exact")
-    ax.set_title(f"HNSW efSearch sweep, split '{result['split']}' (labels: efSearch)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    save_with(path, lambda p: fig.savefig(p, format="png", dpi=120))
-    plt.close(fig)

@@ -32,7 +32,7 @@ from clipsearch.manifest import ArtifactError, now_iso, write_json_atomic
 from clipsearch.models import LoadedModel
 from clipsearch.store import Catalog, FaissStore, NewItem
 from clipsearch.store.catalog import ItemState
-from offline.embed import ImageFiles, _collate
+from offline.embed import ImageFiles, collate_images
 from offline.layouts import IMAGE_SUFFIXES, R_CORRUPT, DataError
 from offline.sources import Source, SourceItem, read_source
 
@@ -154,7 +154,7 @@ def _embed_items(catalog: Catalog, encoder: ClipEncoder, loaded: LoadedModel,
     if not todo:
         return 0, []
     loader = DataLoader(ImageFiles([str(item.path) for item, _ in todo], loaded.preprocess),
-                        batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                        batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
                         prefetch_factor=4 if workers else None)
     pending: list[tuple[int, np.ndarray]] = []
     bad: list[dict[str, Any]] = []

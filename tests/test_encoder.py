@@ -3,8 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clipsearch.encoder import ClipEncoder, truncate_tokens
+from clipsearch.encoder import ClipEncoder
 from clipsearch.models import load_model
+from clipsearch.towers import truncate_tokens
 
 QUERIES = ["a dog", "two children play football in a park near a red house", "", "🙂 émoji ünïcode"]
 
@@ -55,7 +56,7 @@ def test_outputs_are_normalized_float32_and_batched(tiny):
 
 
 def test_onnx_text_backend_gives_the_same_embeddings(tiny, tmp_path):
-    from clipsearch.onnx_text import maybe_onnx_text
+    from clipsearch.onnx.text import maybe_onnx_text
 
     backend = maybe_onnx_text(tiny, tmp_path, threads=1)
     assert backend is not None

@@ -11,11 +11,13 @@ from PIL import Image, ImageDraw
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-import clipsearch.onnx_image as oi  # noqa: E402
+import clipsearch.onnx.image as oi  # noqa: E402
 from clipsearch.encoder import ClipEncoder  # noqa: E402
 from clipsearch.models import load_model  # noqa: E402
-from clipsearch.onnx_image import OnnxImageEncoder, build_onnx_image, maybe_onnx_image  # noqa: E402
-from clipsearch.onnx_text import OnnxTextEncoder, cache_key  # noqa: E402
+from clipsearch.onnx.image import build_onnx_image, maybe_onnx_image  # noqa: E402
+from clipsearch.onnx.runtime import OnnxTowerEncoder as OnnxImageEncoder  # noqa: E402
+from clipsearch.onnx.runtime import OnnxTowerEncoder as OnnxTextEncoder  # noqa: E402
+from clipsearch.onnx.runtime import cache_key  # noqa: E402
 
 
 def images(n: int) -> list[Image.Image]:

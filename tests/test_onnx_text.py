@@ -10,8 +10,9 @@ pytest.importorskip("onnx")
 
 from clipsearch.encoder import ClipEncoder  # noqa: E402
 from clipsearch.models import load_model  # noqa: E402
-from clipsearch.onnx_text import (OnnxTextEncoder, build_onnx_text, cache_key,  # noqa: E402
-                                  maybe_onnx_text, text_tower_kind)
+from clipsearch.onnx.runtime import OnnxTowerEncoder as OnnxTextEncoder  # noqa: E402
+from clipsearch.onnx.runtime import cache_key  # noqa: E402
+from clipsearch.onnx.text import build_onnx_text, maybe_onnx_text, text_tower_kind  # noqa: E402
 
 QUERIES = ["a dog", "two children play football in a park near a red house", "", "🙂 émoji ünïcode",
            "a man in a red shirt climbs a rock wall while another man in a blue helmet belays him "
@@ -99,7 +100,7 @@ def test_no_exportable_text_tower_returns_none(tmp_path, caplog):
 
 
 def test_export_failure_returns_none(tiny, tmp_path, monkeypatch, caplog):
-    import clipsearch.onnx_text as ot
+    import clipsearch.onnx.text as ot
 
     def boom(*a, **k):
         raise RuntimeError("exporter broke")

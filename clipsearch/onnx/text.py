@@ -1,4 +1,4 @@
-"""ONNX Runtime text encoder for open_clip text towers: the small-batch query fast path.
+"""The ONNX Runtime text tower for open_clip text towers: the small-batch query fast path.
 
 At batch 1 the CLIP text tower is bound by per-op overhead and weight bytes, not FLOPs, so running
 only the real tokens (`truncate_tokens`) is not enough on its own; ONNX Runtime removes most of the
@@ -20,9 +20,9 @@ scaled_dot_product_attention, decomposed by the exporter; the `bert` optimizer f
 and BiasGelu) and `eager` (transformers' eager attention, which it also fuses into `Attention` +
 `EmbedLayerNormalization`). `sdpa` comes first: on this 2-core machine all four files ran a batch-1
 MiniLM query in 9-11 ms (1 thread, load ~3), but the fused `Attention` was ~20-40% slower at batch 8.
-Files: `<cache_dir>/<key>.<variant>[.fused].onnx`, where `key` hashes the export format, the torch
-version and the model identity (or, for random weights, the text-tower weights themselves), each
-written atomically with `clipsearch.manifest.save_with`.
+Files: `<cache_dir>/<key>.<variant>[.fused].onnx`, `key` = `clipsearch.onnx.runtime.cache_key`
+(export format, torch version, model identity or, for random weights, the text-tower weights), each
+written atomically. The session, the self-check and the fallback are `clipsearch.onnx.runtime`'s.
 
 Only fp32: dynamic int8 loses ~1e-3 of cosine and its effect on retrieval recall has to be measured
 on trained weights first (see benchmarks/README.md).
@@ -30,57 +30,28 @@ on trained weights first (see benchmarks/README.md).
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 import time
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-from numpy.typing import NDArray
 
-from clipsearch.manifest import save_with, sha256_json
+from clipsearch.families import TextTower, family_of
+from clipsearch.manifest import save_with
 from clipsearch.models import LoadedModel
+from clipsearch.onnx.runtime import (INPUTS, OUTPUT, OnnxTowerEncoder, cache_key, export_module, maybe_onnx,
+                                     self_check, tower_log)
+from clipsearch.towers import clip_encode_text_truncated, l2_normalize, text_pad_id
 
-log = logging.getLogger(__name__)
+log = tower_log("text")
 
-EXPORT_FORMAT = 1  # bump when the exported graph changes, so stale cache files are not reused
-OPSET = 17
-INPUT = "tokens"
-OUTPUT = "embedding"
-
-
-def has_clip_text_tower(model: torch.nn.Module) -> bool:
-    """open_clip `CLIP` (not CustomTextCLIP/HF) with argmax or eos pooling: what we can export."""
-    from clipsearch.encoder import _has_clip_text_tower
-
-    return _has_clip_text_tower(model) and getattr(model, "text", None) is None
+INPUT = INPUTS["text"][0]
 
 
-def has_hf_text_tower(model: torch.nn.Module) -> bool:
-    """open_clip `CustomTextCLIP` whose `.text` is an `HFTextEncoder` (transformers model + pooler +
-    projection, masking by `config.pad_token_id`): the other tower we can export."""
-    text = getattr(model, "text", None)
-    return (text is not None and all(hasattr(text, a) for a in ("transformer", "pooler", "proj", "config"))
-            and getattr(text.config, "pad_token_id", None) is not None
-            and isinstance(getattr(text, "transformer", None), torch.nn.Module))
-
-
-def text_tower_kind(model: torch.nn.Module) -> str | None:
-    """"clip", "hf", or None when the model's text tower cannot be exported."""
-    if has_clip_text_tower(model):
-        return "clip"
-    if has_hf_text_tower(model):
-        return "hf"
-    return None
-
-
-def text_pad_id(model: torch.nn.Module) -> int:
-    """The id the tokenizer pads with: HF towers name it in their config, open_clip CLIP uses 0."""
-    return int(getattr(getattr(getattr(model, "text", None), "config", None), "pad_token_id", 0) or 0)
+def text_tower_kind(model: torch.nn.Module) -> TextTower | None:
+    """"clip", "hf", or None when the model's text tower cannot be exported (its family says which)."""
+    return family_of(model).text_tower(model)
 
 
 class _ExportSelfAttention(torch.nn.Module):
@@ -162,10 +133,7 @@ class _TruncatedTextTower(torch.nn.Module):
         self.model = model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        from clipsearch.encoder import clip_encode_text_truncated
-
-        x = clip_encode_text_truncated(self.model, tokens).float()
-        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return l2_normalize(clip_encode_text_truncated(self.model, tokens).float())
 
 
 class _HFTextTower(torch.nn.Module):
@@ -181,34 +149,7 @@ class _HFTextTower(torch.nn.Module):
         self.model = model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.model.text(tokens).float()
-        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def _tower_state_digest(model: torch.nn.Module, tower: str = "text") -> str:
-    """Hash of one tower's weights (`image`: the `visual.` ones, `text`: the rest): random-init
-    models share an identity but not weights."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if name.startswith("visual.") != (tower == "image"):
-            continue
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def cache_key(loaded: LoadedModel, tower: str = "text") -> str:
-    """File-name key of an exported tower: export format, torch version, model and weights identity
-    (`clipsearch.onnx_image` uses it with tower="image")."""
-    ident = loaded.identity.to_dict()
-    weights = ident["checkpoint_sha256"] or ident["pretrained"]
-    if not weights:
-        weights = "state:" + _tower_state_digest(loaded.model, tower)
-    payload = {"format": EXPORT_FORMAT, "opset": OPSET, "torch": torch.__version__,
-               "model": ident["model"], "weights": weights}
-    if tower != "text":  # text keys stay what they were, so existing text exports are reused
-        payload["tower"] = tower
-    return sha256_json(payload)[:24]
+        return l2_normalize(self.model.text(tokens).float())
 
 
 def export_text_tower(model: torch.nn.Module, path: str | os.PathLike[str], ort_attention: bool = True) -> Path:
@@ -231,8 +172,7 @@ def export_text_tower(model: torch.nn.Module, path: str | os.PathLike[str], ort_
     try:
         for b in blocks:
             b.attn = wrapper(b.attn)
-        _export_tokens_to_embedding(tower, sample, path,
-                                    custom_opsets={"com.microsoft": 1} if ort_attention else None)
+        _export_tokens(tower, sample, path, custom_opsets={"com.microsoft": 1} if ort_attention else None)
     finally:
         for b, a in zip(blocks, originals):
             b.attn = a
@@ -263,30 +203,18 @@ def export_hf_text_tower(model: torch.nn.Module, path: str | os.PathLike[str],
     try:
         if swap:
             bert.set_attn_implementation(attn_implementation)
-        _export_tokens_to_embedding(tower, sample, path)
+        _export_tokens(tower, sample, path)
     finally:
         if swap and original is not None:
             bert.set_attn_implementation(original)
     return path
 
 
-def _export_tokens_to_embedding(tower: torch.nn.Module, sample: torch.Tensor, path: Path,
-                                custom_opsets: dict[str, int] | None = None) -> None:
-    """The one export call both tower kinds use: tokens [batch, length] -> embedding [batch, D]."""
-
-    def write(tmp: Path) -> None:
-        with torch.no_grad(), warnings.catch_warnings():
-            # the pooling index is argmax output (never negative), which is what this warns about
-            warnings.filterwarnings("ignore", message=".*aten::index operator of advanced indexing.*")
-            # transformers' shape checks (mask padding length, is_causal) are constant for our inputs
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            # the TorchScript exporter: it needs no onnxscript and keeps dynamic_axes simple
-            torch.onnx.export(tower, (sample,), str(tmp), input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: {0: "batch", 1: "length"}, OUTPUT: {0: "batch"}},
-                              opset_version=OPSET, do_constant_folding=True, dynamo=False,
-                              custom_opsets=custom_opsets)
-
-    save_with(path, write)
+def _export_tokens(tower: torch.nn.Module, sample: torch.Tensor, path: Path,
+                   custom_opsets: dict[str, int] | None = None) -> None:
+    """Both text exports: tokens [batch, length] -> embedding [batch, D], batch and length dynamic."""
+    export_module(tower, sample, path, input_name=INPUT, output_names=[OUTPUT],
+                  dynamic_axes={INPUT: {0: "batch", 1: "length"}}, custom_opsets=custom_opsets)
 
 
 def _fuse(src: Path, dst: Path, num_heads: int, hidden: int, model_type: str = "clip") -> Path | None:
@@ -305,54 +233,6 @@ def _fuse(src: Path, dst: Path, num_heads: int, hidden: int, model_type: str = "
         return None
 
 
-def session_options(threads: int, spinning: bool = False) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    # one query at a time: all cores on one op (intra-op), no inter-op parallelism
-    so.intra_op_num_threads = max(1, int(threads))
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # off by default: on a shared 2-core machine (load ~5) spinning workers made a batch-1 query
-    # ~1.4x slower (benchmarks/results/encoders_t2.json); on dedicated idle cores it can help a little
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    so.log_severity_level = 3
-    return so
-
-
-class OnnxTextEncoder:
-    """Runs the exported tower: `encode_tokens(tokens) -> float32 (n, d)`, L2-normalised.
-
-    `tokens` may be padded to any length: trailing all-padding columns (`pad_id`) are dropped
-    first, which cannot change the result (CLIP: causal tower, pooled at the end-of-text token;
-    HF: the graph masks padding out of attention and pooling).
-    """
-
-    def __init__(self, path: str | os.PathLike[str], threads: int = 1, spinning: bool = False,
-                 pad_id: int = 0):
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        self.threads = threads
-        self.pad_id = pad_id
-        self.session = ort.InferenceSession(str(self.path), sess_options=session_options(threads, spinning),
-                                            providers=["CPUExecutionProvider"])
-        self.dim = int(self.session.get_outputs()[0].shape[-1])
-        self.self_check_cos: float | None = None
-
-    def encode_tokens(self, tokens: torch.Tensor | np.ndarray) -> NDArray[np.float32]:
-        t = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
-        if t.ndim != 2:
-            raise ValueError(f"expected token ids [batch, length], got shape {t.shape}")
-        if t.shape[0] == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        real = np.flatnonzero((t != self.pad_id).any(axis=0))
-        t = t[:, : int(real[-1]) + 1 if real.size else 1]
-        (out,) = self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(t, dtype=np.int64)})
-        return np.ascontiguousarray(out, dtype=np.float32)
-
-
 def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 
@@ -369,7 +249,7 @@ def _variant_file(cache_dir: Path, key: str, variant: str, fused: bool) -> Path:
 
 def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], threads: int = 1,
                     fuse: bool = True, spinning: bool = False,
-                    variants: tuple[str, ...] | None = None) -> OnnxTextEncoder:
+                    variants: tuple[str, ...] | None = None) -> OnnxTowerEncoder:
     """Export (or reuse the cached export of) the model's text tower and open a session on it.
 
     Variants, best first: for a CLIP tower `attention` (onnxruntime's fused causal Attention op) and
@@ -379,17 +259,17 @@ def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], thre
     (cosine >= 0.9999 on a few token batches) before it is used; one that does not is skipped.
     """
     model = loaded.model
-    kind = text_tower_kind(model)
-    if kind is None:
+    arch = text_tower_kind(model)  # which text tower: the exporter and its variants
+    if arch is None:
         raise ValueError(f"{loaded.identity.model} has no exportable text tower "
                          "(open_clip CLIP or Hugging Face)")
     if variants is None:
-        variants = VARIANTS if kind == "clip" else HF_VARIANTS
+        variants = VARIANTS if arch == "clip" else HF_VARIANTS
     cache_dir = Path(cache_dir)
     key = cache_key(loaded)
     cpu_model = model if loaded.device.type == "cpu" else _cpu_copy(model)
     pad_id = text_pad_id(model)
-    if kind == "clip":
+    if arch == "clip":
         width = int(model.transformer.width)
         heads = int(model.transformer.resblocks[0].attn.num_heads)
     else:
@@ -405,7 +285,7 @@ def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], thre
         try:
             if not base.is_file():
                 t = time.perf_counter()
-                if kind == "clip":
+                if arch == "clip":
                     export_text_tower(cpu_model, base, ort_attention=variant == "attention")
                 else:
                     export_hf_text_tower(cpu_model, base, attn_implementation=variant)
@@ -416,14 +296,15 @@ def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], thre
         candidates = []
         if fuse:
             fused = _variant_file(cache_dir, key, variant, fused=True)
-            model_type = "clip" if kind == "clip" else "bert"
+            model_type = "clip" if arch == "clip" else "bert"
             if fused.is_file() or _fuse(base, fused, heads, width, model_type=model_type):
                 candidates.append(fused)
         candidates.append(base)
         for path in candidates:
             try:
-                enc = OnnxTextEncoder(path, threads=threads, spinning=spinning, pad_id=pad_id)
-                enc.self_check_cos = _self_check(cpu_model, enc, kind=kind, context=context)
+                enc = OnnxTowerEncoder(path, "text", threads=threads, spinning=spinning, pad_id=pad_id)
+                enc.self_check_cos = self_check(enc, cpu_model.encode_text,
+                                                _check_tokens(cpu_model, arch, pad_id, context))
                 log.info("onnx text: using %s (min cosine vs torch %.6f)", path.name, enc.self_check_cos)
                 return enc
             except Exception as exc:  # a graph that fails or changes the result is not served
@@ -432,22 +313,21 @@ def build_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], thre
     raise RuntimeError("no ONNX text variant passed: " + "; ".join(errors))
 
 
-def _self_check(model: torch.nn.Module, enc: OnnxTextEncoder, min_cos: float = 0.9999,
-                kind: str = "clip", context: int | None = None) -> float:
-    """Cosine between the session and open_clip's full-length encode_text on a few token batches.
+def _check_tokens(model: torch.nn.Module, arch: TextTower, pad_id: int,
+                  context: int | None) -> Iterator[torch.Tensor]:
+    """Token batches for the self-check against open_clip's full-length `encode_text`.
 
     The batches mix lengths, so the session runs both unpadded (batch 1, truncated) and padded
     rows; `context` is the padded length of the reference (the tokenizer's).
     """
     ctx = int(context or getattr(model, "context_length", 77))
     g = torch.Generator().manual_seed(0)
-    worst = 1.0
-    if kind == "clip":
+    if arch == "clip":
         eot = int(getattr(model, "vocab_size", 49408)) - 1
         start, low, high, pad = eot - 1, 1, eot - 1, 0
     else:  # any non-pad ids: the HF tower masks by pad id only (101/102 are BERT's [CLS]/[SEP])
         vocab = int(getattr(model.text.config, "vocab_size", 30522))
-        pad = enc.pad_id
+        pad = pad_id
         start, eot, low, high = min(101, vocab - 1), min(102, vocab - 1), 1, vocab
     for lengths in ((3,), (12, 5), (ctx, 7)):
         tokens = torch.full((len(lengths), ctx), pad, dtype=torch.long)
@@ -456,29 +336,15 @@ def _self_check(model: torch.nn.Module, enc: OnnxTextEncoder, min_cos: float = 0
             tokens[i, 1:n - 1] = torch.randint(low, high, (n - 2,), generator=g)
             tokens[i, n - 1] = eot
         tokens[(tokens == pad) & (torch.arange(ctx) < torch.tensor(lengths)[:, None])] = pad + 1
-        with torch.inference_mode():
-            ref = torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1).numpy()
-        worst = min(worst, float((enc.encode_tokens(tokens) * ref).sum(1).min()))
-    if worst < min_cos:
-        raise RuntimeError(f"ONNX text tower disagrees with torch (min cosine {worst:.6f})")
-    return worst
+        yield tokens
 
 
 def maybe_onnx_text(loaded: LoadedModel, cache_dir: str | os.PathLike[str], threads: int = 1,
-                    fuse: bool = True, spinning: bool = False) -> OnnxTextEncoder | None:
+                    fuse: bool = True, spinning: bool = False) -> OnnxTowerEncoder | None:
     """An ONNX text encoder for `loaded`, or None (logged) when the model has no exportable text
     tower (neither an open_clip CLIP tower nor a Hugging Face one), is not on the CPU, or
     export/loading/the equality self-check fails."""
-    if text_tower_kind(loaded.model) is None:
-        log.info("onnx text: %s has no exportable text tower (open_clip CLIP or Hugging Face); "
-                 "using the torch text path", loaded.identity.model)
-        return None
-    if loaded.device.type != "cpu":  # the session is CPU-only; on a GPU the torch path is faster
-        log.info("onnx text: model is on %s; using the torch text path", loaded.device)
-        return None
-    try:
-        return build_onnx_text(loaded, cache_dir, threads=threads, fuse=fuse, spinning=spinning)
-    except Exception as exc:  # any export/runtime failure falls back to torch, with the reason logged
-        log.warning("onnx text: export or load failed for %s (%s: %s); using the torch text path",
-                    loaded.identity.model, type(exc).__name__, exc)
-        return None
+    missing = None if text_tower_kind(loaded.model) else \
+        "has no exportable text tower (open_clip CLIP or Hugging Face)"
+    return maybe_onnx("text", loaded, missing,
+                      lambda: build_onnx_text(loaded, cache_dir, threads=threads, fuse=fuse, spinning=spinning))

@@ -1,0 +1,52 @@
+"""What every benchmark script shares: a timestamped log on stderr, the record of the machine and its
+load, and the epilogue (the JSON on stdout, the table on stderr, the JSON in `--out`).
+
+The scripts put the repository root on `sys.path` and import this as `benchmarks._common`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine_env(threads: int, **versions: Any) -> dict[str, Any]:
+    """The run's `env` record: machine, cores, the thread count under test, library versions, and the
+    load average at the start (`load_high`: above the core count, so timings are noisy — said on
+    stderr too)."""
+    load = loadavg()
+    env = {"machine": platform.machine(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+           "threads": threads, **versions, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+           "loadavg_start": load, "load_high": load[0] > (os.cpu_count() or 1)}
+    if env["load_high"]:
+        log(f"WARNING: load average {load} exceeds the core count; timings are noisy")
+    return env
+
+
+def write_json(path: Path | None, result: dict[str, Any]) -> None:
+    """`result` as indented JSON in `path` (a finished run, or what a long one has so far); no-op for None."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def finish(result: dict[str, Any], table: str, out: Path | None) -> dict[str, Any]:
+    """Record the load at the end, print the JSON, log `table`, write `out`; returns `result`."""
+    result.setdefault("env", {})["loadavg_end"] = loadavg()
+    print(json.dumps(result, indent=2))
+    log("\n" + table)
+    write_json(out, result)
+    return result
