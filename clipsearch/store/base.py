@@ -70,6 +70,15 @@ class VectorStore(Protocol):
 
     def delete(self, image_ids: Sequence[str]) -> int: ...
 
+    # New captions (with their vectors, shape (len(captions), dim)) for an existing item; the image
+    # vector stays. Raises StoreError for an unknown id.
+    def replace_captions(self, image_id: str, captions: Sequence[str],
+                         vectors: NDArray[np.float32]) -> None: ...
+
+    # Pick up changes other processes committed (e.g. an offline ingest into a served collection);
+    # True when the contents changed. A store whose engine is shared (a server) may just return False.
+    def refresh(self) -> bool: ...
+
     def describe(self) -> dict[str, Any]: ...  # counts, model, index kind, metadata fields
 
 

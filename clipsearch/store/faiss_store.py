@@ -142,6 +142,24 @@ class FaissStore:
         self._invalidate()
         return n
 
+    def replace_captions(self, image_id: str, captions: Sequence[str],
+                         vectors: NDArray[np.float32]) -> None:
+        item = self.get(image_id)
+        if item is None:
+            raise StoreError(f"no item {image_id!r} in collection {self.name!r}")
+        vecs = np.asarray(vectors, dtype=np.float32).reshape(len(captions), self._dim)
+        self.catalog.replace_captions([NewItem(image_id=image_id, path=item.path,
+                                               vector=np.zeros(self._dim, np.float32),
+                                               captions=tuple(captions), caption_vectors=vecs)])
+        self._invalidate()
+
+    def refresh(self) -> bool:
+        state = self._state
+        if state is None or self.catalog.seq == state.seq:
+            return False
+        self._invalidate()
+        return True
+
     def describe(self) -> dict[str, Any]:
         state = self._current()
         return {
