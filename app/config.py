@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from clipsearch.artifacts import check_collection_name
 from clipsearch.store import EXACT_MAX
 
+from app.fetch import Allowlist, Networks
+
 MiB = 1 << 20
 
 
@@ -55,6 +57,22 @@ class Settings(BaseSettings):
         EXACT_MAX, ge=0, description="A target (images or captions) of a collection with at most this many "
                                      "vectors is searched exactly; above it, by HNSW (loaded from the "
                                      "collection's snapshot when it is current, else built at start-up).")
+
+    max_embed_texts: int = Field(64, ge=1, le=4096, description="Most texts one POST /embed/text takes.")
+    fetch_urls: bool = Field(
+        False, description="Accept {\"image_url\": ...} in JSON image queries: the service fetches the "
+                           "image itself (http/https, public addresses only, see docs/limits.md). Off by "
+                           "default: an image-fetching server is an SSRF risk.")
+    fetch_allowlist: Annotated[Allowlist, NoDecode] = Field(
+        default_factory=list, description="Comma-separated hosts image URLs may name (exact names/IPs or "
+                                          "*.example.com); empty admits any public host.")
+    fetch_connect_timeout_s: float = Field(3.0, gt=0, le=60, description="Per connection attempt.")
+    fetch_total_timeout_s: float = Field(10.0, gt=0, le=300,
+                                         description="Whole fetch: DNS, every redirect, the body.")
+    fetch_max_redirects: int = Field(3, ge=0, le=10)
+    fetch_allowed_private_networks: Annotated[Networks, NoDecode] = Field(
+        default_factory=list, description="Comma-separated non-public CIDRs image URLs may reach anyway "
+                                          "(an internal image store); metadata addresses stay refused.")
 
     cache_size: int = Field(1024, ge=0, description="Response LRU entries; 0 turns the cache off.")
     inference_threads: int = Field(2, ge=1, description="Worker threads for decode + encode + search.")
@@ -114,6 +132,8 @@ class Settings(BaseSettings):
         if self.collections and self.default_collection and self.default_collection not in self.collections:
             raise ValueError(f"default_collection {self.default_collection!r} is not one of collections "
                              f"({', '.join(self.collections)})")
+        if self.fetch_connect_timeout_s > self.fetch_total_timeout_s:
+            raise ValueError("fetch_connect_timeout_s must not exceed fetch_total_timeout_s")
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) must not exceed max_k ({self.max_k})")
         if self.torch_threads is None:

@@ -21,6 +21,9 @@ from clipsearch.images import ImageDecodeError
 from clipsearch.manifest import ArtifactError
 from clipsearch.models import ModelLoadError
 
+from app.fetch import FetchError
+from app.inputs import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -148,6 +151,14 @@ def install_error_handlers(app: FastAPI) -> None:
             message = PARSE_ERROR_MESSAGE
         return error_response(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), message,
                               exc.headers)
+
+    @app.exception_handler(InputError)
+    async def _input_error(_: Request, exc: InputError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(FetchError)
+    async def _fetch_error(_: Request, exc: FetchError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message)
 
     for exc_type, (status, code) in DOMAIN_ERRORS.items():
         app.add_exception_handler(exc_type, _domain_handler(status, code))

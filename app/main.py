@@ -28,7 +28,7 @@ from app.config import Settings
 from app.errors import install_error_handlers, public_reason
 from app.middleware import AdmissionMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
 from app.resources import Resources, configure_threads, load_resources
-from app.routes import admin, collections, media, ops, search
+from app.routes import admin, collections, embed, media, ops, search
 from app.state import ServiceState
 
 log = logging.getLogger("app")
@@ -135,6 +135,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     app.state.service = state
     install_error_handlers(app)
     app.include_router(search.build_router(settings))
+    app.include_router(embed.build_router(settings))
     app.include_router(collections.router)
     app.include_router(media.router)
     app.include_router(ops.router)

@@ -17,7 +17,9 @@ from clipsearch.models import is_local_checkpoint
 
 # endpoint -> its stages; children are created up front so dashboards see zeros, not gaps
 STAGES = {"text": ("encode", "search", "total"), "image": ("decode", "encode", "search", "total"),
-          "similar": ("search", "total")}
+          "similar": ("search", "total"), "vector": ("search", "total"),
+          "terms": ("decode", "encode", "search", "total"), "embed_text": ("encode", "total"),
+          "embed_image": ("decode", "encode", "total")}
 # 0.5 ms .. 10 s: a cache hit is sub-millisecond, a big image on a busy CPU can take seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat,
-                      StrictInt, StringConstraints, create_model)
+                      StrictInt, StringConstraints, create_model, model_validator)
 
 from clipsearch.artifacts import COLLECTION_NAME
 
@@ -201,3 +201,133 @@ def text_search_request(settings: Settings) -> type[BaseModel]:
                             json_schema_extra={"pattern": f"[^{WHITESPACE}]"})),
         **_common_fields(settings),
     )
+
+
+# --- query inputs beyond text and uploads: JSON images, vectors, weighted terms, embeddings out ---
+
+MAX_VECTOR_DIM = 8192
+
+
+def base64_chars(max_bytes: int) -> int:
+    """The longest base64 text (or data: URI) accepted for an image of at most `max_bytes`: its
+    base64 length plus room for line breaks and the data-URI prefix. The decoded size is what
+    `app.inputs.decode_base64_image` holds to the exact cap."""
+    return (max_bytes + 2) // 3 * 4 * 105 // 100 + 1024
+
+
+def _image_fields(settings: Settings) -> dict[str, Any]:
+    chars = base64_chars(settings.max_upload_bytes)
+    return {
+        # Not nullable (leave a field out instead): the schema then says "exactly one" by `oneOf`.
+        "image": (Annotated[str, StringConstraints(min_length=1, max_length=chars)], Field(
+            None, description=f"The image as base64 (standard or URL-safe, padding optional) or a "
+                              f"data:image/...;base64, URI; at most {settings.max_upload_bytes} bytes "
+                              f"once decoded")),
+        "image_url": (Annotated[str, StringConstraints(min_length=1, max_length=2048)], Field(
+            None, description="An http(s) URL the server fetches the image from (only when the server "
+                              "runs with CLIPSEARCH_FETCH_URLS=1; public hosts, see docs/limits.md)")),
+    }
+
+
+ONE_IMAGE_SCHEMA = {"oneOf": [{"required": ["image"]}, {"required": ["image_url"]}]}
+ONE_TERM_SCHEMA = {"oneOf": [{"required": ["text"]}, {"required": ["image_id"]}, {"required": ["image"]}]}
+
+
+def _one_image(model: Any) -> Any:
+    if (model.image is None) == (model.image_url is None):
+        raise ValueError("give exactly one of image (base64) and image_url")
+    return model
+
+
+def image_json_request(settings: Settings) -> type[BaseModel]:
+    """The application/json body of POST /search/image: the form's fields, the image as base64 or a URL."""
+    return create_model(
+        "ImageSearchJsonRequest",
+        __config__=ConfigDict(extra="forbid", json_schema_extra={**ONE_IMAGE_SCHEMA, "examples": [
+            {"image": "data:image/png;base64,iVBORw0KGgo...", "k": settings.default_k, "target": "images"}]}),
+        __validators__={"one_image": model_validator(mode="after")(_one_image)},
+        target=(Target, Field("images", description="images (similar images) or captions")),
+        **_image_fields(settings), **_common_fields(settings))
+
+
+def embed_image_request(settings: Settings) -> type[BaseModel]:
+    return create_model(
+        "EmbedImageRequest",
+        __config__=ConfigDict(extra="forbid", json_schema_extra={**ONE_IMAGE_SCHEMA, "examples": [
+            {"image": "data:image/png;base64,iVBORw0KGgo..."}]}),
+        __validators__={"one_image": model_validator(mode="after")(_one_image)},
+        **_image_fields(settings))
+
+
+def vector_search_request(settings: Settings) -> type[BaseModel]:
+    number = Annotated[float, Field(strict=True)]
+    return create_model(
+        "VectorSearchRequest",
+        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [
+            {"vector": [0.012, -0.034, 0.051], "target": "images", "k": settings.default_k}]}),
+        vector=(Annotated[list[number], Field(min_length=1, max_length=MAX_VECTOR_DIM)], Field(
+            description="A query vector of the collection's dimension (GET /collections, or the `dim` of "
+                        "POST /embed/*); normalised before the search; NaN, infinity and zero refused")),
+        target=(Target, Field("images", description="images or captions")),
+        **_common_fields(settings))
+
+
+def _one_term_input(term: Any) -> Any:
+    given = [name for name in ("text", "image_id", "image") if getattr(term, name) is not None]
+    if len(given) != 1:
+        raise ValueError("each term holds exactly one of text, image_id and image")
+    return term
+
+
+def query_text(settings: Settings) -> Any:
+    """A query text as /search/text takes it: 1..max_query_chars, not only whitespace, normalised."""
+    return Annotated[str, StringConstraints(min_length=1, max_length=settings.max_query_chars),
+                     AfterValidator(_normalized_query), Field(json_schema_extra={"pattern": f"[^{WHITESPACE}]"})]
+
+
+def terms_search_request(settings: Settings, max_terms: int) -> type[BaseModel]:
+    """The POST /search body: a weighted sum of text, collection-image and uploaded-image terms."""
+    text = query_text(settings)
+    term = create_model(
+        "QueryTerm",
+        __config__=ConfigDict(extra="forbid", json_schema_extra=ONE_TERM_SCHEMA),
+        __validators__={"one_input": model_validator(mode="after")(_one_term_input)},
+        text=(text, Field(None, description="A text, encoded like a /search/text query")),
+        image_id=(Annotated[str, StringConstraints(min_length=1, max_length=1024)],
+                  Field(None, description="An item of the searched collection (its stored vector; the "
+                                          "item itself is left out of the results)")),
+        image=(Annotated[str, StringConstraints(min_length=1, max_length=base64_chars(settings.max_upload_bytes))],
+               Field(None, description="An image as base64 or a data: URI")),
+        weight=(Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-100, le=100)],
+                Field(1.0, description="How much of this term's direction goes into the query; negative "
+                                       "steers away from it")),
+    )
+    return create_model(
+        "TermsSearchRequest",
+        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [
+            {"terms": [{"text": "a beach", "weight": 1.0}, {"text": "people", "weight": -0.5}],
+             "k": settings.default_k},
+            {"terms": [{"image_id": "1000268201_693b08cb0e.jpg", "weight": 1.0},
+                       {"text": "at night", "weight": 0.7}]}]}),
+        terms=(Annotated[list[term], Field(min_length=1, max_length=max_terms)],  # type: ignore[valid-type]
+               Field(description=f"1..{max_terms} terms; the query is the normalised weighted sum of "
+                                 f"their unit vectors")),
+        target=(Target, Field("images", description="images or captions")),
+        **_common_fields(settings))
+
+
+def embed_text_request(settings: Settings) -> type[BaseModel]:
+    text = query_text(settings)
+    return create_model(
+        "EmbedTextRequest",
+        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [
+            {"texts": ["a dog running on the beach", "two children playing"]}]}),
+        texts=(Annotated[list[text], Field(min_length=1, max_length=settings.max_embed_texts)], Field(
+            description=f"1..{settings.max_embed_texts} texts, normalised as search queries are")))
+
+
+class EmbeddingsResponse(BaseModel):
+    embeddings: list[list[float]] = Field(description="One L2-normalised vector per input, in order")
+    dim: int
+    model: dict[str, Any] = Field(description="The model identity the vectors come from (as GET /readyz)")
+    took_ms: float

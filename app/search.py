@@ -6,6 +6,7 @@ and never see a request. `SearchSpec.cache_key` says everything that changes an 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Hashable, Sequence
@@ -15,10 +16,11 @@ from urllib.parse import quote
 
 import numpy as np
 
-from clipsearch.images import decode_image
+from clipsearch.images import ImageDecodeError, decode_image
 from clipsearch.store import Hit, StoreError, VectorStore
 
 from app.errors import InvalidSearch, NotFound
+from app.inputs import InputError, combine_terms
 from app.resources import Resources, UnknownCollection
 from app.schemas import CaptionHit, ImageHit
 
@@ -105,3 +107,62 @@ def similar_job(res: Resources, store: VectorStore, spec: SearchSpec, image_id: 
         raise NotFound("unknown image id")
     hits = search_vector(res, store, spec, vec, exclude=(image_id,))
     return hits, {"search": time.perf_counter() - t0}
+
+
+def vector_job(res: Resources, store: VectorStore, spec: SearchSpec, vec: np.ndarray
+               ) -> tuple[tuple[Any, ...], dict[str, float]]:
+    t0 = time.perf_counter()
+    hits = search_vector(res, store, spec, vec)
+    return hits, {"search": time.perf_counter() - t0}
+
+
+@dataclass(frozen=True)
+class Term:
+    """One validated term of a weighted query: `kind` is text, image_id or image (`value` the
+    normalised text, the item id, or the image bytes)."""
+
+    kind: str
+    value: Any
+    weight: float
+
+    def cache_part(self) -> tuple[str, str, float]:
+        value = hashlib.sha256(self.value).hexdigest() if self.kind == "image" else self.value
+        return (self.kind, value, self.weight)
+
+
+def terms_job(res: Resources, store: VectorStore, spec: SearchSpec, terms: Sequence[Term], max_pixels: int
+              ) -> tuple[tuple[Any, ...], dict[str, float]]:
+    """Encode every term (texts in one batch, images in one batch, item vectors from the store),
+    search with their normalised weighted sum; items named by `image_id` are left out of the hits."""
+    t0 = time.perf_counter()
+    vectors: list[np.ndarray | None] = [None] * len(terms)
+    for i, term in enumerate(terms):
+        if term.kind == "image_id":
+            vectors[i] = store.vector(term.value)
+            if vectors[i] is None:
+                raise InputError("invalid_request", f"terms[{i}].image_id: no such item in collection "
+                                                    f"{store.name!r}")
+    images = []
+    try:
+        for i, term in enumerate(terms):
+            if term.kind == "image":
+                try:
+                    images.append((i, decode_image(term.value, max_pixels=max_pixels)))
+                except ImageDecodeError as exc:
+                    raise ImageDecodeError(f"terms[{i}].image: {exc}") from None
+        t1 = time.perf_counter()
+        if images:
+            for (i, _), vec in zip(images, res.encoder.encode_images([im for _, im in images])):
+                vectors[i] = vec
+    finally:
+        for _, im in images:
+            im.close()
+    texts = [(i, t.value) for i, t in enumerate(terms) if t.kind == "text"]
+    if texts:
+        for (i, _), vec in zip(texts, res.encoder.encode_texts([t for _, t in texts])):
+            vectors[i] = vec
+    t2 = time.perf_counter()
+    query = combine_terms([v for v in vectors if v is not None], [t.weight for t in terms])
+    exclude = tuple(t.value for t in terms if t.kind == "image_id")
+    hits = search_vector(res, store, spec, query, exclude=exclude)
+    return hits, {"decode": t1 - t0, "encode": t2 - t1, "search": time.perf_counter() - t2}

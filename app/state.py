@@ -16,6 +16,7 @@ from app.batching import TextBatcher
 from app.cache import ResponseCache
 from app.config import Settings
 from app.errors import NotReady
+from app.fetch import FetchSettings, UrlFetcher
 from app.metrics import Metrics
 from app.resources import Resources
 from app.thumbnails import ThumbnailCache
@@ -55,6 +56,7 @@ class ServiceState:
         self.thumbnails = ThumbnailCache(settings.thumbnail_cache_size, settings.thumbnail_px,
                                          settings.max_image_pixels)
         self.limiter = InFlightLimiter(settings.max_in_flight)
+        self.fetcher = UrlFetcher(FetchSettings.from_settings(settings))  # image_url queries (off by default)
         self._pool: ThreadPoolExecutor | None = None
         # concurrent text queries share forward passes; one batch in flight per inference thread
         self.batcher = TextBatcher(self.run, slots=settings.inference_threads,

@@ -1,4 +1,5 @@
-"""POST /search/text, POST /search/image and POST /search/similar.
+"""POST /search/text, /search/image (multipart or JSON), /search/similar, /search/vector and /search
+(weighted terms).
 
 Handlers stay on the event loop only for cheap work (validation, cache lookup, reading the upload);
 decode, encode and search run on the bounded inference pool. The request models are built from this
@@ -21,12 +22,19 @@ from clipsearch.images import ImageDecodeError
 
 from app.config import Settings
 from app.errors import InvalidSearch, PayloadTooLarge, UnsupportedMediaType
+from app.inputs import MAX_TERMS, InputError, check_weights, decode_base64_image, validate_vector
+from app.routes.content_routing import JsonRoute, json_body_openapi
 from app.schemas import CaptionHit, ErrorResponse, ImageHit, ImageSearchResponse, MetadataFilter, \
-    TextSearchResponse, similar_request, text_search_request
-from app.search import SearchSpec, image_search_job, resolve, search_vector, similar_job
+    TextSearchResponse, base64_chars, image_json_request, similar_request, terms_search_request, \
+    text_search_request, vector_search_request
+from app.search import SearchSpec, Term, image_search_job, resolve, search_vector, similar_job, terms_job, \
+    vector_job
 from app.state import ServiceState, get_state
 
-SEARCH_PATHS = {"/search/text": "text", "/search/image": "image", "/search/similar": "similar"}
+# Paths admitted (and 429'd) as searches, with their metrics label.
+SEARCH_PATHS = {"/search/text": "text", "/search/image": "image", "/search/similar": "similar",
+                "/search/vector": "vector", "/search": "terms", "/embed/text": "embed_text",
+                "/embed/image": "embed_image"}
 DEFAULT_BODY_LIMIT = 64 * 1024  # JSON bodies; a 1000-character query needs a few KB
 # Room for the multipart boundaries, part headers and the k field around the file itself.
 MULTIPART_OVERHEAD = 16 * 1024
@@ -39,15 +47,26 @@ MAX_FILTER_FORM_CHARS = 16384
 def body_limits(settings: Settings) -> dict[str, int]:
     """Per-path request body caps enforced by BodyLimitMiddleware (others: DEFAULT_BODY_LIMIT)."""
     text = max(DEFAULT_BODY_LIMIT, settings.max_query_chars * JSON_BYTES_PER_CHAR + 4096)
-    return {"/search/image": settings.max_upload_bytes + MULTIPART_OVERHEAD, "/search/text": text}
+    # A JSON image is base64: the body may be 4/3 of the upload cap (the decoded bytes keep the cap).
+    image = max(settings.max_upload_bytes + MULTIPART_OVERHEAD, base64_chars(settings.max_upload_bytes)
+                + MULTIPART_OVERHEAD)
+    # Weighted terms: up to MAX_TERMS texts, and images whose base64 shares one image-sized budget.
+    terms = max(image, MAX_TERMS * text)
+    embed_text = max(DEFAULT_BODY_LIMIT, settings.max_embed_texts * settings.max_query_chars
+                     * JSON_BYTES_PER_CHAR + 4096)
+    # A 4096-d vector of 25-character numbers is ~100 KB.
+    return {"/search/image": image, "/search/text": text, "/search": terms, "/embed/image": image,
+            "/embed/text": embed_text, "/search/vector": 256 * 1024}
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": desc} for status, desc in {
-    400: "Body could not be parsed (not UTF-8, broken multipart)",
+    400: "Body could not be parsed (not UTF-8, broken multipart); image_url not a usable http(s) URL",
+    403: "image_url refused: URL fetching off, host not allowed, or a non-public address",
     404: "Unknown collection (or, for /search/similar, image id)",
-    413: "Body or upload too large", 415: "Wrong Content-Type", 422: "Invalid request or image",
+    413: "Body or image too large", 415: "Wrong Content-Type", 422: "Invalid request or image",
     429: "Too many searches in flight; retry after Retry-After seconds",
-    503: "Model and indexes not loaded (yet); the message says why"}.items()}
+    502: "image_url could not be fetched", 503: "Model and indexes not loaded (yet); the message says why",
+    504: "image_url took longer than the fetch timeout"}.items()}
 
 
 def require_content_type(*allowed: str) -> Callable[[Request], None]:
@@ -114,6 +133,9 @@ def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(tags=["search"])
     TextSearchRequest = text_search_request(settings)
     SimilarRequest = similar_request(settings)
+    ImageJsonRequest = image_json_request(settings)
+    VectorRequest = vector_search_request(settings)
+    TermsRequest = terms_search_request(settings, MAX_TERMS)
     k_form = Form(ge=1, le=settings.max_k, description=f"How many results (1..{settings.max_k})")
     upload_cap = settings.max_upload_bytes
 
@@ -138,10 +160,33 @@ def build_router(settings: Settings) -> APIRouter:
         state.metrics.observe_stages("text", {"total": took})
         return _search_response(results, spec, took, stages)
 
+    async def search_image_json(body: ImageJsonRequest, request: Request) -> Response:  # type: ignore[valid-type]
+        state = get_state(request)
+        res = state.require_ready()
+        t0 = time.perf_counter()
+        store = resolve(res, body.collection)
+        spec = SearchSpec(store.name, body.k, body.offset, body.min_score, body.filter, body.target)
+        data, fetch_s = await image_bytes(state, body)
+        key = spec.cache_key("image", hashlib.sha256(data).hexdigest(), res.version)
+        results, stages = await _cached(state, "image", key, body.target,
+                                        lambda: state.run(image_search_job, res, store, spec, data,
+                                                          settings.max_image_pixels))
+        if stages is not None and fetch_s is not None:
+            stages = {"fetch": fetch_s, **stages}
+        took = time.perf_counter() - t0
+        state.metrics.observe_stages("image", {"total": took})
+        return _search_response(results, spec, took, stages, with_target=True)
+
+    # First: it takes the application/json requests, the multipart handler below everything else.
+    router.add_api_route("/search/image", search_image_json, methods=["POST"], include_in_schema=False,
+                         response_model=ImageSearchResponse, route_class_override=JsonRoute)
+
     @router.post("/search/image", response_model=ImageSearchResponse, responses=ERRORS,
-                 dependencies=[Depends(require_content_type("multipart/form-data"))],
+                 dependencies=[Depends(require_content_type("multipart/form-data", "application/json"))],
+                 openapi_extra=json_body_openapi(ImageJsonRequest),
                  summary="Similar images (target=images) or matching captions (target=captions) of an "
-                         "uploaded image")
+                         "uploaded image (multipart `file`) or a JSON one (`image` as base64 or a "
+                         "data: URI, or `image_url`)")
     async def search_image(
         request: Request,
         file: Annotated[UploadFile, File(description=f"JPEG/PNG/WebP/... image, at most "
@@ -195,4 +240,67 @@ def build_router(settings: Settings) -> APIRouter:
         state.metrics.observe_stages("similar", {"total": took})
         return _search_response(results, spec, took, stages)
 
+    @router.post("/search/vector", response_model=ImageSearchResponse, responses=ERRORS,
+                 dependencies=[Depends(require_content_type("application/json"))],
+                 summary="Images or captions nearest to a query vector (e.g. from POST /embed/*)")
+    async def search_by_vector(body: VectorRequest, request: Request) -> Response:  # type: ignore[valid-type]
+        state = get_state(request)
+        res = state.require_ready()
+        t0 = time.perf_counter()
+        store = resolve(res, body.collection)
+        vec = validate_vector(body.vector, store.dim)
+        spec = SearchSpec(store.name, body.k, body.offset, body.min_score, body.filter, body.target)
+        key = spec.cache_key("vector", hashlib.sha256(vec.tobytes()).hexdigest(), res.version)
+        results, stages = await _cached(state, "vector", key, body.target,
+                                        lambda: state.run(vector_job, res, store, spec, vec))
+        took = time.perf_counter() - t0
+        state.metrics.observe_stages("vector", {"total": took})
+        return _search_response(results, spec, took, stages, with_target=True)
+
+    @router.post("/search", response_model=ImageSearchResponse, responses=ERRORS,
+                 dependencies=[Depends(require_content_type("application/json"))],
+                 summary="A weighted, mixed query: texts, images of the collection and uploaded images, "
+                         "each with a weight (negative steers away)")
+    async def search_terms(body: TermsRequest, request: Request) -> Response:  # type: ignore[valid-type]
+        state = get_state(request)
+        res = state.require_ready()
+        t0 = time.perf_counter()
+        store = resolve(res, body.collection)
+        check_weights([t.weight for t in body.terms], MAX_TERMS)  # before any encoding
+        cap, image_bytes_total = settings.max_upload_bytes, 0  # the cap holds for all images together
+        terms = []
+        for t in body.terms:
+            if t.image is not None:
+                data = decode_base64_image(t.image, cap)
+                image_bytes_total += len(data)
+                if image_bytes_total > cap:
+                    raise InputError("payload_too_large", f"the images of one query together are larger "
+                                                          f"than the {cap:,}-byte limit")
+                terms.append(Term("image", data, t.weight))
+            elif t.image_id is not None:
+                terms.append(Term("image_id", t.image_id, t.weight))
+            else:
+                terms.append(Term("text", t.text, t.weight))
+        spec = SearchSpec(store.name, body.k, body.offset, body.min_score, body.filter, body.target)
+        key = spec.cache_key("terms", tuple(t.cache_part() for t in terms), res.version)
+        results, stages = await _cached(state, "terms", key, body.target,
+                                        lambda: state.run(terms_job, res, store, spec, terms,
+                                                          settings.max_image_pixels))
+        took = time.perf_counter() - t0
+        state.metrics.observe_stages("terms", {"total": took})
+        return _search_response(results, spec, took, stages, with_target=True)
+
     return router
+
+
+async def image_bytes(state: ServiceState, body: Any) -> tuple[bytes, float | None]:
+    """The image of a JSON body (`image` base64 or `image_url`) under the upload cap, and the fetch's
+    seconds when it came from a URL."""
+    cap = state.settings.max_upload_bytes
+    if body.image is not None:
+        return decode_base64_image(body.image, cap), None
+    t0 = time.perf_counter()
+    data = await state.fetcher.fetch(body.image_url)
+    if not data:
+        raise ImageDecodeError("the image URL answered an empty body")
+    return data, time.perf_counter() - t0

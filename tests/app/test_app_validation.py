@@ -68,7 +68,10 @@ def test_text_body_too_large(client):
 
 
 def test_image_wrong_content_type(client):
-    assert_error(client.post("/search/image", json={"file": "abc"}), 415, "unsupported_media_type")
+    assert_error(client.post("/search/image", content=b"abc", headers={"content-type": "text/plain"}), 415,
+                 "unsupported_media_type")
+    # JSON is the other body it takes: a field it does not know is a 422, not a 415
+    assert_error(client.post("/search/image", json={"file": "abc"}), 422, "invalid_request")
 
 
 def test_image_no_file(client):
