@@ -28,7 +28,7 @@ from app.config import Settings
 from app.errors import install_error_handlers, public_reason
 from app.middleware import AdmissionMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
 from app.resources import Resources, configure_threads, load_resources
-from app.routes import admin, collections, media, ops, search
+from app.routes import admin, collections, media, ops, search, ui
 from app.state import ServiceState
 
 log = logging.getLogger("app")
@@ -138,6 +138,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     app.include_router(collections.router)
     app.include_router(media.router)
     app.include_router(ops.router)
+    app.include_router(ui.build_router())  # GET /: the search page (app/static/)
     if settings.admin_token is not None:
         app.include_router(admin.build_router(settings, lambda: load_in_background(state, load)))
     # Added innermost first: CORS (if any) > request metrics > admission > body caps > routes.
