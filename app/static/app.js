@@ -333,10 +333,9 @@
                     (hit.captions || []).map((c) => el("li", { text: c })));
     const like = el("button", { type: "button", class: "like", text: "More like this",
                                 on: { click: () => moreLike(hit.image_id) } });
+    const score = el("span", { class: "score", title: "cosine similarity", text: hit.score.toFixed(3) });
     return el("li", { class: "card", "data-image-id": hit.image_id }, [
-      open,
-      el("span", { class: "score", title: "cosine similarity", text: hit.score.toFixed(3) }),
-      caps, like,
+      el("div", { class: "frame" }, [open, caps, score]), like,
     ]);
   }
 
