@@ -116,33 +116,23 @@
 
   // --- readiness and collections ----------------------------------------------------------------
 
+  // /collections answers 503 with the reason (the one /readyz gives) until the service is ready.
   async function boot() {
     setState("starting");
-    let ready;
-    try {
-      const response = await fetch("/readyz", { headers: { Accept: "application/json" } });
-      ready = await response.json();
-    } catch (err) {
-      notice("");
-      showError("Cannot reach the search service; retrying…");
-      setState("unreachable");
-      setTimeout(boot, READY_POLL_MS);
-      return;
-    }
-    if (!ready.ready) {
-      setState("not-ready");
-      showError("");
-      notice(`The service is not ready yet: ${ready.reason || "no reason given"}. This page retries on its own.`);
-      setTimeout(boot, READY_POLL_MS);
-      return;
-    }
     try {
       const { body } = await api("/collections");
       state.collections = body.collections;
       state.defaultCollection = body.default;
     } catch (err) {
-      showError(describeError(err));
-      setState("not-ready");
+      if (err.status === 503) {
+        setState("not-ready");
+        showError("");
+        notice(`The service is not ready yet: ${err.message}. This page retries on its own.`);
+      } else {
+        setState("unreachable");
+        notice("");
+        showError(err.status === 0 ? "Cannot reach the search service; retrying…" : describeError(err));
+      }
       setTimeout(boot, READY_POLL_MS);
       return;
     }

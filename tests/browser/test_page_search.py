@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlparse
 
-from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support.ui import Select
+import pytest
+
+pytest.importorskip("selenium", reason="selenium is in the [test] extras")
+
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
 
 def _ids(response) -> list[str]:
