@@ -89,6 +89,27 @@ def test_picked_image_file_shows_its_preview_and_similar_images(page, api, app_f
     page.wait_state("done")
 
 
+DROP = """
+const [bytes, name] = arguments;
+const file = new File([Uint8Array.from(bytes)], name, {type: 'image/png'});
+const dt = new DataTransfer();
+dt.items.add(file);
+for (const type of ['dragenter', 'dragover', 'drop']) {
+  document.querySelector('main').dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true, cancelable: true}));
+}
+"""
+
+
+def test_dropped_image_searches_by_image(page, api, app_fakes):
+    data = app_fakes.png_bytes(app_fakes._image("checkerboard", "black", "yellow"))
+    page.open("/?k=4")
+    assert page.after_search(lambda: page.d.execute_script(DROP, list(data), "dropped.png")) == "done"
+    expected = _ids(api.post("/search/image", files={"file": ("dropped.png", data, "image/png")}, data={"k": "4"}))
+    assert page.card_ids() == expected
+    assert page.one("#query-label").text == "Searching by dropped.png"
+    assert not page.one("#drop-zone").is_displayed()
+
+
 def test_more_like_this_searches_by_a_result(page, api):
     page.open("/?q=green&k=4", state="done")
     first = page.card_ids()[0]
