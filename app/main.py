@@ -30,6 +30,7 @@ from app.middleware import AdmissionMiddleware, BodyLimitMiddleware, RequestMetr
 from app.resources import Resources, configure_threads, load_resources
 from app.routes import admin, collections, embed, media, ops, search
 from app.state import ServiceState
+from app.routes import ui  # the search page; its own line so it merges beside other routers
 
 log = logging.getLogger("app")
 
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     app.include_router(collections.router)
     app.include_router(media.router)
     app.include_router(ops.router)
+    app.include_router(ui.build_router())  # GET /: the search page (app/static/)
     if settings.admin_token is not None:
         app.include_router(admin.build_router(settings, lambda: load_in_background(state, load)))
     # Added innermost first: CORS (if any) > request metrics > admission > body caps > routes.
