@@ -28,9 +28,8 @@ from app.config import Settings
 from app.errors import install_error_handlers, public_reason
 from app.middleware import AdmissionMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
 from app.resources import Resources, configure_threads, load_resources
-from app.routes import admin, collections, embed, media, ops, search
+from app.routes import admin, collections, embed, media, ops, search, ui
 from app.state import ServiceState
-from app.routes import ui  # the search page; its own line so it merges beside other routers
 
 log = logging.getLogger("app")
 
