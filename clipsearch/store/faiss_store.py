@@ -358,7 +358,10 @@ class FaissStore:
         if seq != rows.seq:  # a commit landed between the two reads: read again, in one piece
             return self._build_full(start)
         cap_offsets = rows.caption_offsets if rows.caption_offsets.size and np.any(rows.caption_offsets) else None
-        live = Live(self._dim, rows.seq, uid, self.catalog.hubness(),
+        # (vectors wider or narrower than the catalog's dim: served as they are, so the service's model
+        # check names the mismatch instead of this failing on a reshape)
+        dim = rows.vectors.shape[1] if rows.vectors.shape[0] else self._dim
+        live = Live(dim, rows.seq, uid, self.catalog.hubness(),
                     capacity=(len(rows.image_ids), len(rows.caption_ids)))
         n_img, n_cap = len(rows.image_ids), len(rows.caption_ids)
         snaps = {}
