@@ -155,6 +155,7 @@ class FaissStore:
             return False
         if self.layout is not None and self._catalog_inode() not in (None, self._inode):
             self._reopen()  # the catalog was made afresh (ingest --force): our connection reads the old file
+            return True
         return self._catch_up()
 
     def describe(self) -> dict[str, Any]:
