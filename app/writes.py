@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,21 +50,25 @@ class WriteResult:
     item: Item
     created: bool
     version: str
+    stages: Mapping[str, float] = field(default_factory=dict)  # seconds: decode, encode, commit
 
 
 def encode_upload_job(res: Resources, data: bytes, captions: Sequence[str], max_pixels: int
-                      ) -> tuple[np.ndarray, np.ndarray, str | None]:
+                      ) -> tuple[np.ndarray, np.ndarray, str | None, dict[str, float]]:
     """On the inference pool: decode (every check /search/image makes), then encode the image and
-    its captions. Returns (image vector, caption vectors, PIL format)."""
+    its captions. Returns (image vector, caption vectors, PIL format, stage seconds)."""
+    t0 = time.perf_counter()
     image = decode_image(data, max_pixels=max_pixels)
+    with Image.open(io.BytesIO(data)) as probe:  # header only; decode_image has vetted the bytes
+        fmt = probe.format
+    t1 = time.perf_counter()
     try:
         vec = res.encoder.encode_images([image])[0]
     finally:
         image.close()
-    with Image.open(io.BytesIO(data)) as probe:  # header only; decode_image has vetted the bytes
-        fmt = probe.format
     caps = res.encoder.encode_texts(list(captions)) if captions else np.zeros((0, vec.shape[0]), np.float32)
-    return np.asarray(vec, np.float32), np.asarray(caps, np.float32), fmt
+    return (np.asarray(vec, np.float32), np.asarray(caps, np.float32), fmt,
+            {"decode": t1 - t0, "encode": time.perf_counter() - t1})
 
 
 def encode_captions_job(res: Resources, captions: Sequence[str]) -> np.ndarray:
@@ -115,8 +119,8 @@ class WriteService:
                 and dict(existing.metadata) == final_meta):
             # the same bytes again (and nothing else new): one item, no write
             return WriteResult(existing, False, store.version)
-        vec, cap_vecs, fmt = await self.state.run(encode_upload_job, res, data, final_captions,
-                                                  self.settings.max_image_pixels)
+        vec, cap_vecs, fmt, stages = await self.state.run(encode_upload_job, res, data, final_captions,
+                                                          self.settings.max_image_pixels)
         root = self.settings.artifacts_dir
 
         def commit() -> bool:
@@ -132,12 +136,14 @@ class WriteService:
                                size=len(data), sha256=sha)])
             return now is None
 
+        t0 = time.perf_counter()
         created = await self._commit(commit)
+        stages["commit"] = time.perf_counter() - t0  # media file + catalog commit (fsyncs) + catch-up
         item = store.get(image_id)
         if item is None:  # deleted again before we could read it back
             raise NotFound("unknown image id")
         self.maybe_compact(store)
-        return WriteResult(item, created, store.version)
+        return WriteResult(item, created, store.version, stages)
 
     async def delete(self, store: VectorStore, image_id: str) -> None:
         self._check_writable(store)

@@ -14,18 +14,18 @@ import asyncio
 import hmac
 import json
 import re
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import StringConstraints
 
-from clipsearch.artifacts import COLLECTION_NAME
 from clipsearch.images import ImageDecodeError
 
 from app.config import Settings
 from app.errors import InvalidSearch, NotFound, PayloadTooLarge, Unauthorized
-from app.routes.search import MULTIPART_OVERHEAD, require_content_type
+from app.routes.search import MULTIPART_OVERHEAD, require_content_type, server_timing
 from app.schemas import CaptionsRequest, CompactResponse, ErrorResponse, WriteItemResponse
 from app.search import image_url, resolve
 from app.state import get_state
@@ -79,6 +79,7 @@ def build_router(settings: Settings, service: WriteService) -> APIRouter:
                                       description='A JSON object, e.g. {"album": "2024"}')] = None,  # type: ignore[assignment]
         image_id: Annotated[ImageId, Form(description="The item's id (default: the sha256 of the bytes)")] = None,  # type: ignore[assignment]
     ) -> Response:
+        t0 = time.perf_counter()
         state = get_state(request)
         res = state.require_ready()
         store = resolve(res, name)
@@ -107,7 +108,9 @@ def build_router(settings: Settings, service: WriteService) -> APIRouter:
             service.release()
         label = "created" if result.created else ("updated" if result.version != before else "existing")
         metrics.writes.labels("upload", label).inc()
-        return JSONResponse(item_body(res, store, result), status_code=201 if result.created else 200)
+        took = time.perf_counter() - t0
+        return JSONResponse(item_body(res, store, result), status_code=201 if result.created else 200,
+                            headers={"Server-Timing": server_timing(dict(result.stages), took)})
 
     @router.delete("/collections/{name}/media/{image_id:path}", status_code=204, response_class=Response,
                    summary="Remove an item: it is never in a search again and /images/{id} answers 404")

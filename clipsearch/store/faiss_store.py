@@ -448,7 +448,7 @@ def _place_images(live: Live, rows: CatalogRows, snap: tuple[VectorIndex, int, l
     placed = [row_of.get(i, -1) for i in ids]
     placed = [r if r >= 0 and rows.item_seqs[r] <= snap_seq else -1 for r in placed]
     used = {r for r in placed if r >= 0}
-    replayed = sum(1 for r in placed if r < 0)  # deleted or rewritten since the snapshot
+    replayed = sum(1 for i in ids if i not in row_of)  # deleted since the snapshot (rewritten: counted below)
     # the snapshot's positions first (dead where the row changed), then the changed and new rows
     alive = np.array([r >= 0 for r in placed], bool)
     vecs = np.zeros((len(ids), live.dim), np.float32)
@@ -499,6 +499,7 @@ def _place_captions(live: Live, rows: CatalogRows, snap: tuple[VectorIndex, int,
         placed = [row_of.get(c, -1) for c in ids]
         placed = [j if j >= 0 and rows.caption_seqs[j] <= snap_seq else -1 for j in placed]
         used = {j for j in placed if j >= 0}
+        gone = sum(1 for c in ids if c not in row_of)
         alive = np.array([j >= 0 for j in placed], bool)
         good = np.flatnonzero(alive)
         vecs = np.zeros((len(ids), live.dim), np.float32)
@@ -518,7 +519,7 @@ def _place_captions(live: Live, rows: CatalogRows, snap: tuple[VectorIndex, int,
         live.caption_texts.extend(texts)
         caps.index, caps.index_seq, caps.index_ids = index, snap_seq, list(ids)
         order = [j for j in range(len(rows.caption_ids)) if j not in used]
-        replayed = sum(1 for j in placed if j < 0) + sum(1 for j in order if rows.caption_seqs[j] > snap_seq)
+        replayed = gone + sum(1 for j in order if rows.caption_seqs[j] > snap_seq)
     elif snap is not None:
         caps.index, caps.index_seq, caps.index_ids = snap[0], snap[1], list(rows.caption_ids)
     if order:
