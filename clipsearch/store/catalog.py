@@ -288,11 +288,12 @@ class Catalog:
             caps = conn.execute("SELECT caption_id, image_id, caption, vector, offset, seq FROM captions "
                                 "ORDER BY row").fetchall()
         else:
-            items = conn.execute("SELECT image_id, path, metadata, vector, seq FROM items WHERE seq > ? "
-                                 "ORDER BY row", (since,)).fetchall()
-            caps = conn.execute("SELECT c.caption_id, c.image_id, c.caption, c.vector, c.offset, c.seq "
-                                "FROM captions c JOIN items i ON c.image_id = i.image_id WHERE i.seq > ? "
-                                "ORDER BY c.row", (since,)).fetchall()
+            # sorted here, not by ORDER BY row: that makes SQLite walk every row instead of the seq index
+            items = [r[1:] for r in sorted(conn.execute(
+                "SELECT row, image_id, path, metadata, vector, seq FROM items WHERE seq > ?", (since,)))]
+            caps = [r[1:] for r in sorted(conn.execute(
+                "SELECT c.row, c.caption_id, c.image_id, c.caption, c.vector, c.offset, c.seq "
+                "FROM items i JOIN captions c ON c.image_id = i.image_id WHERE i.seq > ?", (since,)))]
         dim = self.dim or 0
         image_ids = [r[0] for r in items]
         row_of = {image_id: i for i, image_id in enumerate(image_ids)}
