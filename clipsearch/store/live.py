@@ -148,9 +148,6 @@ class Live:
         self.caption_texts.extend(texts)
         self.captions_of.setdefault(image_pos, []).extend(range(start, start + len(caption_ids)))
 
-    def set_item(self, pos: int, item: Item) -> None:
-        self.items[pos] = item
-
     def remove_captions(self, image_pos: int) -> None:
         caps = self.targets["captions"]
         for cpos in self.captions_of.pop(image_pos, []):
