@@ -141,7 +141,8 @@ def test_without_a_token_the_routes_do_not_exist(start):
     client = start(write_token=None)
     assert upload(client, _noise_png(1)).status_code == 404
     assert client.delete("/collections/test/media/x", headers=AUTH).status_code == 404
-    assert client.put("/collections/test/media/x/captions", json={"captions": []}, headers=AUTH).status_code in (404, 405)
+    assert client.put("/collections/test/media/x/captions", json={"captions": []}, headers=AUTH).status_code == 404
+    assert client.post("/collections/test/compact", headers=AUTH).status_code == 404
     assert count(client) == 12
 
 
@@ -291,6 +292,8 @@ def test_bad_fields_are_422_or_415(start):
     assert upload(client, data, metadata="{not json").status_code == 422
     assert upload(client, data, metadata='{"x": NaN}').status_code == 422
     assert upload(client, data, captions=["   "]).status_code == 422
+    assert upload(client, data, captions=["x" * 1001]).status_code == 422  # over max_query_chars
+    assert upload(client, data, captions=[f"c{i}" for i in range(33)]).status_code == 422  # over max_captions
     assert upload(client, data, image_id="bad\x00id").status_code == 422
     r = client.post("/collections/test/media", json={"file": "x"}, headers=AUTH)
     assert r.status_code == 415
