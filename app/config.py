@@ -104,6 +104,24 @@ class Settings(BaseSettings):
         True, description="SIGHUP reloads model and indexes in the background and swaps them in "
                           "once loaded; the old ones serve until then and stay if the load fails.")
 
+    # -- live writes (POST/DELETE/PUT /collections/{name}/media...) ------------------------------
+    write_token: SecretStr | None = Field(
+        None, min_length=16,
+        description="Bearer token for the write routes (upload, delete, caption replace, compact); unset "
+                    "(the default) leaves them out and opens the collections read-only.")
+    write_max_in_flight: int = Field(2, ge=1, description="Writes admitted at once; more get 429. Their "
+                                                          "encoding shares the inference pool with searches.")
+    max_captions: int = Field(32, ge=0, le=1000, description="Most captions one uploaded item may carry.")
+    max_metadata_bytes: int = Field(16384, ge=2, description="Largest `metadata` JSON of an upload.")
+    refresh_interval_ms: int = Field(
+        1000, ge=0, description="How often the served collections look for commits made by other processes "
+                                "(an offline ingest into a served collection); 0 turns the poll off.")
+    compact_tombstones: int = Field(
+        1000, ge=0, description="Deleted or replaced rows that start a background compaction; 0: never automatic.")
+    compact_delta: int = Field(
+        5000, ge=0, description="Rows added after an HNSW graph was built that start a background compaction "
+                                "(they are searched exactly until then); 0: never automatic.")
+
     @field_validator("cors_origins", "collections", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:

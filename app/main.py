@@ -27,9 +27,10 @@ from clipsearch.models import ModelLoadError
 from app.config import Settings
 from app.errors import install_error_handlers, public_reason
 from app.middleware import AdmissionMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
-from app.resources import Resources, configure_threads, load_resources
-from app.routes import admin, collections, embed, media, ops, search, ui
+from app.resources import Resources, configure_threads, load_resources, refresh_collections
+from app.routes import admin, collections, embed, media, ops, search, ui, writes
 from app.state import ServiceState
+from app.writes import WriteService
 
 log = logging.getLogger("app")
 
@@ -96,6 +97,23 @@ def _install_sighup(state: ServiceState, loader: Loader) -> bool:
     return True
 
 
+async def refresh_loop(state: ServiceState, interval_s: float) -> None:
+    """Every `interval_s`, let the served collections pick up commits made by other processes (an
+    offline ingest into a served collection): a cheap read of each catalog's head when there are none."""
+    while True:
+        await asyncio.sleep(interval_s)
+        res = state.resources
+        if res is None or state.loading:
+            continue
+        try:
+            changed = await asyncio.to_thread(refresh_collections, res)
+        except Exception:  # noqa: BLE001 - the poll must outlive one bad round
+            log.warning("refreshing the collections failed", exc_info=True)
+            continue
+        if changed:
+            log.info("picked up new commits in %s; index version %s", ", ".join(changed), res.version)
+
+
 def _configure_logging() -> None:
     # Under plain `uvicorn app.main:app` nothing configures our logger; give it uvicorn's look. Not
     # propagating keeps a root handler that a library configures later from printing lines twice.
@@ -122,17 +140,26 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         if state.resources is None:
             load_in_background(state, load)
         sighup = settings.reload_on_sighup and _install_sighup(state, load)
+        poll = (asyncio.get_running_loop().create_task(refresh_loop(state, settings.refresh_interval_ms / 1000))
+                if settings.refresh_interval_ms else None)
         try:
             yield
         finally:
+            if poll is not None:
+                poll.cancel()
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            if writer is not None:
+                writer.close()
             state.close_pool()
 
     app = FastAPI(title="clipsearch", version=__version__, lifespan=lifespan,
                   description="CLIP search over image collections: text → images, image → images, "
                               "image → captions, more like this.")
     app.state.service = state
+    state.metrics.store_source = lambda: state.resources
+    writer = WriteService(state, settings) if settings.write_token is not None else None
+    app.state.writes = writer
     install_error_handlers(app)
     app.include_router(search.build_router(settings))
     app.include_router(embed.build_router(settings))
@@ -142,14 +169,18 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     app.include_router(ui.build_router())  # GET /: the search page (app/static/)
     if settings.admin_token is not None:
         app.include_router(admin.build_router(settings, lambda: load_in_background(state, load)))
+    if writer is not None:
+        app.include_router(writes.build_router(settings, writer))
     # Added innermost first: CORS (if any) > request metrics > admission > body caps > routes.
     app.add_middleware(BodyLimitMiddleware, limits=search.body_limits(settings),
-                       default=search.DEFAULT_BODY_LIMIT)
+                       default=search.DEFAULT_BODY_LIMIT,
+                       patterns=writes.body_limit_patterns(settings) if writer is not None else ())
     app.add_middleware(AdmissionMiddleware, state=state, paths=search.SEARCH_PATHS)
     app.add_middleware(RequestMetricsMiddleware, state=state, static_paths=frozenset(search.SEARCH_PATHS))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST"], allow_headers=["*"])
+                           allow_methods=["GET", "POST", "PUT", "DELETE"] if writer is not None else ["GET", "POST"],
+                           allow_headers=["*"])
     return app
 
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, \
     generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from clipsearch.models import is_local_checkpoint
 
@@ -22,6 +26,49 @@ STAGES = {"text": ("encode", "search", "total"), "image": ("decode", "encode", "
           "embed_image": ("decode", "encode", "total")}
 # 0.5 ms .. 10 s: a cache hit is sub-millisecond, a big image on a busy CPU can take seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+WRITE_RESULTS = {"upload": ("created", "existing", "updated", "invalid", "rejected", "error"),
+                 "delete": ("deleted", "not_found", "rejected", "error"),
+                 "captions": ("replaced", "not_found", "invalid", "rejected", "error")}
+COMPACTION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class _StoreCollector(Collector):
+    """Collection sizes, tombstones pending, rows past the HNSW graph and changes replayed at start-up,
+    read from each served store's optional `stats()` when /metrics is scraped."""
+
+    def __init__(self, source: Callable[[], Callable[[], Any] | None]):
+        self._source = source
+
+    def describe(self) -> list:
+        return []  # computed at collect time; nothing to declare up front
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        get = self._source()
+        res = get() if get is not None else None
+        size = GaugeMetricFamily("clipsearch_collection_rows", "Live rows per collection and target",
+                                 labels=["collection", "target"])
+        dead = GaugeMetricFamily("clipsearch_tombstones_pending", "Deleted or replaced rows still in the "
+                                 "search structures (filtered at search) until the next compaction",
+                                 labels=["collection", "target"])
+        delta = GaugeMetricFamily("clipsearch_delta_rows", "Rows added after the HNSW graph was built, "
+                                  "searched exactly until the next compaction", labels=["collection", "target"])
+        replayed = GaugeMetricFamily("clipsearch_replayed_changes", "Changes after the index snapshot "
+                                     "replayed when the collection was loaded", labels=["collection"])
+        for name, store in sorted(getattr(res, "collections", {}).items()):
+            stats = getattr(store, "stats", None)
+            info = stats() if stats is not None else None
+            if info is None:
+                for target in ("images", "captions"):
+                    size.add_metric([name, target], store.count(target))
+                continue
+            for target in ("images", "captions"):
+                size.add_metric([name, target], info[target]["live"])
+                dead.add_metric([name, target], info[target]["tombstones"])
+                delta.add_metric([name, target], info[target]["delta"])
+            replayed.add_metric([name], info.get("replayed_at_start", 0))
+        yield from (size, dead, delta, replayed)
 
 
 class Metrics:
@@ -45,6 +92,17 @@ class Metrics:
                                 registry=r)
         self.ready = Gauge("clipsearch_ready", "1 once model and indexes are loaded", registry=r)
         self.model = Info("clipsearch_model", "The served model and index version", registry=r)
+        # live writes (app/writes.py); the per-collection gauges are read from the stores at scrape time
+        self.writes = Counter("clipsearch_writes", "Write requests by operation and result", ["op", "result"],
+                              registry=r)
+        self.compactions = Counter("clipsearch_compactions", "Compactions run", ["collection"], registry=r)
+        self.compaction_seconds = Histogram("clipsearch_compaction_seconds", "Time per compaction",
+                                            ["collection"], buckets=COMPACTION_BUCKETS, registry=r)
+        self.store_source: Callable[[], Any] | None = None  # -> the served Resources, or None
+        r.register(_StoreCollector(lambda: self.store_source))
+        for op, results in WRITE_RESULTS.items():
+            for result in results:
+                self.writes.labels(op, result)
         for endpoint, stages in STAGES.items():
             for stage in stages:
                 self.stage_seconds.labels(endpoint, stage)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -86,16 +87,27 @@ class BodyLimitMiddleware:
     bytes as they arrive (chunked uploads, lying headers). Starlette's own limiter would replace our
     JSON error with plain text, hence this one."""
 
-    def __init__(self, app: ASGIApp, limits: Mapping[str, int], default: int):
+    def __init__(self, app: ASGIApp, limits: Mapping[str, int], default: int,
+                 patterns: Sequence[tuple[re.Pattern[str], int]] = ()):
         self.app = app
         self.limits = dict(limits)
         self.default = default
+        self.patterns = list(patterns)  # (path regex, limit) for paths with parameters (uploads)
+
+    def _limit(self, path: str) -> int:
+        limit = self.limits.get(path)
+        if limit is not None:
+            return limit
+        for pattern, cap in self.patterns:
+            if pattern.fullmatch(path):
+                return cap
+        return self.default
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limits.get(scope["path"], self.default)
+        limit = self._limit(scope["path"])
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             exc = BodyTooLarge(limit)

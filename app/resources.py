@@ -12,6 +12,7 @@ reason and a single log line.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,13 @@ class Resources:
     image_roots: Mapping[str, Path] = field(default_factory=dict)  # where relative item paths resolve
     images_dir: Path | None = None  # serve files by name from here instead (containers)
     skipped: Mapping[str, str] = field(default_factory=dict)  # collections left out, and why
-    version: str = ""  # identifies every served collection's contents; part of every cache key
+    artifacts_dir: Path | None = None  # where the media a collection owns (uploads) resolve
+
+    @property
+    def version(self) -> str:
+        """Identifies every served collection's contents now; part of every cache key, so a write or a
+        change picked up from another process is never answered from the cache."""
+        return sha256_json({name: s.version for name, s in sorted(self.collections.items())})[:16]
 
     def store(self, name: str | None = None) -> VectorStore:
         store = self.collections.get(name or self.default_collection)
@@ -58,6 +65,8 @@ class Resources:
         if item is None:
             return None
         path = Path(item.path)
+        if self.artifacts_dir is not None and not path.is_absolute() and path.parts[:1] == ("collections",):
+            return self.artifacts_dir / path  # media the collection owns (uploads), under ARTIFACTS_DIR
         if self.images_dir is not None:
             return self.images_dir / path.name
         if not path.is_absolute():
@@ -91,13 +100,51 @@ def make_resources(encoder: Encoder, stores: Sequence[VectorStore], model: Mappi
     if default not in by_name:
         raise ArtifactError(f"the default collection {default!r} is not served "
                             f"(served: {', '.join(sorted(by_name))})")
-    version = sha256_json({name: s.version for name, s in sorted(by_name.items())})[:16]
     roots = {name: base_dir for name in by_name} if base_dir is not None else {}
     return Resources(encoder, {k: model.get(k) for k in MODEL_KEYS}, by_name, default, roots, images_dir,
-                     dict(skipped or {}), version)
+                     dict(skipped or {}), base_dir)
+
+
+def refresh_collections(res: Resources) -> list[str]:
+    """Let every served collection pick up what other processes committed (an offline ingest into a
+    served collection, another replica's writes); the names of those that changed. Cheap when
+    nothing did: one read of each catalog's head."""
+    changed = []
+    for name, store in res.collections.items():
+        try:
+            if store.refresh():
+                changed.append(name)
+        except Exception:  # noqa: BLE001 - a collection that cannot refresh keeps serving what it has
+            log.warning("collection %s: refresh failed; still serving its last state", name, exc_info=True)
+    return changed
 
 
 def load_resources(settings: Settings) -> Resources:
+    stores, skipped, model, default = open_collections(settings)
+    try:
+        pretrained = _resolve_checkpoint(model.get("pretrained"), model.get("checkpoint_sha256"), settings)
+        loaded = load_model(model["model"], pretrained, device=settings.device,
+                            checkpoint_sha256=model.get("checkpoint_sha256"))
+        if not loaded.identity.same_weights(model):
+            raise ModelLoadError(f"the loaded model {_describe(loaded.identity.to_dict())} is not the one the "
+                                 f"collections were embedded with ({_describe(model)})")
+        threads = settings.torch_threads or 1
+        encoder = ClipEncoder(
+            loaded,
+            text_backend=text_backend_for(loaded, settings.text_backend, settings.onnx_cache_dir, threads),
+            image_backend=image_backend_for(loaded, settings.image_backend, settings.onnx_cache_dir, threads))
+        return make_resources(encoder, list(stores.values()), model, default=default,
+                              images_dir=settings.images_dir, base_dir=settings.artifacts_dir, skipped=skipped)
+    except BaseException:
+        for store in stores.values():  # a failed (re)load must not keep catalogs open
+            _close(store)
+        raise
+
+
+def open_collections(settings: Settings) -> tuple[dict[str, VectorStore], dict[str, str], dict[str, Any], str]:
+    """Open the served collections (writable when CLIPSEARCH_WRITE_TOKEN is set) and check that they
+    share one model: (the stores, default first; those skipped and why; the model; the default's name).
+    Tests pair it with a fake encoder."""
     root = settings.artifacts_dir
     if not root.is_dir():
         raise ArtifactError(f"ARTIFACTS_DIR {root} does not exist or is not a folder")
@@ -137,20 +184,7 @@ def load_resources(settings: Settings) -> Resources:
             elif store.dim != model["embed_dim"]:
                 raise ArtifactError(f"collection {name!r} holds {store.dim}-d vectors but names the model "
                                     f"{_describe(model)}; re-ingest it")
-
-        pretrained = _resolve_checkpoint(model.get("pretrained"), model.get("checkpoint_sha256"), settings)
-        loaded = load_model(model["model"], pretrained, device=settings.device,
-                            checkpoint_sha256=model.get("checkpoint_sha256"))
-        if not loaded.identity.same_weights(model):
-            raise ModelLoadError(f"the loaded model {_describe(loaded.identity.to_dict())} is not the one the "
-                                 f"collections were embedded with ({_describe(model)})")
-        threads = settings.torch_threads or 1
-        encoder = ClipEncoder(
-            loaded,
-            text_backend=text_backend_for(loaded, settings.text_backend, settings.onnx_cache_dir, threads),
-            image_backend=image_backend_for(loaded, settings.image_backend, settings.onnx_cache_dir, threads))
-        return make_resources(encoder, list(stores.values()), model, default=default,
-                              images_dir=settings.images_dir, base_dir=root, skipped=skipped)
+        return stores, skipped, model, default
     except BaseException:
         for store in stores.values():  # a failed (re)load must not keep catalogs open
             _close(store)
@@ -162,8 +196,14 @@ def _open_collection(layout: ArtifactLayout, name: str, params: IndexParams, set
     can fail is one ArtifactError that names the collection."""
     prefix = f"collection {name!r}"
     store: VectorStore | None = None
+    writable = settings.write_token is not None
+    coll_dir = layout.collection(name).dir
+    if writable and coll_dir.is_dir() and not os.access(coll_dir, os.W_OK):
+        raise ArtifactError(f"{prefix}: writes are enabled (CLIPSEARCH_WRITE_TOKEN) but its folder "
+                            f"{layout.collection(name).dir.relative_to(layout.root)} is not writable; mount "
+                            "ARTIFACTS_DIR read-write or unset the token")
     try:
-        store = open_store(layout, name, readonly=True, params=params, exact_max=settings.exact_max,
+        store = open_store(layout, name, readonly=not writable, params=params, exact_max=settings.exact_max,
                            verify=settings.verify_index_checksum)
         store.describe()
         return store

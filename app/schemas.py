@@ -331,3 +331,25 @@ class EmbeddingsResponse(BaseModel):
     dim: int
     model: dict[str, Any] = Field(description="The model identity the vectors come from (as GET /readyz)")
     took_ms: float
+
+# -- live writes (app/routes/writes.py) ----------------------------------------------------------
+
+class WriteItemResponse(ItemResponse):
+    created: bool = Field(description="True when this request added the item (201); false when it was "
+                                      "already there (200), with captions or metadata updated if they differed")
+    version: str = Field(description="The collection's version after the write (part of every cache key)")
+
+
+class CaptionsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    captions: list[Annotated[str, StringConstraints(min_length=1, max_length=1000)]] = Field(
+        max_length=1000, description="The item's new captions (replacing all it had); [] removes them")
+
+
+class CompactResponse(BaseModel):
+    compacted: bool
+    collection: str
+    seconds: float | None = None
+    images: int | None = None
+    captions: int | None = None
+    reason: str | None = None

@@ -29,6 +29,7 @@ from clipsearch.collections import FileStat, IngestPlan, plan_ingest
 from clipsearch.encoder import ClipEncoder, image_backend_for, text_backend_for
 from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError, now_iso, write_json_atomic
+from clipsearch.media import is_owned_media
 from clipsearch.models import LoadedModel
 from clipsearch.store import Catalog, FaissStore, NewItem
 from clipsearch.store.catalog import ItemState
@@ -69,7 +70,10 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
     try:
         if catalog.model() is None:
             catalog.set_model(identity, identity["embed_dim"])
-        plan = plan_ingest(src.items, catalog.states())
+        states = catalog.states()
+        plan = plan_ingest(src.items, states)
+        # items uploaded to the running service (media the collection owns) are not the folder's to remove
+        plan.removed = [i for i in plan.removed if not is_owned_media(states[i].path)]
         log.info("── ingest %s: %s", collection, plan.summary())
         skipped = list(src.skipped) + [{"kind": "image", "reason": "missing_image", "image_id": i, "detail": why}
                                        for i, why in plan.missing]

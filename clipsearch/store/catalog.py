@@ -8,7 +8,12 @@ Tables:
   meta(key, value)       format, model (JSON identity), dim, seq, hubness (JSON or null), created
   items(row, image_id, path, size, mtime_ns, sha256, metadata JSON, text_sha256, vector, seq)
   captions(row, caption_id, image_id, ord, caption, vector, offset, seq)
+  tombstones(image_id, seq)  the deletions log: which item a commit removed (the rows themselves go)
 `row` (INTEGER PRIMARY KEY) orders the vectors of the derived index. Vectors are float32 bytes.
+`seq` on a row is the commit that last wrote it, so the changes after a snapshot of the derived index
+are the rows with a larger seq plus the tombstones with a larger seq (`changes_since`). A commit that
+changes rows without touching their seq (the caption offsets of the hubness correction) records
+`rebuild_seq` in meta: a derived index older than that must be rebuilt, not patched.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ CREATE TABLE IF NOT EXISTS captions (
     seq INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS captions_by_image ON captions(image_id);
+CREATE TABLE IF NOT EXISTS tombstones (image_id TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS tombstones_by_seq ON tombstones(seq);
+CREATE INDEX IF NOT EXISTS items_by_seq ON items(seq);
 """
 
 
@@ -106,6 +114,19 @@ class CatalogRows:
     caption_vectors: NDArray[np.float32]
     caption_offsets: NDArray[np.float32]
     seq: int
+    item_seqs: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))  # commit of each item
+    caption_seqs: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+@dataclass
+class CatalogChanges:
+    """What committed after a sequence number, read in one transaction."""
+
+    seq: int  # the catalog's sequence number at the read
+    uid: str | None
+    rebuild_seq: int  # the last commit that changed rows without bumping their seq (see module doc)
+    deleted: list[str]  # items removed after `since` (some may have been added again: see `rows`)
+    rows: CatalogRows  # items written after `since`, with all their captions
 
 
 class Catalog:
@@ -123,11 +144,7 @@ class Catalog:
                 p = Path(self.path)
                 if not p.is_file():
                     raise ArtifactError(f"missing catalog {p}")
-                # immutable=1 where the folder is read-only (a container's read-only mount): no
-                # -shm/-wal files can be made there, and nothing writes while we read.
-                immutable = "&immutable=1" if not _writable(p.parent) else ""
-                conn = sqlite3.connect(f"file:{p}?mode=ro{immutable}", uri=True, check_same_thread=False,
-                                       isolation_level=None)
+                conn = _connect_readonly(p)
             else:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -218,6 +235,13 @@ class Catalog:
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('model', ?), ('dim', ?)",
                          (json.dumps(dict(model), sort_keys=True), str(int(dim))))
 
+    def head(self) -> tuple[int, str | None, int]:
+        """(seq, uid, rebuild_seq) in one read: what a reader polls to see whether anything committed."""
+        with self._lock:
+            rows = dict(self._conn.execute(
+                "SELECT key, value FROM meta WHERE key IN ('seq', 'uid', 'rebuild_seq')").fetchall())
+        return int(rows.get("seq") or 0), rows.get("uid"), int(rows.get("rebuild_seq") or 0)
+
     # -- reads -------------------------------------------------------------------------------
     def count(self) -> tuple[int, int]:
         with self._lock:
@@ -233,16 +257,43 @@ class Catalog:
 
     def rows(self) -> CatalogRows:
         """Every item and caption with its vector, in row order (one consistent read)."""
+        with self._read() as conn:
+            return self._rows(conn, None)
+
+    def changes_since(self, seq: int) -> CatalogChanges:
+        """The items written and removed by commits after `seq` (one consistent read)."""
+        with self._read() as conn:
+            meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('uid', 'rebuild_seq')").fetchall())
+            try:
+                deleted = [r[0] for r in conn.execute("SELECT image_id FROM tombstones WHERE seq > ?", (seq,))]
+            except sqlite3.OperationalError:  # a catalog written before the deletions log existed
+                deleted = []
+            rows = self._rows(conn, seq)
+        return CatalogChanges(rows.seq, meta.get("uid"), int(meta.get("rebuild_seq") or 0), deleted, rows)
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             conn = self._conn
             conn.execute("BEGIN")
             try:
-                seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
-                items = conn.execute("SELECT image_id, path, metadata, vector FROM items ORDER BY row").fetchall()
-                caps = conn.execute("SELECT caption_id, image_id, caption, vector, offset FROM captions "
-                                    "ORDER BY row").fetchall()
+                yield conn
             finally:
                 conn.execute("COMMIT")
+
+    def _rows(self, conn: sqlite3.Connection, since: int | None) -> CatalogRows:
+        seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+        if since is None:
+            items = conn.execute("SELECT image_id, path, metadata, vector, seq FROM items ORDER BY row").fetchall()
+            caps = conn.execute("SELECT caption_id, image_id, caption, vector, offset, seq FROM captions "
+                                "ORDER BY row").fetchall()
+        else:
+            # sorted here, not by ORDER BY row: that makes SQLite walk every row instead of the seq index
+            items = [r[1:] for r in sorted(conn.execute(
+                "SELECT row, image_id, path, metadata, vector, seq FROM items WHERE seq > ?", (since,)))]
+            caps = [r[1:] for r in sorted(conn.execute(
+                "SELECT c.row, c.caption_id, c.image_id, c.caption, c.vector, c.offset, c.seq "
+                "FROM items i JOIN captions c ON c.image_id = i.image_id WHERE i.seq > ?", (since,)))]
         dim = self.dim or 0
         image_ids = [r[0] for r in items]
         row_of = {image_id: i for i, image_id in enumerate(image_ids)}
@@ -252,7 +303,9 @@ class Catalog:
             caption_ids=[r[0] for r in caps],
             caption_image_rows=np.array([row_of[r[1]] for r in caps], dtype=np.int64),
             caption_texts=[r[2] for r in caps], caption_vectors=_stack([r[3] for r in caps], dim),
-            caption_offsets=np.array([r[4] for r in caps], dtype=np.float32), seq=seq)
+            caption_offsets=np.array([r[4] for r in caps], dtype=np.float32), seq=seq,
+            item_seqs=np.array([r[4] for r in items], dtype=np.int64),
+            caption_seqs=np.array([r[5] for r in caps], dtype=np.int64))
 
     def caption_vectors(self) -> tuple[list[int], NDArray[np.float32]]:
         """(caption rows, their vectors): what the hubness offsets are computed from."""
@@ -313,16 +366,23 @@ class Catalog:
         if not ids:
             return 0
         with self.transaction() as conn:
+            seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]) + 1
             n = 0
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 marks = ",".join("?" * len(chunk))
+                # the deletions log first: a reader patching its index from `changes_since` learns of it
+                conn.execute(f"INSERT OR REPLACE INTO tombstones (image_id, seq) SELECT image_id, ? FROM items "
+                             f"WHERE image_id IN ({marks})", [seq, *chunk])
                 n += conn.execute(f"DELETE FROM items WHERE image_id IN ({marks})", chunk).rowcount
         return n
 
     def set_caption_offsets(self, rows: Sequence[int], offsets: NDArray[np.float32],
                             hubness: Mapping[str, Any] | None) -> None:
         with self.transaction() as conn:
+            seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]) + 1
+            # every caption's offset may change without its seq: derived indexes must be rebuilt
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('rebuild_seq', ?)", (str(seq),))
             conn.execute("UPDATE captions SET offset = 0")
             conn.executemany("UPDATE captions SET offset = ? WHERE row = ?",
                              [(float(o), int(r)) for r, o in zip(rows, offsets)])
@@ -341,6 +401,28 @@ class Catalog:
             "INSERT INTO captions (caption_id, image_id, ord, caption, vector, seq) VALUES (?, ?, ?, ?, ?, ?)",
             [(cid, item.image_id, i, text, _vector_bytes(v, dim), seq)
              for i, (cid, text, v) in enumerate(zip(ids, item.captions, vecs))])
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection. Where the folder is writable, a plain `mode=ro` one that sees what other
+    processes commit later (an offline ingest into a served collection). Where it is read-only (a
+    container's read-only mount) no -shm file can be made, so `immutable=1`, which reads the main file
+    alone: that is only right when no -wal file holds commits, so a non-empty one is refused."""
+    if _writable(path.parent):
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+    wal = Path(str(path) + "-wal")
+    if wal.is_file() and wal.stat().st_size > 0:
+        try:  # works where a -shm file is present and readable
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+                                   isolation_level=None)
+            conn.execute("SELECT COUNT(*) FROM meta").fetchone()
+            return conn
+        except sqlite3.DatabaseError:
+            raise ArtifactError(f"catalog {path.name} has commits in its write-ahead log ({wal.name}) that a "
+                                "read-only folder cannot fold in; open the collection once where it is "
+                                "writable (e.g. `python -m offline ingest` again) or mount it read-write") from None
+    return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False,
+                           isolation_level=None)
 
 
 def _writable(folder: Path) -> bool:

@@ -3,21 +3,27 @@
 Search is exact (one matrix product) while a target holds at most `exact_max` vectors, where it is
 as fast as HNSW here (benchmarks/bench_store.py), and HNSW above. A filter that leaves few rows is
 answered exactly over those rows, so filtered results are the true top k; a broad filter runs HNSW
-with a FAISS ID selector. Writes go to the catalog first; the in-memory index is rebuilt from it on
-the next read, so every read after a write sees it.
+with a FAISS ID selector.
 
-The HNSW graph of a large collection is saved beside the catalog (`index/`) with the catalog's
-sequence number, so start-up loads it instead of rebuilding; a snapshot older than the catalog is
-ignored and the index rebuilt in memory.
+Writes commit to the catalog first (acknowledged = committed), then the in-memory state
+(`clipsearch.store.live`) catches up with what committed since its sequence number: new rows are
+appended (to the exact arrays, or to the delta searched beside the HNSW graph), deletions become
+tombstones filtered at search. The same catch-up picks up other processes' commits (`refresh`).
+`compact()` rebuilds the graph over the live rows off the lock, swaps it in, and saves it as a
+snapshot in `index/` tagged with the catalog seq it reflects and the id at each position; start-up
+loads the snapshot and replays the changes committed after it (rows with a larger seq, tombstones),
+so a large collection never has to rebuild its graph at start-up.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import faiss
@@ -26,9 +32,10 @@ from numpy.typing import NDArray
 
 from clipsearch.artifacts import CollectionLayout
 from clipsearch.index import IndexParams, VectorIndex
-from clipsearch.manifest import ArtifactError, read_json, sha256_json
-from clipsearch.store.base import Filter, Hit, Item, StoreError, Target, filter_keys, value_key
+from clipsearch.manifest import ArtifactError, atomic_write_text, read_json, sha256_json
+from clipsearch.store.base import Filter, Hit, Item, StoreError, Target, filter_keys
 from clipsearch.store.catalog import Catalog, CatalogRows, NewItem
+from clipsearch.store.live import FACET_MAX_VALUES, Live, View
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +44,8 @@ log = logging.getLogger(__name__)
 EXACT_MAX = 20_000
 # A filter that leaves at most this many rows is searched exactly over those rows.
 EXACT_FILTERED_MAX = 50_000
-# Metadata fields with at most this many distinct values are offered as filter choices.
-FACET_MAX_VALUES = 50
 SNAPSHOT_NAMES = {"images": "images.hnsw", "captions": "captions.hnsw"}
-
-
-@dataclass(frozen=True)
-class _Target:
-    vectors: NDArray[np.float32]  # (n, dim), L2-normalised
-    offsets: NDArray[np.float32] | None  # per-row score offset (captions' hubness), or None
-    index: VectorIndex | None  # None: exact search over `vectors`
-    image_rows: NDArray[np.int64]  # each row's image row (identity for images)
-
-
-@dataclass(frozen=True)
-class _State:
-    seq: int
-    image_ids: tuple[str, ...]
-    row_of: Mapping[str, int]
-    items: tuple[Item, ...]
-    caption_ids: tuple[str, ...]
-    caption_texts: tuple[str, ...]
-    targets: Mapping[str, _Target]
-    facets: Mapping[str, Mapping[tuple[str, Any], NDArray[np.int64]]]  # field -> value -> image rows
-    facet_values: Mapping[str, list[Any]]
-    hubness: Mapping[str, Any] | None  # the correction the caption offsets were made with
+__all__ = ["EXACT_MAX", "EXACT_FILTERED_MAX", "FACET_MAX_VALUES", "FaissStore", "SNAPSHOT_NAMES"]
 
 
 class FaissStore:
@@ -75,14 +59,17 @@ class FaissStore:
         self.params = params or IndexParams()
         self.exact_max = exact_max
         self.verify = verify
-        self._lock = threading.RLock()
-        self._state: _State | None = None
+        self._lock = threading.RLock()  # writers, catch-up and the readers' view copies
+        self._compact_lock = threading.Lock()  # one compaction at a time
+        self._live: Live | None = None
+        self._counters = {"replayed_at_start": 0, "compactions": 0, "compaction_seconds_total": 0.0,
+                          "last_compaction_seconds": 0.0, "full_rebuilds": 0}
         model = catalog.model()
         if model is None or catalog.dim is None:
             raise ArtifactError(f"collection {name!r} names no model; re-ingest it")
         self._model = model
         self._dim = int(catalog.dim)
-        self._uid = catalog.get_meta("uid")
+        self._inode = self._catalog_inode()
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -103,6 +90,10 @@ class FaissStore:
     def close(self) -> None:
         self.catalog.close()
 
+    @property
+    def writable(self) -> bool:
+        return not self.catalog.readonly
+
     # -- contract ---------------------------------------------------------------------------
     @property
     def model(self) -> Mapping[str, Any]:
@@ -114,32 +105,35 @@ class FaissStore:
 
     @property
     def version(self) -> str:
-        state = self._current()
-        return sha256_json([self.name, self._uid, state.seq, self._model])[:16]
+        live = self._current()
+        return sha256_json([self.name, live.uid, live.seq, self._model])[:16]
 
     def count(self, target: Target = "images") -> int:
-        return int(self._current().targets[target].vectors.shape[0])
+        return self._current().targets[target].live_count
 
     def ids(self) -> list[str]:
-        return list(self._current().image_ids)
+        live = self._current()
+        with self._lock:
+            return [live.image_ids[p] for p in live.live_positions("images")]
 
     def get(self, image_id: str) -> Item | None:
-        state = self._current()
-        row = state.row_of.get(image_id)
-        return None if row is None else state.items[row]
+        live = self._current()
+        pos = live.row_of.get(image_id)
+        return None if pos is None else live.items[pos]
 
     def vector(self, image_id: str) -> NDArray[np.float32] | None:
-        state = self._current()
-        row = state.row_of.get(image_id)
-        return None if row is None else state.targets["images"].vectors[row].copy()
+        live = self._current()
+        with self._lock:
+            pos = live.row_of.get(image_id)
+            return None if pos is None else live.targets["images"].vectors[pos].copy()
 
     def add(self, items: Sequence[NewItem]) -> None:
         self.catalog.put(items)
-        self._invalidate()
+        self._catch_up()
 
     def delete(self, image_ids: Sequence[str]) -> int:
         n = self.catalog.delete(image_ids)
-        self._invalidate()
+        self._catch_up()
         return n
 
     def replace_captions(self, image_id: str, captions: Sequence[str],
@@ -148,84 +142,156 @@ class FaissStore:
         if item is None:
             raise StoreError(f"no item {image_id!r} in collection {self.name!r}")
         vecs = np.asarray(vectors, dtype=np.float32).reshape(len(captions), self._dim)
-        self.catalog.replace_captions([NewItem(image_id=image_id, path=item.path,
-                                               vector=np.zeros(self._dim, np.float32),
-                                               captions=tuple(captions), caption_vectors=vecs)])
-        self._invalidate()
+        n = self.catalog.replace_captions([NewItem(image_id=image_id, path=item.path,
+                                                   vector=np.zeros(self._dim, np.float32),
+                                                   captions=tuple(captions), caption_vectors=vecs)])
+        self._catch_up()
+        if n == 0:
+            raise StoreError(f"no item {image_id!r} in collection {self.name!r}")
 
     def refresh(self) -> bool:
-        state = self._state
-        if state is None or self.catalog.seq == state.seq:
+        """Pick up what other processes committed: a cheap read of the catalog's head when nothing did."""
+        if self._live is None:
             return False
-        self._invalidate()
-        return True
+        if self.layout is not None and self._catalog_inode() not in (None, self._inode):
+            self._reopen()  # the catalog was made afresh (ingest --force): our connection reads the old file
+            return True
+        return self._catch_up()
 
     def describe(self) -> dict[str, Any]:
-        state = self._current()
+        live = self._current()
+        with self._lock:
+            values = live.facet_values()
+            counts = {t: live.targets[t].live_count for t in live.targets}
+            kinds = {t: ("hnsw" if live.targets[t].index is not None else "exact") for t in live.targets}
         return {
             "name": self.name,
-            "images": len(state.image_ids),
-            "captions": len(state.caption_ids),
+            "images": counts["images"],
+            "captions": counts["captions"],
             "model": dict(self._model),
-            "index": {t: ("hnsw" if state.targets[t].index is not None else "exact") for t in state.targets},
+            "index": kinds,
             "version": self.version,
-            "hubness": state.hubness,
-            "metadata_fields": {k: list(v) for k, v in state.facet_values.items()},
+            "hubness": live.hubness,
+            "metadata_fields": values,
         }
+
+    def stats(self) -> dict[str, Any]:
+        """What a service exports as metrics (optional beyond the VectorStore contract)."""
+        live = self._current()
+        with self._lock:
+            out: dict[str, Any] = {"seq": live.seq}
+            for t, tgt in live.targets.items():
+                out[t] = {"live": tgt.live_count, "tombstones": tgt.dead, "delta": tgt.delta,
+                          "index": "hnsw" if tgt.index is not None else "exact"}
+        out.update(self._counters)
+        return out
 
     def search(self, query: NDArray[np.float32], k: int, *, target: Target = "images",
                filter: Filter | None = None, offset: int = 0, min_score: float | None = None,
                exclude: Sequence[str] = ()) -> list[Hit]:
-        state = self._current()
+        live = self._current()
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
         if q.shape[1] != self._dim:
             raise StoreError(f"query vector has dimension {q.shape[1]}, collection {self.name!r} holds "
                              f"{self._dim}")
-        tgt = state.targets[target]
-        n = tgt.vectors.shape[0]
+        try:
+            keys = filter_keys(filter) if filter else None
+        except ValueError as exc:
+            raise StoreError(str(exc)) from None
+        with self._lock:  # only the masks are built here; the search itself runs unlocked
+            view = live.view(target, live.image_mask(keys, list(exclude)))
+            image_ids, caption_ids, caption_texts = live.image_ids, live.caption_ids, live.caption_texts
+        n = view.vectors.shape[0]
         need = max(0, int(offset)) + max(1, int(k))
-        allowed = self._allowed(state, tgt, filter, exclude)
-        if n == 0 or need == 0 or (allowed is not None and not allowed.any()):
+        allowed_n = n if view.allowed is None else int(view.allowed.sum())
+        if n == 0 or allowed_n == 0:
             return []
-        if tgt.index is None or (allowed is not None and int(allowed.sum()) <= EXACT_FILTERED_MAX):
-            rows, scores = _exact(tgt, q[0], need, allowed)
+        if view.index is None or (view.filtered and allowed_n <= EXACT_FILTERED_MAX):
+            rows, scores = _exact(view.vectors, view.offsets, q[0], need, view.allowed)
         else:
-            rows, scores = _hnsw(tgt, q, need, allowed)
+            rows, scores = _hnsw_and_delta(view, q, need)
         hits = []
         for row, score in zip(rows[offset:offset + k], scores[offset:offset + k]):
             if min_score is not None and score < min_score:
                 break  # ranked by score: the rest are lower still
-            off = float(tgt.offsets[row]) if tgt.offsets is not None else 0.0
-            image_id = state.image_ids[int(tgt.image_rows[row])]
+            off = float(view.offsets[row]) if view.offsets is not None else 0.0
+            image_id = image_ids[int(view.image_rows[row])]
             if target == "images":
                 hits.append(Hit(image_id, float(score), float(score) - off))
             else:
-                hits.append(Hit(image_id, float(score), float(score) - off, state.caption_ids[row],
-                                state.caption_texts[row]))
+                hits.append(Hit(image_id, float(score), float(score) - off, caption_ids[row],
+                                caption_texts[row]))
         return hits
 
-    # -- snapshots ----------------------------------------------------------------------------
+    # -- compaction and snapshots -------------------------------------------------------------
+    def compact(self, save: bool = True) -> dict[str, Any]:
+        """Rebuild the search structures over the live rows (dropping tombstones, folding the delta
+        into a new HNSW graph where a target is large) and swap them in atomically; then save the
+        graphs as the snapshot. Searches and writes go on meanwhile: writes that land during the
+        build are carried over into the new state before the swap."""
+        with self._compact_lock:
+            t0 = time.perf_counter()
+            self._catch_up()
+            live = self._current()
+            with self._lock:
+                captured = {t: live.live_positions(t) for t in live.targets}
+                data = {t: (live.targets[t].vectors[captured[t]].copy(), live.targets[t].offsets[captured[t]].copy(),
+                            live.targets[t].has_offsets) for t in live.targets}
+                seq = live.seq
+                ids = {"images": [live.image_ids[p] for p in captured["images"]],
+                       "captions": [live.caption_ids[p] for p in captured["captions"]]}
+            indexes = {t: self._build_index(vecs, offs if has else None, seq) for t, (vecs, offs, has) in data.items()}
+            with self._lock:
+                if self._live is not live:  # a full rebuild replaced the state meanwhile; it is current
+                    return {"compacted": False, "reason": "the state was rebuilt meanwhile"}
+                new = _relayout(live, captured, indexes, seq, ids)
+                self._live = new
+            saved = self._save_indexes(new) if save and self.layout is not None and self.writable else {}
+            took = time.perf_counter() - t0
+            self._counters["compactions"] += 1
+            self._counters["compaction_seconds_total"] += took
+            self._counters["last_compaction_seconds"] = took
+            log.info("collection %s: compacted to %d images / %d captions at seq %d in %.2f s", self.name,
+                     len(captured["images"]), len(captured["captions"]), seq, took)
+            return {"compacted": True, "seq": seq, "seconds": round(took, 4), "snapshot": saved,
+                    "images": len(captured["images"]), "captions": len(captured["captions"])}
+
     def save_snapshot(self) -> dict[str, str]:
-        """Save the HNSW graphs (not needed for exact targets) tagged with the catalog's sequence."""
+        """Save the HNSW graphs (not needed for exact targets) tagged with the catalog seq they reflect."""
         if self.layout is None:
             raise ArtifactError("an in-memory store has nowhere to save a snapshot")
-        state = self._current()
+        live = self._current()
+        if any(t.delta or t.dead for t in live.targets.values() if t.index is not None):
+            self.compact(save=False)  # the graph must cover every live row before it is worth saving
+            live = self._current()
+        return self._save_indexes(live)
+
+    def _save_indexes(self, live: Live) -> dict[str, str]:
+        assert self.layout is not None
         saved = {}
         for target, name in SNAPSHOT_NAMES.items():
-            tgt = state.targets[target]
+            tgt = live.targets[target]
             path = self.layout.index_dir / f"{name}.json"
             if tgt.index is None:
                 path.unlink(missing_ok=True)
                 continue
-            tgt.index.manifest.update(self._snapshot_tag(state))
+            ids_text = json.dumps(tgt.index_ids)
+            ids_sha = sha256_json(tgt.index_ids)
+            ids_file = self.layout.index_dir / f"{name}.ids.{ids_sha[:12]}.json"
+            atomic_write_text(ids_file, ids_text)  # before the manifest, whose rename commits the snapshot
+            tgt.index.manifest.update({"collection": self.name, "catalog_seq": tgt.index_seq,
+                                       "model": dict(self._model), "ids_file": ids_file.name,
+                                       "ids_sha256": ids_sha})
             tgt.index.save(self.layout.index_dir, name)
+            for old in self.layout.index_dir.glob(f"{name}.ids.*.json"):
+                if old != ids_file:
+                    old.unlink(missing_ok=True)
             saved[target] = str(path)
         return saved
 
-    def _snapshot_tag(self, state: _State) -> dict[str, Any]:
-        return {"collection": self.name, "catalog_seq": state.seq, "model": dict(self._model)}
-
-    def _load_snapshot(self, target: str, rows_count: int, seq: int, with_offsets: bool) -> VectorIndex | None:
+    def _load_snapshot(self, target: str, seq: int, rebuild_seq: int, with_offsets: bool
+                       ) -> tuple[VectorIndex, int, list[str] | None] | None:
+        """(index, the seq it reflects, the id at each position; None: positions are catalog rows)."""
         if self.layout is None:
             return None
         path = self.layout.index_dir / f"{SNAPSHOT_NAMES[target]}.json"
@@ -233,139 +299,349 @@ class FaissStore:
             return None
         try:
             m = read_json(path)
-            if (m.get("catalog_seq") != seq or m.get("count") != rows_count or m.get("model") != dict(self._model)
-                    or bool(m.get("row_offsets")) != with_offsets or m.get("params") != asdict(_hnsw_params(self.params))):
+            snap_seq = m.get("catalog_seq")
+            if (not isinstance(snap_seq, int) or snap_seq > seq or snap_seq < rebuild_seq
+                    or m.get("model") != dict(self._model) or m.get("params") != asdict(_hnsw_params(self.params))
+                    or (not m.get("ids_file") and (snap_seq != seq or bool(m.get("row_offsets")) != with_offsets))):
                 log.info("collection %s: %s snapshot is older than the catalog; rebuilding it", self.name, target)
                 return None
-            return VectorIndex.load(path, verify=self.verify)
-        except ArtifactError as exc:
+            ids = None
+            if m.get("ids_file"):
+                ids_path = self.layout.index_dir / str(m["ids_file"])
+                if not ids_path.is_file():
+                    raise ArtifactError(f"missing file {ids_path.name}")
+                ids = json.loads(ids_path.read_text(encoding="utf-8"))
+                if sha256_json(ids) != m.get("ids_sha256") or len(ids) != m.get("count"):
+                    raise ArtifactError(f"{ids_path.name} does not match its manifest")
+            return VectorIndex.load(path, verify=self.verify), snap_seq, ids
+        except (ArtifactError, ValueError) as exc:
             log.warning("collection %s: %s snapshot unusable (%s); rebuilding it", self.name, target, exc)
             return None
 
     # -- internals ----------------------------------------------------------------------------
-    def _invalidate(self) -> None:
+    def _current(self) -> Live:
+        live = self._live
+        if live is not None:
+            return live
         with self._lock:
-            self._state = None
+            if self._live is None:
+                self._live = self._build_full(start=True)
+            return self._live
 
-    def _current(self) -> _State:
-        state = self._state
-        if state is not None:
-            return state
+    def _catch_up(self) -> bool:
+        """Apply what committed after the state's seq; True when the contents changed."""
         with self._lock:
-            if self._state is None:
-                self._state = self._build(self.catalog.rows())
-            return self._state
+            live = self._live
+            if live is None:
+                return True  # built on the next read, from the catalog as it is then
+            seq, uid, rebuild_seq = self.catalog.head()
+            if uid != live.uid or rebuild_seq > live.seq:
+                self._live = self._build_full()
+                return True
+            if seq == live.seq:
+                return False
+            changes = self.catalog.changes_since(live.seq)
+            if changes.uid != live.uid or changes.rebuild_seq > live.seq:
+                self._live = self._build_full()
+                return True
+            for image_id in changes.deleted:
+                live.remove(image_id)
+            _apply_rows(live, changes.rows, range(len(changes.rows.image_ids)))
+            live.seq = changes.seq
+            return True
 
-    def _build(self, rows: CatalogRows) -> _State:
+    def _build_full(self, start: bool = False) -> Live:
+        """The state from every catalog row: the snapshot's graph where one is usable, the changes
+        committed after it replayed onto it."""
         t0 = time.perf_counter()
-        caps_by_row: list[list[str]] = [[] for _ in rows.image_ids]
-        for img_row, text in zip(rows.caption_image_rows, rows.caption_texts):
-            caps_by_row[int(img_row)].append(text)
-        items = tuple(Item(i, p, tuple(c), m) for i, p, c, m in
-                      zip(rows.image_ids, rows.paths, caps_by_row, rows.metadata))
-        offsets = rows.caption_offsets if rows.caption_offsets.size and np.any(rows.caption_offsets) else None
-        targets = {
-            "images": self._target("images", rows.vectors, None, np.arange(len(rows.image_ids)), rows.seq),
-            "captions": self._target("captions", rows.caption_vectors, offsets, rows.caption_image_rows, rows.seq),
-        }
-        facets, values = _facets(rows.metadata)
-        state = _State(rows.seq, tuple(rows.image_ids), {i: r for r, i in enumerate(rows.image_ids)}, items,
-                       tuple(rows.caption_ids), tuple(rows.caption_texts), targets, facets, values,
-                       self.catalog.hubness())
-        log.debug("collection %s: %d images, %d captions loaded in %.2f s", self.name, len(items),
-                  len(rows.caption_ids), time.perf_counter() - t0)
-        return state
+        rows = self.catalog.rows()
+        seq, uid, rebuild_seq = self.catalog.head()
+        if seq != rows.seq:  # a commit landed between the two reads: read again, in one piece
+            return self._build_full(start)
+        cap_offsets = rows.caption_offsets if rows.caption_offsets.size and np.any(rows.caption_offsets) else None
+        # (vectors wider or narrower than the catalog's dim: served as they are, so the service's model
+        # check names the mismatch instead of this failing on a reshape)
+        dim = rows.vectors.shape[1] if rows.vectors.shape[0] else self._dim
+        live = Live(dim, rows.seq, uid, self.catalog.hubness(),
+                    capacity=(len(rows.image_ids), len(rows.caption_ids)))
+        n_img, n_cap = len(rows.image_ids), len(rows.caption_ids)
+        snaps = {}
+        if n_img > self.exact_max:
+            snaps["images"] = self._load_snapshot("images", rows.seq, rebuild_seq, False)
+        if n_cap > self.exact_max:
+            snaps["captions"] = self._load_snapshot("captions", rows.seq, rebuild_seq, cap_offsets is not None)
+        replayed = _place_images(live, rows, snaps.get("images"))
+        replayed += _place_captions(live, rows, snaps.get("captions"), cap_offsets)
+        for target, vecs, offs in (("images", rows.vectors, None), ("captions", rows.caption_vectors, cap_offsets)):
+            tgt = live.targets[target]
+            if tgt.index is None and vecs.shape[0] > self.exact_max:
+                tgt.index = self._build_index(tgt.vectors[: tgt.n], tgt.offsets[: tgt.n] if offs is not None else None,
+                                              rows.seq)
+                tgt.index_seq = rows.seq
+                tgt.index_ids = list(live.image_ids if target == "images" else live.caption_ids)
+        if start:
+            self._counters["replayed_at_start"] += replayed
+        else:
+            self._counters["full_rebuilds"] += 1
+        if replayed:
+            log.info("collection %s: snapshot loaded, %d changes after it replayed", self.name, replayed)
+        log.debug("collection %s: %d images, %d captions loaded in %.2f s", self.name, n_img, n_cap,
+                  time.perf_counter() - t0)
+        return live
 
-    def _target(self, target: str, vectors: NDArray[np.float32], offsets: NDArray[np.float32] | None,
-                image_rows: NDArray[np.int64], seq: int) -> _Target:
-        n = vectors.shape[0]
-        index = None
-        if n > self.exact_max:
-            index = self._load_snapshot(target, n, seq, offsets is not None)
-            if index is None:
-                index = VectorIndex.build(vectors, _hnsw_params(self.params), offsets=offsets,
-                                          collection=self.name, catalog_seq=seq, model=dict(self._model))
-        return _Target(vectors, offsets, index, np.asarray(image_rows, dtype=np.int64))
-
-    def _allowed(self, state: _State, tgt: _Target, flt: Filter | None,
-                 exclude: Sequence[str]) -> NDArray[np.bool_] | None:
-        """Which rows of the target may be returned (None: all)."""
-        if not flt and not exclude:
+    def _build_index(self, vectors: NDArray[np.float32], offsets: NDArray[np.float32] | None,
+                     seq: int) -> VectorIndex | None:
+        if vectors.shape[0] <= self.exact_max or vectors.shape[0] == 0:
             return None
-        image_ok = np.ones(len(state.image_ids), dtype=bool)
-        if flt:
-            try:
-                keys = filter_keys(flt)
-            except ValueError as exc:
-                raise StoreError(str(exc)) from None
-            for name, accepted in keys.items():
-                by_value = state.facets.get(name, {})
-                field_ok = np.zeros(len(state.image_ids), dtype=bool)
-                for key in accepted:
-                    rows = by_value.get(key)
-                    if rows is not None:
-                        field_ok[rows] = True
-                image_ok &= field_ok
-        for image_id in exclude:
-            row = state.row_of.get(image_id)
-            if row is not None:
-                image_ok[row] = False
-        return image_ok[tgt.image_rows]
+        return VectorIndex.build(vectors, _hnsw_params(self.params), offsets=offsets, collection=self.name,
+                                 catalog_seq=seq, model=dict(self._model))
+
+    def _catalog_inode(self) -> int | None:
+        if self.layout is None:
+            return None
+        try:
+            return os.stat(self.layout.catalog).st_ino
+        except OSError:
+            return None
+
+    def _reopen(self) -> None:
+        assert self.layout is not None
+        with self._lock:
+            old = self.catalog
+            self.catalog = Catalog(self.layout.catalog, readonly=old.readonly)
+            self._inode = self._catalog_inode()
+            old.close()
+            model = self.catalog.model()
+            if model != self._model or self.catalog.dim != self._dim:
+                log.warning("collection %s: the catalog now names another model; keep serving until a reload",
+                            self.name)
+            self._live = self._build_full()
+
+
+def _apply_rows(live: Live, rows: CatalogRows, which: Sequence[int] | range) -> None:
+    """Upsert items `which` of `rows` (with their captions) into `live`."""
+    caps_by_item: dict[int, list[int]] = {}
+    for j, img_row in enumerate(rows.caption_image_rows):
+        caps_by_item.setdefault(int(img_row), []).append(j)
+    has_offsets = rows.caption_offsets.size and np.any(rows.caption_offsets)
+    for i in which:
+        js = caps_by_item.get(i, [])
+        item = Item(rows.image_ids[i], rows.paths[i], tuple(rows.caption_texts[j] for j in js), rows.metadata[i])
+        live.put(item, rows.vectors[i], [rows.caption_ids[j] for j in js],
+                 rows.caption_vectors[js] if js else np.zeros((0, live.dim), np.float32),
+                 rows.caption_offsets[js] if js and has_offsets else None)
+
+
+def _place_images(live: Live, rows: CatalogRows, snap: tuple[VectorIndex, int, list[str] | None] | None) -> int:
+    """Lay the images out: at the snapshot's positions where the row is unchanged since it, the rest
+    appended. Returns how many changes after the snapshot were replayed."""
+    images = live.targets["images"]
+    if snap is None:
+        _add_images(live, rows, range(len(rows.image_ids)))
+        return 0
+    index, snap_seq, ids = snap
+    if ids is None:  # an older snapshot, exactly current: its positions are the catalog rows
+        _add_images(live, rows, range(len(rows.image_ids)))
+        images.index, images.index_seq, images.index_ids = index, snap_seq, list(rows.image_ids)
+        return 0
+    row_of = {image_id: i for i, image_id in enumerate(rows.image_ids)}
+    placed = [row_of.get(i, -1) for i in ids]
+    placed = [r if r >= 0 and rows.item_seqs[r] <= snap_seq else -1 for r in placed]
+    used = {r for r in placed if r >= 0}
+    replayed = sum(1 for i in ids if i not in row_of)  # deleted since the snapshot (rewritten: counted below)
+    # the snapshot's positions first (dead where the row changed), then the changed and new rows
+    alive = np.array([r >= 0 for r in placed], bool)
+    vecs = np.zeros((len(ids), live.dim), np.float32)
+    if used:
+        good = np.flatnonzero(alive)
+        vecs[good] = rows.vectors[[placed[p] for p in good]]
+    images.append(vecs, None, np.arange(len(ids), dtype=np.int64), alive)
+    for pos, (image_id, r) in enumerate(zip(ids, placed)):
+        live.image_ids.append(image_id)
+        if r < 0:
+            live.items.append(None)
+            continue
+        item = Item(image_id, rows.paths[r], (), rows.metadata[r])
+        live.items.append(item)
+        live.row_of[image_id] = pos
+        live._index_metadata(pos, item.metadata)
+    rest = [i for i in range(len(rows.image_ids)) if i not in used]
+    replayed += sum(1 for i in rest if rows.item_seqs[i] > snap_seq)
+    _add_images(live, rows, rest)
+    images.index, images.index_seq, images.index_ids = index, snap_seq, list(ids)
+    return replayed
+
+
+def _add_images(live: Live, rows: CatalogRows, which: Sequence[int] | range) -> None:
+    which = list(which)
+    images = live.targets["images"]
+    start = images.n
+    images.append(rows.vectors[which] if which else np.zeros((0, live.dim), np.float32), None,
+                  np.arange(start, start + len(which), dtype=np.int64))
+    for k, i in enumerate(which):
+        pos = start + k
+        item = Item(rows.image_ids[i], rows.paths[i], (), rows.metadata[i])
+        live.image_ids.append(item.image_id)
+        live.items.append(item)
+        live.row_of[item.image_id] = pos
+        live._index_metadata(pos, item.metadata)
+
+
+def _place_captions(live: Live, rows: CatalogRows, snap: tuple[VectorIndex, int, list[str] | None] | None,
+                    offsets: NDArray[np.float32] | None) -> int:
+    caps = live.targets["captions"]
+    image_pos = np.array([live.row_of[rows.image_ids[int(r)]] for r in rows.caption_image_rows], np.int64)
+    order: list[int] = list(range(len(rows.caption_ids)))
+    replayed = 0
+    if snap is not None and snap[2] is not None:
+        index, snap_seq, ids = snap
+        row_of = {cid: j for j, cid in enumerate(rows.caption_ids)}
+        placed = [row_of.get(c, -1) for c in ids]
+        placed = [j if j >= 0 and rows.caption_seqs[j] <= snap_seq else -1 for j in placed]
+        used = {j for j in placed if j >= 0}
+        gone = sum(1 for c in ids if c not in row_of)
+        alive = np.array([j >= 0 for j in placed], bool)
+        good = np.flatnonzero(alive)
+        vecs = np.zeros((len(ids), live.dim), np.float32)
+        offs = np.zeros(len(ids), np.float32)
+        img = np.zeros(len(ids), np.int64)
+        src = [placed[p] for p in good]
+        vecs[good] = rows.caption_vectors[src]
+        if offsets is not None:
+            offs[good] = offsets[src]
+        img[good] = image_pos[src]
+        caps.append(vecs, offs if offsets is not None else None, img, alive)
+        texts = [""] * len(ids)
+        for p, j in zip(good, src):
+            texts[p] = rows.caption_texts[j]
+            live.captions_of.setdefault(int(img[p]), []).append(int(p))
+        live.caption_ids.extend(ids)
+        live.caption_texts.extend(texts)
+        caps.index, caps.index_seq, caps.index_ids = index, snap_seq, list(ids)
+        order = [j for j in range(len(rows.caption_ids)) if j not in used]
+        replayed = gone + sum(1 for j in order if rows.caption_seqs[j] > snap_seq)
+    elif snap is not None:
+        caps.index, caps.index_seq, caps.index_ids = snap[0], snap[1], list(rows.caption_ids)
+    if order:
+        start = caps.n
+        caps.append(rows.caption_vectors[order], offsets[order] if offsets is not None else None, image_pos[order])
+        live.caption_ids.extend(rows.caption_ids[j] for j in order)
+        live.caption_texts.extend(rows.caption_texts[j] for j in order)
+        for k, j in enumerate(order):
+            live.captions_of.setdefault(int(image_pos[j]), []).append(start + k)
+    # the items' caption lists, in caption row order
+    texts_of: dict[int, list[str]] = {}
+    for j in range(len(rows.caption_ids)):
+        texts_of.setdefault(int(image_pos[j]), []).append(rows.caption_texts[j])
+    for pos, texts in texts_of.items():
+        item = live.items[pos]
+        if item is not None:
+            live.items[pos] = Item(item.image_id, item.path, tuple(texts), item.metadata)
+    return replayed
+
+
+def _relayout(old: Live, captured: Mapping[str, NDArray[np.int64]], indexes: Mapping[str, VectorIndex | None],
+              seq: int, ids: Mapping[str, list[str]]) -> Live:
+    """A fresh state whose first positions are the rows each new graph was built from (dead where they
+    died during the build), then every live row the build did not see. Called under the store lock."""
+    new = Live(old.dim, old.seq, old.uid, old.hubness)
+    new.facets, new.originals = {}, {}
+    src_img = old.targets["images"]
+    seen = np.zeros(src_img.n, bool)
+    seen[captured["images"]] = True
+    img_order = np.concatenate([captured["images"], np.flatnonzero(src_img.alive[: src_img.n] & ~seen)]).astype(np.int64)
+    new_pos = np.full(src_img.n, -1, np.int64)
+    new_pos[img_order] = np.arange(len(img_order))
+    alive = src_img.alive[img_order]
+    new.targets["images"].append(src_img.vectors[img_order], None, np.arange(len(img_order), dtype=np.int64), alive)
+    for pos, p in enumerate(img_order):
+        image_id = old.image_ids[p]
+        new.image_ids.append(image_id)
+        item = old.items[p] if alive[pos] else None
+        new.items.append(item)
+        if item is not None:
+            new.row_of[image_id] = pos
+            new._index_metadata(pos, item.metadata)
+    src_cap = old.targets["captions"]
+    seen = np.zeros(src_cap.n, bool)
+    seen[captured["captions"]] = True
+    cap_order = np.concatenate([captured["captions"], np.flatnonzero(src_cap.alive[: src_cap.n] & ~seen)]).astype(np.int64)
+    cap_alive = src_cap.alive[cap_order]
+    img_rows = new_pos[src_cap.image_rows[cap_order]]
+    cap_alive &= img_rows >= 0
+    img_rows[img_rows < 0] = 0
+    new.targets["captions"].append(src_cap.vectors[cap_order], src_cap.offsets[cap_order] if src_cap.has_offsets else None,
+                                   img_rows, cap_alive)
+    for pos, p in enumerate(cap_order):
+        new.caption_ids.append(old.caption_ids[p])
+        new.caption_texts.append(old.caption_texts[p])
+        if cap_alive[pos]:
+            new.captions_of.setdefault(int(img_rows[pos]), []).append(pos)
+    for target in ("images", "captions"):
+        tgt = new.targets[target]
+        tgt.index = indexes[target]
+        tgt.index_seq = seq
+        tgt.index_ids = list(ids[target]) if tgt.index is not None else []
+    return new
 
 
 def _hnsw_params(params: IndexParams) -> IndexParams:
     return IndexParams("hnsw", params.m, params.ef_construction, params.ef_search)
 
 
-def _exact(tgt: _Target, q: NDArray[np.float32], need: int, allowed: NDArray[np.bool_] | None
-           ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-    if allowed is not None:
+def _exact(vectors: NDArray[np.float32], offsets: NDArray[np.float32] | None, q: NDArray[np.float32], need: int,
+           allowed: NDArray[np.bool_] | None, base: int = 0) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """The top `need` rows (positions + `base`) by score among the allowed ones, ties by position."""
+    if allowed is not None and allowed.sum() * 2 < allowed.size:  # few rows left: score only those
         rows = np.flatnonzero(allowed)
-        scores = tgt.vectors[rows] @ q
-        if tgt.offsets is not None:
-            scores += tgt.offsets[rows]
+        scores = vectors[rows] @ q
+        if offsets is not None:
+            scores += offsets[rows]
     else:
-        rows = np.arange(tgt.vectors.shape[0])
-        scores = tgt.vectors @ q
-        if tgt.offsets is not None:
-            scores = scores + tgt.offsets
+        scores = vectors @ q
+        if offsets is not None:
+            scores = scores + offsets
+        rows = np.arange(vectors.shape[0])
+        if allowed is not None:
+            rows = np.flatnonzero(allowed)
+            scores = scores[rows]
+    if scores.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
     need = min(need, scores.shape[0])
     top = np.argpartition(-scores, need - 1)[:need] if need < scores.shape[0] else np.arange(scores.shape[0])
     # ties broken by row, so equal scores always come back in the same order
     order = top[np.lexsort((rows[top], -scores[top]))]
-    return rows[order], scores[order]
+    return rows[order].astype(np.int64) + base, scores[order]
 
 
-def _hnsw(tgt: _Target, q: NDArray[np.float32], need: int, allowed: NDArray[np.bool_] | None
-          ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-    index = tgt.index
+def _hnsw_and_delta(view: View, q: NDArray[np.float32], need: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """The graph over its positions (tombstones and filtered rows left out by an ID selector), the
+    delta after it exactly, merged by score."""
+    index = view.index
     assert index is not None
-    k = min(need, index.ntotal)
-    query = np.hstack([q, np.ones((1, 1), np.float32)]) if index.has_offsets else q
-    sel = None
-    if allowed is not None:
-        banned = np.flatnonzero(~allowed).astype(np.int64)
-        sel = (faiss.IDSelectorNot(faiss.IDSelectorBatch(banned)) if banned.size < allowed.size // 2
-               else faiss.IDSelectorBatch(np.flatnonzero(allowed).astype(np.int64)))
-    sp = faiss.SearchParametersHNSW(efSearch=max(index.params.ef_search, k), sel=sel)
-    scores, ids = index.index.search(query, k, params=sp)
-    keep = ids[0] >= 0
-    return ids[0][keep].astype(np.int64), scores[0][keep]
-
-
-def _facets(metadata: list[dict[str, Any]]) -> tuple[dict[str, dict[tuple[str, Any], NDArray[np.int64]]],
-                                                       dict[str, list[Any]]]:
-    """field -> value -> rows, for every scalar metadata value; and the fields with few values."""
-    rows: dict[str, dict[tuple[str, Any], list[int]]] = {}
-    originals: dict[str, dict[tuple[str, Any], Any]] = {}
-    for row, meta in enumerate(metadata):
-        for name, value in meta.items():
-            key = value_key(value)
-            if key is None:
-                continue
-            rows.setdefault(name, {}).setdefault(key, []).append(row)
-            originals.setdefault(name, {}).setdefault(key, value)
-    facets = {name: {key: np.asarray(r, dtype=np.int64) for key, r in by.items()} for name, by in rows.items()}
-    values = {name: sorted(originals[name].values(), key=lambda v: (str(type(v)), v))
-              for name in sorted(rows) if len(rows[name]) <= FACET_MAX_VALUES}
-    return facets, values
+    m = index.ntotal
+    allowed = view.allowed
+    rows, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    head = allowed[:m] if allowed is not None else None
+    if head is None or head.any():
+        k = min(need, m)
+        query = np.hstack([q, np.ones((1, 1), np.float32)]) if index.has_offsets else q
+        sel = None
+        if head is not None:
+            banned = np.flatnonzero(~head).astype(np.int64)
+            sel = (faiss.IDSelectorNot(faiss.IDSelectorBatch(banned)) if banned.size < head.size // 2
+                   else faiss.IDSelectorBatch(np.flatnonzero(head).astype(np.int64)))
+        sp = faiss.SearchParametersHNSW(efSearch=max(index.params.ef_search, k), sel=sel)
+        s, ids = index.index.search(query, k, params=sp)
+        keep = ids[0] >= 0
+        rows, scores = ids[0][keep].astype(np.int64), s[0][keep]
+    n = view.vectors.shape[0]
+    if n > m:
+        tail = allowed[m:] if allowed is not None else None
+        if tail is None or tail.any():
+            d_rows, d_scores = _exact(view.vectors[m:], view.offsets[m:] if view.offsets is not None else None,
+                                      q[0], need, tail, base=m)
+            rows, scores = np.concatenate([rows, d_rows]), np.concatenate([scores, d_scores])
+            order = np.lexsort((rows, -scores))[:need]
+            rows, scores = rows[order], scores[order]
+    return rows, scores

@@ -237,9 +237,17 @@ def test_hnsw_snapshot_current_stale_or_corrupt(artifacts, fakes, tmp_path, capl
     save_snapshot()
     assert load() == []  # current: loaded as saved, nothing rebuilt
 
-    with Catalog(layout.catalog) as catalog:  # any commit makes the snapshot older than the catalog
+    with Catalog(layout.catalog) as catalog:  # a commit that changes no row: nothing to replay
         with catalog.transaction():
             pass
+    assert load() == []
+    with Catalog(layout.catalog) as catalog:  # a deletion after the snapshot: loaded, and replayed onto it
+        catalog.delete(["00_solid_red.png"])
+    logs = load()
+    assert len(logs) == 1 and "snapshot loaded, 4 changes after it replayed" in logs[0], logs  # 1 image, 3 captions
+    with Catalog(layout.catalog) as catalog:  # new caption offsets (hubness) change rows without their seq
+        rows, _ = catalog.caption_vectors()
+        catalog.set_caption_offsets(rows, np.zeros(len(rows), np.float32), None)
     logs = load()
     assert len(logs) == 2 and all("older than the catalog; rebuilding it" in m for m in logs), logs
 

@@ -1,0 +1,231 @@
+"""Live writes, HTTP-free: upload, delete, caption replace and compaction of a served collection.
+
+A write is admitted through its own bound (`write_max_in_flight`, else 429 at once), decoded with
+the same checks as /search/image and encoded on the inference pool that searches use, so writes
+take turns with searches instead of starving them. The commit (image file first, then the catalog)
+runs on one writer thread: SQLite serialises writers anyway, and an fsync never blocks an inference
+thread. A write is answered only after its catalog commit, and the store has caught up by then, so
+the next search sees it (read-your-write); the store's version changes with it, and so every cache key.
+
+After a write, a background compaction starts when the tombstones or the rows added past an HNSW
+graph reach the configured thresholds (`compact()` is an optional store method, looked up by name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from clipsearch.artifacts import ArtifactLayout
+from clipsearch.images import decode_image
+from clipsearch.media import store_media, suffix_for
+from clipsearch.store import Item, NewItem, StoreError, VectorStore
+
+from app.config import Settings
+from app.errors import ApiError, NotFound, Overloaded
+from app.resources import Resources
+from app.state import InFlightLimiter, ServiceState
+
+log = logging.getLogger(__name__)
+
+
+class ReadOnlyCollection(ApiError):
+    status, code = 409, "read_only"
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    item: Item
+    created: bool
+    version: str
+    stages: Mapping[str, float] = field(default_factory=dict)  # seconds: decode, encode, commit
+
+
+def encode_upload_job(res: Resources, data: bytes, captions: Sequence[str], max_pixels: int
+                      ) -> tuple[np.ndarray, np.ndarray, str | None, dict[str, float]]:
+    """On the inference pool: decode (every check /search/image makes), then encode the image and
+    its captions. Returns (image vector, caption vectors, PIL format, stage seconds)."""
+    t0 = time.perf_counter()
+    image = decode_image(data, max_pixels=max_pixels)
+    with Image.open(io.BytesIO(data)) as probe:  # header only; decode_image has vetted the bytes
+        fmt = probe.format
+    t1 = time.perf_counter()
+    try:
+        vec = res.encoder.encode_images([image])[0]
+    finally:
+        image.close()
+    caps = res.encoder.encode_texts(list(captions)) if captions else np.zeros((0, vec.shape[0]), np.float32)
+    return (np.asarray(vec, np.float32), np.asarray(caps, np.float32), fmt,
+            {"decode": t1 - t0, "encode": time.perf_counter() - t1})
+
+
+def encode_captions_job(res: Resources, captions: Sequence[str]) -> np.ndarray:
+    return np.asarray(res.encoder.encode_texts(list(captions)), np.float32)
+
+
+class WriteService:
+    def __init__(self, state: ServiceState, settings: Settings):
+        self.state = state
+        self.settings = settings
+        self.limiter = InFlightLimiter(settings.write_max_in_flight)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsearch-writer")
+        self._compacting: set[str] = set()
+        self._compact_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+    # -- admission -------------------------------------------------------------------------------
+    def admit(self, op: str) -> None:
+        if not self.limiter.try_acquire():
+            self.state.metrics.writes.labels(op, "rejected").inc()
+            raise Overloaded(f"server busy: {self.limiter.limit} writes in flight; retry shortly",
+                             headers={"Retry-After": str(max(self.settings.retry_after_s, 1))})
+
+    def release(self) -> None:
+        self.limiter.release()
+
+    async def _commit(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, lambda: fn(*args))
+
+    @staticmethod
+    def _check_writable(store: VectorStore) -> None:
+        if not getattr(store, "writable", True):
+            raise ReadOnlyCollection(f"collection {store.name!r} is open read-only")
+
+    # -- operations --------------------------------------------------------------------------------
+    async def upload(self, res: Resources, store: VectorStore, data: bytes, captions: Sequence[str] | None,
+                     metadata: Mapping[str, Any] | None, image_id: str | None) -> WriteResult:
+        self._check_writable(store)
+        sha = hashlib.sha256(data).hexdigest()
+        image_id = image_id or sha
+        existing = store.get(image_id)
+        final_captions = tuple(captions) if captions is not None else (existing.captions if existing else ())
+        final_meta = dict(metadata) if metadata is not None else (dict(existing.metadata) if existing else {})
+        media_dir = ArtifactLayout(self.settings.artifacts_dir).collection(store.name).media_dir
+        if (existing is not None and _sha_of(existing.path) == sha and existing.captions == final_captions
+                and dict(existing.metadata) == final_meta):
+            # the same bytes again (and nothing else new): one item, no write
+            return WriteResult(existing, False, store.version)
+        vec, cap_vecs, fmt, stages = await self.state.run(encode_upload_job, res, data, final_captions,
+                                                          self.settings.max_image_pixels)
+        root = self.settings.artifacts_dir
+
+        def commit() -> bool:
+            # writes run one at a time here: a twin upload that committed first makes this one a no-op
+            now = store.get(image_id)
+            if (now is not None and _sha_of(now.path) == sha and now.captions == final_captions
+                    and dict(now.metadata) == final_meta):
+                return False
+            path, _ = store_media(media_dir, data, suffix_for(fmt))  # the file first, durable...
+            rel = _relative(path, root)
+            store.add([NewItem(image_id, rel, vec, captions=final_captions,  # ...then the commit
+                               caption_vectors=cap_vecs if final_captions else None, metadata=final_meta,
+                               size=len(data), sha256=sha)])
+            return now is None
+
+        t0 = time.perf_counter()
+        created = await self._commit(commit)
+        stages["commit"] = time.perf_counter() - t0  # media file + catalog commit (fsyncs) + catch-up
+        item = store.get(image_id)
+        if item is None:  # deleted again before we could read it back
+            raise NotFound("unknown image id")
+        self.maybe_compact(store)
+        return WriteResult(item, created, store.version, stages)
+
+    async def delete(self, store: VectorStore, image_id: str) -> None:
+        self._check_writable(store)
+        if store.get(image_id) is None:
+            raise NotFound("unknown image id")
+        n = await self._commit(store.delete, [image_id])
+        if not n:
+            raise NotFound("unknown image id")
+        self.maybe_compact(store)
+
+    async def replace_captions(self, res: Resources, store: VectorStore, image_id: str,
+                               captions: Sequence[str]) -> WriteResult:
+        self._check_writable(store)
+        if store.get(image_id) is None:
+            raise NotFound("unknown image id")
+        vecs = (await self.state.run(encode_captions_job, res, captions) if captions
+                else np.zeros((0, store.dim), np.float32))
+        try:
+            await self._commit(store.replace_captions, image_id, list(captions), vecs)
+        except StoreError:
+            raise NotFound("unknown image id") from None
+        item = store.get(image_id)
+        if item is None:  # deleted meanwhile
+            raise NotFound("unknown image id")
+        self.maybe_compact(store)
+        return WriteResult(item, False, store.version)
+
+    # -- compaction --------------------------------------------------------------------------------
+    def compact_now(self, store: VectorStore) -> dict[str, Any]:
+        """Run a compaction (blocking; call it off the event loop)."""
+        compact = getattr(store, "compact", None)
+        if compact is None:
+            return {"compacted": False, "reason": "this store compacts itself"}
+        with self._compact_lock:
+            if store.name in self._compacting:
+                return {"compacted": False, "reason": "a compaction is already running"}
+            self._compacting.add(store.name)
+        t0 = time.perf_counter()
+        try:
+            out = dict(compact())
+        finally:
+            with self._compact_lock:
+                self._compacting.discard(store.name)
+        if out.get("compacted"):
+            self.state.metrics.compactions.labels(store.name).inc()
+            self.state.metrics.compaction_seconds.labels(store.name).observe(time.perf_counter() - t0)
+        return out
+
+    def maybe_compact(self, store: VectorStore) -> bool:
+        """Start a background compaction when enough tombstones or delta rows have piled up."""
+        stats_of = getattr(store, "stats", None)
+        if stats_of is None or store.name in self._compacting or not getattr(store, "writable", True):
+            return False
+        stats = stats_of()
+        dead = sum(stats[t]["tombstones"] for t in ("images", "captions"))
+        delta = sum(stats[t]["delta"] for t in ("images", "captions"))
+        s = self.settings
+        if not ((s.compact_tombstones and dead >= s.compact_tombstones)
+                or (s.compact_delta and delta >= s.compact_delta)):
+            return False
+
+        def run() -> None:
+            try:
+                self.compact_now(store)
+            except Exception:  # noqa: BLE001 - a failed compaction leaves the old state serving
+                log.exception("collection %s: compaction failed; the current state keeps serving", store.name)
+                return
+            self.maybe_compact(store)  # writes that landed during the build may have crossed it again
+
+        threading.Thread(target=run, name=f"clipsearch-compact-{store.name}", daemon=True).start()
+        return True
+
+
+def _sha_of(path: str) -> str | None:
+    """The sha256 an owned media path is named by (media/<aa>/<sha><suffix>), else None."""
+    name = Path(path).name
+    stem = name.split(".", 1)[0]
+    return stem if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem) else None
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path.resolve())
