@@ -332,6 +332,7 @@ class EmbeddingsResponse(BaseModel):
     model: dict[str, Any] = Field(description="The model identity the vectors come from (as GET /readyz)")
     took_ms: float
 
+
 # -- live writes (app/routes/writes.py) ----------------------------------------------------------
 
 class WriteItemResponse(ItemResponse):
