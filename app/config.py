@@ -16,7 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from clipsearch.artifacts import check_collection_name
-from clipsearch.store import EXACT_MAX
+from clipsearch.store import EXACT_MAX, check_store_spec
 
 MiB = 1 << 20
 
@@ -56,6 +56,12 @@ class Settings(BaseSettings):
                                      "vectors is searched exactly; above it, by HNSW (loaded from the "
                                      "collection's snapshot when it is current, else built at start-up).")
 
+    store: str = Field(
+        "faiss", description="Where the collections live: faiss (the embedded FAISS + SQLite store under "
+                             "ARTIFACTS_DIR, the default), a Qdrant URL (http://qdrant:6333) or qdrant:PATH "
+                             "(qdrant-client's local mode in that folder; one process at a time).")
+    qdrant_api_key: SecretStr | None = Field(None, description="API key of the Qdrant server (CLIPSEARCH_STORE=URL).")
+
     cache_size: int = Field(1024, ge=0, description="Response LRU entries; 0 turns the cache off.")
     inference_threads: int = Field(2, ge=1, description="Worker threads for decode + encode + search.")
     text_backend: Literal["onnx", "torch"] = Field(
@@ -92,6 +98,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
         return value
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        return check_store_spec(value)
 
     @field_validator("collections")
     @classmethod

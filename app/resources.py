@@ -23,7 +23,7 @@ from clipsearch.encoder import ClipEncoder, Encoder, image_backend_for, text_bac
 from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError, sha256_json
 from clipsearch.models import ModelLoadError, is_local_checkpoint, load_model
-from clipsearch.store import VectorStore, open_store
+from clipsearch.store import FAISS, VectorStore, collection_names, open_store
 
 from app.config import Settings
 
@@ -103,8 +103,11 @@ def load_resources(settings: Settings) -> Resources:
         raise ArtifactError(f"ARTIFACTS_DIR {root} does not exist or is not a folder")
     layout = ArtifactLayout(root)
     explicit = list(settings.collections)
-    names = explicit or layout.collection_names()
+    names = explicit or collection_names(layout, settings.store, _api_key(settings))
     if not names:
+        if settings.store != FAISS:
+            raise ArtifactError(f"no collection in the Qdrant store {settings.store}: copy one there with "
+                                f"`python -m offline migrate --collection NAME --to {settings.store}`")
         raise ArtifactError("no collection under ARTIFACTS_DIR/collections: ingest one with "
                             "`python -m offline ingest SOURCE --collection NAME` "
                             "(or `bash scripts/serve.sh --data DIR` / `--media DIR`)")
@@ -163,8 +166,12 @@ def _open_collection(layout: ArtifactLayout, name: str, params: IndexParams, set
     prefix = f"collection {name!r}"
     store: VectorStore | None = None
     try:
-        store = open_store(layout, name, readonly=True, params=params, exact_max=settings.exact_max,
-                           verify=settings.verify_index_checksum)
+        if settings.store == FAISS:
+            store = open_store(layout, name, readonly=True, params=params, exact_max=settings.exact_max,
+                               verify=settings.verify_index_checksum)
+        else:
+            store = open_store(layout, name, readonly=True, store=settings.store, api_key=_api_key(settings),
+                               params=params)
         store.describe()
         return store
     except ArtifactError as exc:
@@ -178,6 +185,10 @@ def _open_collection(layout: ArtifactLayout, name: str, params: IndexParams, set
     if store is not None:
         _close(store)
     raise ArtifactError(problem)
+
+
+def _api_key(settings: Settings) -> str | None:
+    return settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
 
 
 def _close(store: VectorStore) -> None:

@@ -28,6 +28,7 @@ migrate) is idempotent because the point ids are derived from the item and capti
 
 from __future__ import annotations
 
+import atexit
 import json
 import threading
 import uuid
@@ -96,11 +97,17 @@ class QdrantLocation:
         return self.url is None
 
     def connect(self) -> QdrantClient:
-        if self.url is not None:
-            return QdrantClient(url=self.url, api_key=self.api_key, timeout=30)
-        if self.path == ":memory:":
-            return QdrantClient(location=":memory:")
-        return QdrantClient(path=self.path)
+        try:
+            if self.url is not None:
+                return QdrantClient(url=self.url, api_key=self.api_key, timeout=30)
+            if self.path == ":memory:":
+                return QdrantClient(location=":memory:")
+            return QdrantClient(path=self.path)
+        except RuntimeError as exc:  # local mode: the folder is locked by another process's client
+            raise ArtifactError(f"Qdrant local store {self.path} cannot be opened ({exc})") from None
+
+    def describe(self) -> str:
+        return self.url or f"local mode at {self.path}"
 
 
 class _Pool:
@@ -135,14 +142,27 @@ class _Pool:
                 self._clients[location] = (client, held[1] - 1)
 
 
+    def close_all(self) -> None:
+        with self._lock:
+            for client, _ in self._clients.values():
+                client.close()
+            self._clients.clear()
+
+
 POOL = _Pool()
+# close what is still open while the interpreter can (a client closed from __del__ at shutdown fails)
+atexit.register(POOL.close_all)
 
 
 def list_collections(location: QdrantLocation) -> list[str]:
     """The engine collections at `location` (those with both Qdrant collections and our metadata)."""
     client = POOL.acquire(location)
     try:
-        names = {c.name for c in client.get_collections().collections}
+        try:
+            names = {c.name for c in client.get_collections().collections}
+        except Exception as exc:  # noqa: BLE001 - a server that is down or refuses the key
+            raise ArtifactError(f"Qdrant store {location.describe()} cannot be read ({type(exc).__name__}: "
+                                f"{exc})") from None
         out = []
         for qname in sorted(names):
             base = qname[: -len(_SUFFIX["images"])]
@@ -194,9 +214,13 @@ class QdrantStore:
         client = POOL.acquire(location)
         try:
             return cls(name, location, client, readonly, params)
-        except BaseException:
+        except ArtifactError:
             POOL.release(location, client)
             raise
+        except Exception as exc:  # noqa: BLE001 - a server that is down or refuses the key
+            POOL.release(location, client)
+            raise ArtifactError(f"Qdrant store {location.describe()} cannot be read ({type(exc).__name__}: "
+                                f"{exc})") from None
 
     @classmethod
     def create(cls, location: QdrantLocation, name: str, model: Mapping[str, Any], dim: int,
@@ -315,7 +339,7 @@ class QdrantStore:
             self._bump(order)  # as FaissStore: an (empty) write is a write
             return
         # an upsert replaces all of an item's captions: drop the old ones first (a new list may be shorter)
-        self._delete_captions_of([item.image_id for item in items])
+        self._delete_captions_of(self._existing([item.image_id for item in items]))
         self._upsert("captions", captions)
         self._upsert("images", images)
         self._bump(order)
@@ -325,17 +349,13 @@ class QdrantStore:
         ids = list(dict.fromkeys(image_ids))
         if not ids:
             return 0
-        found = 0
-        for chunk in _chunks(ids, SCROLL_BATCH):
-            pts = self.client.retrieve(self.names["images"], [image_point_id(i) for i in chunk],
-                                       with_payload=False)
-            found += len(pts)
-            if pts:
-                self.client.delete(self.names["images"], models.PointIdsList(points=[p.id for p in pts]),
-                                   wait=True)
-        self._delete_captions_of(ids)
+        existing = self._existing(ids)
+        self._delete_captions_of(existing)
+        for chunk in _chunks(list(existing), SCROLL_BATCH):
+            self.client.delete(self.names["images"], models.PointIdsList(points=[image_point_id(i) for i in chunk]),
+                               wait=True)
         self._bump()
-        return found
+        return len(existing)
 
     def replace_captions(self, image_id: str, captions: Sequence[str], vectors: NDArray[np.float32]) -> None:
         self._writable()
@@ -353,7 +373,7 @@ class QdrantStore:
         points = [self._caption_point(image_id, cid, text, i, v, float(o), payload.get("facets", []),
                                       payload["order"])
                   for i, (cid, text, v, o) in enumerate(zip(cap_ids, captions, cap_vecs, cap_off))]
-        self._delete_captions_of([image_id])
+        self._delete_captions_of({image_id: list(payload.get("caption_ids", ()))})
         self._upsert("captions", points)
         self.client.set_payload(self.names["images"], {"captions": list(captions), "caption_ids": list(cap_ids)},
                                 points=[image_point_id(image_id)], wait=True)
@@ -430,7 +450,7 @@ class QdrantStore:
 
     # -- internals ----------------------------------------------------------------------------
     def _where(self) -> str:
-        return self.location.url or f"local mode at {self.location.path}"
+        return self.location.describe()
 
     def _spec(self) -> str:
         return self.location.url or f"qdrant:{self.location.path}"
@@ -519,10 +539,21 @@ class QdrantStore:
         for chunk in _chunks(points, UPSERT_BATCH):
             self.client.upsert(self.names[target], points=list(chunk), wait=True)
 
-    def _delete_captions_of(self, image_ids: Sequence[str]) -> None:
-        for chunk in _chunks(list(image_ids), SCROLL_BATCH):
-            self.client.delete(self.names["captions"], models.FilterSelector(filter=models.Filter(must=[
-                models.FieldCondition(key="image_id", match=models.MatchAny(any=list(chunk)))])), wait=True)
+    def _existing(self, image_ids: Sequence[str]) -> dict[str, list[str]]:
+        """The items among `image_ids` the collection holds, with their caption ids."""
+        out: dict[str, list[str]] = {}
+        for chunk in _chunks(list(dict.fromkeys(image_ids)), SCROLL_BATCH):
+            for p in self.client.retrieve(self.names["images"], [image_point_id(i) for i in chunk],
+                                          with_payload=["image_id", "caption_ids"]):
+                out[p.payload["image_id"]] = list(p.payload.get("caption_ids", ()))
+        return out
+
+    def _delete_captions_of(self, caption_ids_by_image: Mapping[str, Sequence[str]]) -> None:
+        """Delete those items' captions by point id (cheap on a server and in local mode, unlike a
+        filtered delete, which local mode answers by scanning every point)."""
+        ids = [caption_point_id(c) for cids in caption_ids_by_image.values() for c in cids]
+        for chunk in _chunks(ids, SCROLL_BATCH):
+            self.client.delete(self.names["captions"], models.PointIdsList(points=list(chunk)), wait=True)
 
 
 def _chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
