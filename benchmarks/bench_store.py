@@ -84,12 +84,15 @@ def rec(name: str, n: int, build_s: float, nbytes: int, ids: np.ndarray, truth: 
     return r
 
 
+TRAIN_MAX = 100_000  # vectors an IVF / PQ / SQ codec is trained on (a sample)
+
+
 def faiss_variant(name: str, x: np.ndarray, q: np.ndarray, truth: np.ndarray, k: int, make, tune=None) -> dict:
     t = time.perf_counter()
     index = make(x.shape[1])
     if not index.is_trained:
         rng = np.random.default_rng(0)
-        index.train(x[rng.choice(len(x), min(len(x), 200_000), replace=False)])
+        index.train(x[np.sort(rng.choice(len(x), min(len(x), TRAIN_MAX), replace=False))])
     index.add(x)
     build = time.perf_counter() - t
     if tune:
