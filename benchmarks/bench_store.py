@@ -87,7 +87,13 @@ def rec(name: str, n: int, build_s: float, nbytes: int, ids: np.ndarray, truth: 
 TRAIN_MAX = 100_000  # vectors an IVF / PQ / SQ codec is trained on (a sample)
 
 
-def faiss_variant(name: str, x: np.ndarray, q: np.ndarray, truth: np.ndarray, k: int, make, tune=None) -> dict:
+BUILD_THREADS = 1  # --build-threads: building may use more threads; every search runs on one
+
+
+def faiss_variant(name: str, x: np.ndarray, q: np.ndarray, truth: np.ndarray, k: int, make, tune=None,
+                  tunes: dict | None = None) -> list[dict]:
+    """Build once, then measure each operating point (`tunes`: label suffix -> tune), batch 1, 1 thread."""
+    faiss.omp_set_num_threads(BUILD_THREADS)
     t = time.perf_counter()
     index = make(x.shape[1])
     if not index.is_trained:
@@ -95,15 +101,19 @@ def faiss_variant(name: str, x: np.ndarray, q: np.ndarray, truth: np.ndarray, k:
         index.train(x[np.sort(rng.choice(len(x), min(len(x), TRAIN_MAX), replace=False))])
     index.add(x)
     build = time.perf_counter() - t
-    if tune:
-        tune(index)
+    faiss.omp_set_num_threads(1)
     nbytes = len(faiss.serialize_index(index))
 
     def search(v, kk):
         return index.search(v, kk)[1]
 
-    ids, ms = latencies(search, q, k)
-    return rec(name, len(x), build, nbytes, ids, truth, ms)
+    out = []
+    for suffix, fn in (tunes or {"": tune}).items():
+        if fn:
+            fn(index)
+        ids, ms = latencies(search, q, k)
+        out.append(rec(name + suffix, len(x), build, nbytes, ids, truth, ms, build_threads=BUILD_THREADS))
+    return out
 
 
 def hnsw(m: int, sq8: bool):
@@ -183,12 +193,12 @@ def mode_store(args) -> tuple[dict, str]:
     x, q = data(args.n, args.queries, args.dim, args.clusters)
     k = 10
     truth = exact_top(x, q, k)
-    rows = [faiss_variant("faiss Flat (exact)", x, q, truth, k, faiss.IndexFlatIP),
-            faiss_variant(f"faiss HNSW{args.m}-Flat ef=100", x, q, truth, k, hnsw(args.m, False), set_ef(100)),
-            faiss_variant(f"faiss HNSW{args.m}-SQ8 ef=100", x, q, truth, k, hnsw(args.m, True), set_ef(100)),
-            faiss_variant(f"faiss HNSW{args.m}-SQ8 ef=200", x, q, truth, k, hnsw(args.m, True), set_ef(200)),
-            faiss_variant(f"faiss IVF{args.nlist}-PQ64 + SQ8 re-rank (nprobe 32, x4)", x, q, truth, k,
-                          ivfpq(args.nlist, 64, True), set_nprobe(32, 4))]
+    efs = {f" ef={ef}": set_ef(ef) for ef in (100, 200)}
+    rows = [*faiss_variant("faiss Flat (exact)", x, q, truth, k, faiss.IndexFlatIP),
+            *faiss_variant(f"faiss HNSW{args.m}-Flat", x, q, truth, k, hnsw(args.m, False), tunes=efs),
+            *faiss_variant(f"faiss HNSW{args.m}-SQ8", x, q, truth, k, hnsw(args.m, True), tunes=efs),
+            *faiss_variant(f"faiss IVF{args.nlist}-PQ64 + SQ8 re-rank", x, q, truth, k, ivfpq(args.nlist, 64, True),
+                           tunes={" (nprobe 32, x4)": set_nprobe(32, 4), " (nprobe 64, x8)": set_nprobe(64, 8)})]
     if args.qdrant_n:
         xq = x[: args.qdrant_n]
         rows.append(qdrant_local(xq, q, exact_top(xq, q, k), k, args.m))
@@ -202,14 +212,14 @@ def mode_codecs(args) -> tuple[dict, str]:
     truth = exact_top(x, q, k)
     log(f"ground truth in {time.perf_counter() - t:.1f} s")
     sq8 = lambda d: faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)  # noqa: E731
-    rows = [faiss_variant("fp32 (Flat, exact)", x, q, truth, k, faiss.IndexFlatIP),
-            faiss_variant("SQ8 (flat scan of 8-bit codes)", x, q, truth, k, sq8),
-            faiss_variant(f"PQ64 (IVF{args.nlist}, nprobe 64)", x, q, truth, k, ivfpq(args.nlist, 64, False),
-                          set_nprobe(64)),
-            faiss_variant(f"PQ32 (IVF{args.nlist}, nprobe 64)", x, q, truth, k, ivfpq(args.nlist, 32, False),
-                          set_nprobe(64)),
-            faiss_variant(f"PQ64 + SQ8 re-rank (IVF{args.nlist}, nprobe 64, x4)", x, q, truth, k,
-                          ivfpq(args.nlist, 64, True), set_nprobe(64, 4))]
+    rows = [*faiss_variant("fp32 (Flat, exact)", x, q, truth, k, faiss.IndexFlatIP),
+            *faiss_variant("SQ8 (flat scan of 8-bit codes)", x, q, truth, k, sq8),
+            *faiss_variant(f"PQ64 (IVF{args.nlist}, nprobe 64)", x, q, truth, k, ivfpq(args.nlist, 64, False),
+                           set_nprobe(64)),
+            *faiss_variant(f"PQ32 (IVF{args.nlist}, nprobe 64)", x, q, truth, k, ivfpq(args.nlist, 32, False),
+                           set_nprobe(64)),
+            *faiss_variant(f"PQ64 + SQ8 re-rank (IVF{args.nlist}, nprobe 64, x4)", x, q, truth, k,
+                           ivfpq(args.nlist, 64, True), set_nprobe(64, 4))]
     return {"rows": rows}, table(rows)
 
 
@@ -231,11 +241,12 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=16, help="HNSW M (FaissStore's default)")
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--qdrant-n", type=int, default=10_000, help="vectors for Qdrant local mode; 0 skips it")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--build-threads", type=int, default=1, help="threads for building (searches use 1)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    faiss.omp_set_num_threads(args.threads)
-    env = machine_env(args.threads, faiss=faiss.__version__)
+    global BUILD_THREADS
+    BUILD_THREADS = args.build_threads
+    env = machine_env(1, faiss=faiss.__version__, build_threads=args.build_threads)
     t = time.perf_counter()
     body, tbl = (mode_store if args.mode == "store" else mode_codecs)(args)
     result = {"bench": f"store_{args.mode}", "env": env, "n": args.n, "dim": args.dim, "clusters": args.clusters,
