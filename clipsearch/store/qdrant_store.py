@@ -100,14 +100,33 @@ class QdrantLocation:
         try:
             if self.url is not None:
                 return QdrantClient(url=self.url, api_key=self.api_key, timeout=30)
-            if self.path == ":memory:":
-                return QdrantClient(location=":memory:")
-            return QdrantClient(path=self.path)
+            # local mode is plain Python over numpy and SQLite: one call at a time, from any thread
+            local = (QdrantClient(location=":memory:") if self.path == ":memory:" else
+                     QdrantClient(path=self.path, force_disable_check_same_thread=True))
+            return _Serialised(local)  # type: ignore[return-value]
         except RuntimeError as exc:  # local mode: the folder is locked by another process's client
             raise ArtifactError(f"Qdrant local store {self.path} cannot be opened ({exc})") from None
 
     def describe(self) -> str:
         return self.url or f"local mode at {self.path}"
+
+
+class _Serialised:
+    """A local-mode client whose calls run one at a time (the service searches from several threads)."""
+
+    def __init__(self, client: QdrantClient):
+        self._client = client
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+        return call
 
 
 class _Pool:
