@@ -161,3 +161,19 @@ def test_unknown_qdrant_store_is_a_clear_start_up_error(make_client, tiny_artifa
     client = make_client(resources=None, artifacts_dir=tiny_artifacts, store=f"qdrant:{tmp_path / 'empty'}")
     r = _wait_loaded(client)
     assert r.status_code == 503 and "offline migrate" in r.json()["reason"]
+
+
+def test_store_setting_is_validated(monkeypatch):
+    from pydantic import ValidationError
+
+    from app.config import Settings
+
+    monkeypatch.setenv("CLIPSEARCH_STORE", "http://qdrant:6333")
+    monkeypatch.setenv("CLIPSEARCH_QDRANT_API_KEY", "s3cret-key")
+    settings = Settings()
+    assert settings.store == "http://qdrant:6333"
+    assert settings.qdrant_api_key.get_secret_value() == "s3cret-key" and "s3cret" not in repr(settings)
+    assert Settings(store="qdrant:/var/q").store == "qdrant:/var/q" and Settings(store=" faiss ").store == "faiss"
+    for bad in ("bogus", "qdrant:", "redis://x"):
+        with pytest.raises(ValidationError, match="faiss"):
+            Settings(store=bad)
