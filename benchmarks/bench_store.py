@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/bench_store.py --n 100000 --qdrant-n 10000 --out benchmarks/results/store_100k.json
     PYTHONPATH=. python benchmarks/bench_store.py --mode codecs --n 1000000 --out benchmarks/results/codecs_1m.json
+    PYTHONPATH=. python benchmarks/bench_store.py --mode codecs --real ART/collections/flickr8k/catalog.sqlite
 
 The workload: a synthetic clustered set (`--clusters` Gaussian clusters on the unit sphere, 512-d,
 L2-normalised; queries drawn from the same clusters, not from the data), inner product.
@@ -223,8 +224,23 @@ def mode_store(args) -> tuple[dict, str]:
     return {"rows": rows}, table(rows)
 
 
+def real_data(catalog: Path, nq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real embeddings: a collection's caption vectors as the data, its image vectors as the queries."""
+    from clipsearch.store import Catalog
+
+    with Catalog(catalog, readonly=True) as cat:
+        rows = cat.rows()
+    rng = np.random.default_rng(0)
+    q = rows.vectors[np.sort(rng.choice(len(rows.vectors), min(nq, len(rows.vectors)), replace=False))]
+    return np.ascontiguousarray(rows.caption_vectors), np.ascontiguousarray(q)
+
+
 def mode_codecs(args) -> tuple[dict, str]:
-    x, q = data(args.n, args.queries, args.dim, args.clusters)
+    if args.real:
+        x, q = real_data(args.real, args.queries)
+        log(f"real embeddings from {args.real}: {x.shape[0]} x {x.shape[1]} captions, {len(q)} image queries")
+    else:
+        x, q = data(args.n, args.queries, args.dim, args.clusters)
     k = 10
     t = time.perf_counter()
     truth = exact_top(x, q, k)
@@ -254,6 +270,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--clusters", type=int, default=1000)
     ap.add_argument("--queries", type=int, default=500)
+    ap.add_argument("--real", type=Path, default=None,
+                    help="codecs mode on real embeddings: a collection's catalog.sqlite (captions = data, "
+                         "images = queries) instead of the synthetic set")
     ap.add_argument("--m", type=int, default=16, help="HNSW M (FaissStore's default)")
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--qdrant-n", type=int, default=10_000, help="vectors for Qdrant local mode; 0 skips it")
@@ -265,7 +284,8 @@ def main() -> None:
     env = machine_env(1, faiss=faiss.__version__, build_threads=args.build_threads)
     t = time.perf_counter()
     body, tbl = (mode_store if args.mode == "store" else mode_codecs)(args)
-    result = {"bench": f"store_{args.mode}", "env": env, "n": args.n, "dim": args.dim, "clusters": args.clusters,
+    result = {"bench": f"store_{args.mode}", "env": env, "data": str(args.real) if args.real else "synthetic",
+              "n": args.n, "dim": args.dim, "clusters": args.clusters,
               "queries": args.queries, "k": 10, "train_max": TRAIN_MAX, **body,
               "seconds": round(time.perf_counter() - t, 1)}
     finish(result, tbl, args.out)
