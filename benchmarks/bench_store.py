@@ -252,7 +252,7 @@ def mode_codecs(args) -> tuple[dict, str]:
             *faiss_variant("PQ32x8 (flat scan of 32-byte codes)", x, q, truth, k, pq(32, False)),
             *faiss_variant("PQ64x8 + SQ8 re-rank", x, q, truth, k, pq(64, True),
                            tunes={" (top 40)": set_k_factor(4), " (top 100)": set_k_factor(10)})]
-    return {"rows": rows}, table(rows)
+    return {"n": len(x), "dim": x.shape[1], "rows": rows}, table(rows)
 
 
 def table(rows: list[dict]) -> str:
