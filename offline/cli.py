@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ef-construction", type=int, default=200,
                    help="HNSW ef_construct of a new Qdrant collection (default: %(default)s)")
     p.add_argument("--ef-search", type=int, default=100, help="hnsw_ef at search (default: %(default)s)")
+    p.add_argument("--shards", type=int, default=None, help="shard_number of a new collection on a cluster")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="replication_factor of a new collection on a cluster (2: one node may die)")
 
     p = sub.add_parser("download", help="download and unpack the public Flickr8k archives")
     p.add_argument("--dest", type=Path, default=DEFAULT_DATA, help="where to put the data (default: %(default)s)")
@@ -393,7 +396,8 @@ def run_migrate(args: argparse.Namespace) -> dict[str, Any]:
     from offline.migrate import migrate
 
     return migrate(args.out, args.collection, args.store, api_key=args.api_key, force=args.force,
-                   params=IndexParams("hnsw", args.m, args.ef_construction, args.ef_search))
+                   params=IndexParams("hnsw", args.m, args.ef_construction, args.ef_search),
+                   shards=args.shards, replicas=args.replicas)
 
 
 def run_finetune(args: argparse.Namespace) -> dict[str, Any]:

@@ -31,9 +31,10 @@ BATCH = 256  # items per write (each with its captions)
 
 
 def migrate_catalog(catalog: Catalog, name: str, to: str, *, api_key: str | None = None,
-                    params: IndexParams | None = None, force: bool = False, progress: bool = True
-                    ) -> dict[str, Any]:
-    """Copy `catalog` into the collection `name` of the Qdrant store `to` (a URL or qdrant:PATH)."""
+                    params: IndexParams | None = None, force: bool = False, progress: bool = True,
+                    shards: int | None = None, replicas: int | None = None) -> dict[str, Any]:
+    """Copy `catalog` into the collection `name` of the Qdrant store `to` (a URL or qdrant:PATH);
+    `shards`/`replicas` place a collection it creates on a cluster."""
     t0 = time.perf_counter()
     location = qdrant_location(to, api_key)
     if location is None:
@@ -42,7 +43,8 @@ def migrate_catalog(catalog: Catalog, name: str, to: str, *, api_key: str | None
     if model is None or dim is None:
         raise ArtifactError(f"collection {name!r} names no model; re-ingest it")
     source = {"uid": catalog.get_meta("uid"), "seq": catalog.seq}
-    store = _target(location, name, model, dim, params, force)
+    store = _target(location, name, model, dim, params, force,
+                    {"shard_number": shards, "replication_factor": replicas})
     try:
         if not force and store.meta.get("source") == source:
             log.info("migrate %s: the target is up to date with the catalog (seq %d)", name, source["seq"])
@@ -83,18 +85,18 @@ def migrate(out: str, collection: str, to: str, **kwargs: Any) -> dict[str, Any]
 
 
 def _target(location, name: str, model: dict[str, Any], dim: int, params: IndexParams | None,
-            force: bool) -> QdrantStore:
+            force: bool, placement: dict[str, int | None]) -> QdrantStore:
     try:
         store = QdrantStore.open(location, name, readonly=False, params=params)
     except ArtifactError:
-        return QdrantStore.create(location, name, model, dim, params, replace=True)
+        return QdrantStore.create(location, name, model, dim, params, replace=True, **placement)
     if force or store.model != model or store.dim != dim:
         if not force:
             store.close()
             raise ArtifactError(f"collection {name!r} in the Qdrant store holds {store.model.get('model')} "
                                 f"vectors, the catalog {model.get('model')}; pass --force to replace it")
         store.close()
-        return QdrantStore.create(location, name, model, dim, params, replace=True)
+        return QdrantStore.create(location, name, model, dim, params, replace=True, **placement)
     return store
 
 

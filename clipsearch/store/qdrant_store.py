@@ -244,9 +244,13 @@ class QdrantStore:
     @classmethod
     def create(cls, location: QdrantLocation, name: str, model: Mapping[str, Any], dim: int,
                params: IndexParams | None = None, hubness: Mapping[str, Any] | None = None,
-               replace: bool = False) -> "QdrantStore":
-        """A new, empty collection (`replace`: drop an existing one of that name first)."""
+               replace: bool = False, shard_number: int | None = None,
+               replication_factor: int | None = None) -> "QdrantStore":
+        """A new, empty collection (`replace`: drop an existing one of that name first). On a cluster,
+        `shard_number` and `replication_factor` place both Qdrant collections (docs/scaling.md)."""
         params = params or IndexParams()
+        placement = {k: v for k, v in (("shard_number", shard_number), ("replication_factor", replication_factor))
+                     if v is not None}
         client = POOL.acquire(location)
         try:
             names = qdrant_names(name)
@@ -263,9 +267,9 @@ class QdrantStore:
                                                 "ef_construction": params.ef_construction,
                                                 "ef_search": params.ef_search}}
             client.create_collection(names["captions"], hnsw_config=hnsw, vectors_config=models.VectorParams(
-                size=int(dim) + 1, distance=models.Distance.DOT))
+                size=int(dim) + 1, distance=models.Distance.DOT), **placement)
             # the images collection last: its metadata marks the pair as complete
-            client.create_collection(names["images"], hnsw_config=hnsw, metadata=meta,
+            client.create_collection(names["images"], hnsw_config=hnsw, metadata=meta, **placement,
                                      vectors_config=models.VectorParams(size=int(dim),
                                                                         distance=models.Distance.DOT))
             with warnings.catch_warnings():

@@ -103,7 +103,9 @@ def test_open_store_errors_are_clear(tmp_path, contract):
 def test_cli_migrate_and_ingest_with_store(on_disk, tmp_path, capsys):
     layout, _ = on_disk
     spec = f"qdrant:{tmp_path / 'q'}"
-    assert main(["migrate", "--out", str(layout.root), "--collection", "contract", "--to", spec]) == 0
+    # placement options go to Qdrant's create_collection (local mode accepts and ignores them)
+    assert main(["migrate", "--out", str(layout.root), "--collection", "contract", "--to", spec,
+                 "--shards", "4", "--replicas", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["images"] == 8 and out["qdrant_collections"] == {"images": "contract__images",
                                                                   "captions": "contract__captions"}
