@@ -450,8 +450,10 @@ class QdrantStore:
         if exclude:
             must_not.append(models.FieldCondition(key="image_id", match=models.MatchAny(any=list(exclude))))
         flt = models.Filter(must=must or None, must_not=must_not or None) if (must or must_not) else None
+        if int(k) <= 0:
+            return []
         vec = np.append(q, np.float32(1.0)) if target == "captions" else q
-        limit = max(1, int(k))
+        limit = int(k)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # local mode: "search_params has no effect"
             res = self.client.query_points(

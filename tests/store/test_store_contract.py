@@ -177,6 +177,7 @@ def test_offset_pages_min_score_exclude(filled, contract, target):
     pages = [h for off in range(0, len(full) + 3, 3) for h in _hits(store, q, 3, target=target, offset=off)]
     _assert_ranked(pages, full)
     assert store.search(q, 3, target=target, offset=len(full)) == []
+    assert store.search(q, 0, target=target) == []
     # min_score: exactly the hits at or above it, between two scores so float rounding cannot matter
     cut = (full[3][2] + full[4][2]) / 2
     _assert_ranked(_hits(store, q, target=target, min_score=cut), full[:4])
