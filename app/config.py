@@ -16,7 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from clipsearch.artifacts import check_collection_name
-from clipsearch.store import EXACT_MAX
+from clipsearch.store import EXACT_MAX, check_store_spec
 
 from app.fetch import Allowlist, Networks
 
@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     fetch_allowed_private_networks: Annotated[Networks, NoDecode] = Field(
         default_factory=list, description="Comma-separated non-public CIDRs image URLs may reach anyway "
                                           "(an internal image store); metadata addresses stay refused.")
+    store: str = Field(
+        "faiss", description="Where the collections live: faiss (the embedded FAISS + SQLite store under "
+                             "ARTIFACTS_DIR, the default), a Qdrant URL (http://qdrant:6333) or qdrant:PATH "
+                             "(qdrant-client's local mode in that folder; one process at a time).")
+    qdrant_api_key: SecretStr | None = Field(None, description="API key of the Qdrant server (CLIPSEARCH_STORE=URL).")
 
     cache_size: int = Field(1024, ge=0, description="Response LRU entries; 0 turns the cache off.")
     inference_threads: int = Field(2, ge=1, description="Worker threads for decode + encode + search.")
@@ -128,6 +133,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
         return value
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        return check_store_spec(value)
 
     @field_validator("collections")
     @classmethod

@@ -24,7 +24,7 @@ from clipsearch.encoder import ClipEncoder, Encoder, image_backend_for, text_bac
 from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError, sha256_json
 from clipsearch.models import ModelLoadError, is_local_checkpoint, load_model
-from clipsearch.store import VectorStore, open_store
+from clipsearch.store import FAISS, VectorStore, collection_names, open_store
 
 from app.config import Settings
 
@@ -150,8 +150,11 @@ def open_collections(settings: Settings) -> tuple[dict[str, VectorStore], dict[s
         raise ArtifactError(f"ARTIFACTS_DIR {root} does not exist or is not a folder")
     layout = ArtifactLayout(root)
     explicit = list(settings.collections)
-    names = explicit or layout.collection_names()
+    names = explicit or collection_names(layout, settings.store, _api_key(settings))
     if not names:
+        if settings.store != FAISS:
+            raise ArtifactError(f"no collection in the Qdrant store {settings.store}: copy one there with "
+                                f"`python -m offline migrate --collection NAME --to {settings.store}`")
         raise ArtifactError("no collection under ARTIFACTS_DIR/collections: ingest one with "
                             "`python -m offline ingest SOURCE --collection NAME` "
                             "(or `bash scripts/serve.sh --data DIR` / `--media DIR`)")
@@ -203,8 +206,12 @@ def _open_collection(layout: ArtifactLayout, name: str, params: IndexParams, set
                             f"{layout.collection(name).dir.relative_to(layout.root)} is not writable; mount "
                             "ARTIFACTS_DIR read-write or unset the token")
     try:
-        store = open_store(layout, name, readonly=not writable, params=params, exact_max=settings.exact_max,
-                           verify=settings.verify_index_checksum)
+        if settings.store == FAISS:
+            store = open_store(layout, name, readonly=not writable, params=params, exact_max=settings.exact_max,
+                               verify=settings.verify_index_checksum)
+        else:
+            store = open_store(layout, name, readonly=not writable, store=settings.store, api_key=_api_key(settings),
+                               params=params)
         store.describe()
         return store
     except ArtifactError as exc:
@@ -218,6 +225,10 @@ def _open_collection(layout: ArtifactLayout, name: str, params: IndexParams, set
     if store is not None:
         _close(store)
     raise ArtifactError(problem)
+
+
+def _api_key(settings: Settings) -> str | None:
+    return settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
 
 
 def _close(store: VectorStore) -> None:

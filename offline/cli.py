@@ -110,6 +110,22 @@ def _add_ingest(p: argparse.ArgumentParser, source: bool = True) -> None:
                    help="collection name (default: the source's folder or file name)")
 
 
+def _store_spec(text: str) -> str:
+    from clipsearch.store import check_store_spec
+
+    try:
+        return check_store_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_store(p: argparse.ArgumentParser, flag: str, help: str, required: bool = False) -> None:
+    p.add_argument(flag, dest="store", type=_store_spec, required=required,
+                   default=None if required else "faiss", help=help + ("" if required else " (default: %(default)s)"))
+    p.add_argument("--api-key", default=os.environ.get("CLIPSEARCH_QDRANT_API_KEY"),
+                   help="Qdrant API key (default: $CLIPSEARCH_QDRANT_API_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m offline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(model=None)  # default: the model this project built (<out>/model.json)
     _add_backends(p)
     _add_index(p)
+    _add_store(p, "--store", "where the collection is served from: faiss (the embedded store, default), a "
+                             "Qdrant URL (http://host:6333) or qdrant:PATH (local mode); for Qdrant the "
+                             "catalog under --out is ingested first, then copied there (offline migrate)")
+
+    p = sub.add_parser("migrate", help="copy a collection (catalog: vectors, captions, offsets, metadata, model) "
+                                       "to a Qdrant store without re-embedding; idempotent")
+    _add_common(p)
+    p.add_argument("--collection", required=True, help="the collection under --out to copy")
+    _add_store(p, "--to", "the Qdrant store: a URL (http://host:6333) or qdrant:PATH (local mode)", required=True)
+    p.add_argument("--m", type=int, default=16, help="HNSW m of a new Qdrant collection (default: %(default)s)")
+    p.add_argument("--ef-construction", type=int, default=200,
+                   help="HNSW ef_construct of a new Qdrant collection (default: %(default)s)")
+    p.add_argument("--ef-search", type=int, default=100, help="hnsw_ef at search (default: %(default)s)")
+    p.add_argument("--shards", type=int, default=None, help="shard_number of a new collection on a cluster")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="replication_factor of a new collection on a cluster (2: one node may die)")
 
     p = sub.add_parser("download", help="download and unpack the public Flickr8k archives")
     p.add_argument("--dest", type=Path, default=DEFAULT_DATA, help="where to put the data (default: %(default)s)")
@@ -347,9 +379,25 @@ def run_ingest(args: argparse.Namespace, loaded=None, source: Path | None = None
     source = Path(source or args.source)
     name = collection_name(args, source)
     loaded = loaded or _ingest_model(args)
-    return ingest(source, args.out, name, loaded, batch_size=args.batch_size, workers=args.workers,
-                  force=args.force, image_backend=args.image_backend, text_backend=args.text_backend,
-                  params=IndexParams("hnsw", args.m, args.ef_construction, args.ef_search))
+    params = IndexParams("hnsw", args.m, args.ef_construction, args.ef_search)
+    result = ingest(source, args.out, name, loaded, batch_size=args.batch_size, workers=args.workers,
+                    force=args.force, image_backend=args.image_backend, text_backend=args.text_backend,
+                    params=params)
+    if getattr(args, "store", "faiss") != "faiss":
+        from offline.migrate import migrate
+
+        result["migrate"] = migrate(args.out, name, args.store, api_key=args.api_key, params=params,
+                                    force=args.force)
+    return result
+
+
+def run_migrate(args: argparse.Namespace) -> dict[str, Any]:
+    from clipsearch.index import IndexParams
+    from offline.migrate import migrate
+
+    return migrate(args.out, args.collection, args.store, api_key=args.api_key, force=args.force,
+                   params=IndexParams("hnsw", args.m, args.ef_construction, args.ef_search),
+                   shards=args.shards, replicas=args.replicas)
 
 
 def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -399,7 +447,8 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-COMMANDS = {"prepare": run_prepare, "download": run_download, "ingest": run_ingest, "embed": run_embed,
+COMMANDS = {"prepare": run_prepare, "download": run_download, "ingest": run_ingest, "migrate": run_migrate,
+            "embed": run_embed,
             "index": run_index,
             "evaluate": run_evaluate, "hubness": run_hubness, "finetune": run_finetune, "build": run_build}
 
