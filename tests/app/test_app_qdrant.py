@@ -177,3 +177,46 @@ def test_store_setting_is_validated(monkeypatch):
     for bad in ("bogus", "qdrant:", "redis://x"):
         with pytest.raises(ValidationError, match="faiss"):
             Settings(store=bad)
+
+
+def test_live_writes_on_a_qdrant_store(make_client, dataset, fakes, tmp_path):
+    """The write routes (issue 12) on a Qdrant-served collection: an upload is found by the next image
+    search, a caption replace reaches the captions target, a delete leaves every search."""
+    import io
+
+    from PIL import Image
+
+    token = "write-token-for-qdrant-tests"
+    auth = {"Authorization": f"Bearer {token}"}
+    spec = f"qdrant:{tmp_path / 'qdrant'}"
+    migrate_catalog(fakes.fake_store(dataset).catalog, "test", spec, progress=False)
+    store = QdrantStore.open(QdrantLocation(path=str(tmp_path / "qdrant")), "test", readonly=False)
+    client = make_client(resources=make_resources(fakes.ColorEncoder(), [store], fakes.FAKE_MODEL),
+                         write_token=token, artifacts_dir=tmp_path / "artifacts", refresh_interval_ms=0)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = buf.getvalue()
+
+    def image_search(target: str = "images") -> list[dict]:
+        r = client.post("/search/image", **_image_form(data, k=3, target=target))
+        assert r.status_code == 200, r.text
+        return r.json()["results"]
+
+    before = client.get("/collections").json()["collections"][0]["images"]
+    r = client.post("/collections/test/media", files={"file": ("n.png", data, "image/png")},
+                    data={"caption": ["a noisy square of many colours"]}, headers=auth)
+    assert r.status_code == 201, r.text
+    new_id = r.json()["image_id"]
+    assert image_search()[0]["image_id"] == new_id
+    assert client.get("/collections").json()["collections"][0]["images"] == before + 1
+    again = client.post("/collections/test/media", files={"file": ("n.png", data, "image/png")}, headers=auth)
+    assert again.status_code == 200 and again.json()["image_id"] == new_id
+    r = client.put(f"/collections/test/media/{new_id}/captions", json={"captions": ["confetti"]}, headers=auth)
+    assert r.status_code == 200, r.text
+    assert {h["caption"] for h in image_search("captions") if h["image_id"] == new_id} <= {"confetti"}
+    assert client.delete(f"/collections/test/media/{new_id}", headers=auth).status_code == 204
+    assert all(h["image_id"] != new_id for h in image_search())
+    assert all(h["image_id"] != new_id for h in image_search("captions"))
+    assert client.get(f"/images/{new_id}").status_code == 404
+    assert client.get("/collections").json()["collections"][0]["images"] == before
+    store.close()
