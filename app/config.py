@@ -63,9 +63,9 @@ class Settings(BaseSettings):
                             "truncated, or Hugging Face, e.g. lit-effnet-minilm's MiniLM), or torch. "
                             "Models without an exportable tower use torch either way.")
     image_backend: Literal["onnx", "torch"] = Field(
-        "onnx", description="Query image encoder: ONNX Runtime export of a timm image tower (e.g. "
-                            "lit-effnet-minilm's EfficientNet, ~3-4x eager torch on CPU), or torch. Other "
-                            "image towers use torch either way.")
+        "onnx", description="Query image encoder: ONNX Runtime export of a timm or ViT image tower "
+                            "(e.g. lit-effnet-minilm's EfficientNet, ViT-B-32), or torch. Other image towers "
+                            "use torch either way.")
     onnx_cache_dir: Path = Field(Path(tempfile.gettempdir()) / "clipsearch-onnx",
                                  description="Where the ONNX exports are cached (must be writable).")
     text_batch_size: int = Field(16, ge=1, le=256,

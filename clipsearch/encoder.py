@@ -70,7 +70,8 @@ def text_backend_for(loaded: LoadedModel, choice: Runtime, cache_dir: str | os.P
 def image_backend_for(loaded: LoadedModel, choice: Runtime, cache_dir: str | os.PathLike[str],
                       threads: int) -> PixelEncoder | None:
     """The same for the image tower (`--image-backend` / `CLIPSEARCH_IMAGE_BACKEND`): ONNX Runtime
-    for timm towers such as lit-effnet-minilm's, torch (None) for the rest."""
+    for timm towers such as lit-effnet-minilm's and ViT towers such as ViT-B-32's, torch (None) for
+    the rest."""
     return tower_backend(loaded, "image", choice, cache_dir, threads)
 
 
