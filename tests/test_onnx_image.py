@@ -201,6 +201,7 @@ def test_service_uses_onnx_for_both_towers_by_default(lit, lit_onnx_dir, lit_art
     res = resources.load_resources(settings)
     assert isinstance(res.encoder.image_backend, OnnxImageEncoder)
     assert isinstance(res.encoder.text_backend, OnnxTextEncoder)
+    assert res.encoder.image_backend.threads == settings.image_threads  # a lone image query: every core
     ims = images(2)
     ref = ClipEncoder(lit).encode_images(ims)
     assert (res.encoder.encode_images(ims) * ref).sum(1).min() >= 0.9999

@@ -23,7 +23,7 @@ from app.config import Settings
 from app.errors import InvalidSearch, PayloadTooLarge, UnsupportedMediaType
 from app.schemas import CaptionHit, ErrorResponse, ImageHit, ImageSearchResponse, MetadataFilter, \
     TextSearchResponse, similar_request, text_search_request
-from app.search import SearchSpec, image_search_job, resolve, search_vector, similar_job
+from app.search import SearchSpec, image_search, resolve, search_vector, similar_job
 from app.state import ServiceState, get_state
 
 SEARCH_PATHS = {"/search/text": "text", "/search/image": "image", "/search/similar": "similar"}
@@ -173,8 +173,8 @@ def build_router(settings: Settings) -> APIRouter:
             raise ImageDecodeError("empty file (0 bytes)")
         key = spec.cache_key("image", hashlib.sha256(data).hexdigest(), res.version)
         results, stages = await _cached(state, "image", key, target,
-                                        lambda: state.run(image_search_job, res, store, spec, data,
-                                                          settings.max_image_pixels))
+                                        lambda: image_search(state, res, store, spec, data,
+                                                             settings.max_image_pixels))
         took = time.perf_counter() - t0
         state.metrics.observe_stages("image", {"total": took})
         return _search_response(results, spec, took, stages, with_target=True)

@@ -135,3 +135,101 @@ def test_a_failing_query_does_not_fail_the_others_in_its_batch():
             (scores, ids), _ = r
             ref_scores, ref_ids = res.image_index.search(enc.encode_texts([q]), 2)
             assert list(ids) == list(ref_ids[0])
+
+
+# --- image queries (ImageBatcher) -------------------------------------------------------------
+
+def _png(color) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class RecordingImageEncoder:
+    """An embedding per image from its mean colour; records batch sizes; slow enough to pile up."""
+
+    dim = DIM
+
+    def __init__(self, delay=0.02):
+        self.batches: list[int] = []
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def encode_images(self, images):
+        with self.lock:
+            self.batches.append(len(images))
+        time.sleep(self.delay)
+        out = np.stack([np.concatenate([np.asarray(im, np.float32).mean((0, 1)) + 1, np.ones(DIM - 3)])
+                        for im in images])
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_concurrent_image_queries_are_batched_and_a_bad_upload_fails_alone():
+    from app.batching import ImageBatcher, ImageQuery
+    from clipsearch.images import ImageDecodeError, decode_image
+
+    colors = [(10 * i, 200 - 9 * i, 30 + 5 * i) for i in range(12)]
+    uploads = [_png(c) for c in colors]
+    uploads[6] = b"not an image at all"
+    enc = RecordingImageEncoder()
+    res = _resources(enc)
+    pool = ThreadPoolExecutor(2)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def run(fn, *args):
+            return await loop.run_in_executor(pool, fn, *args)
+
+        batcher = ImageBatcher(run, slots=1, max_batch=4)
+        return await asyncio.gather(*(batcher.search(res, ImageQuery(d, 10**6), _search(res, 3))
+                                      for d in uploads), return_exceptions=True)
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        pool.shutdown()
+    assert enc.batches[0] == 1 and max(enc.batches) == 4 and sum(enc.batches) == 11
+    for i, r in enumerate(out):
+        if i == 6:
+            assert isinstance(r, ImageDecodeError)
+            continue
+        (scores, ids), stages = r
+        ref_scores, ref_ids = res.image_index.search(enc.encode_images([decode_image(uploads[i])]), 3)
+        assert list(ids) == list(ref_ids[0])
+        assert {"decode", "encode", "search", "batch_size"} <= set(stages)
+
+
+def test_image_slots_follow_the_image_session_threads():
+    from app.batching import image_slots
+
+    def with_threads(n):
+        return SimpleNamespace(image_backend=SimpleNamespace(threads=n))
+
+    assert image_slots(with_threads(2), inference_threads=2, cores=2) == 1  # one batch on both cores
+    assert image_slots(with_threads(1), inference_threads=2, cores=2) == 2
+    assert image_slots(with_threads(1), inference_threads=2, cores=8) == 2  # never above the pool
+    assert image_slots(SimpleNamespace(image_backend=None), inference_threads=3, cores=2) == 3  # torch
+    assert image_slots(SimpleNamespace(), inference_threads=2, cores=2) == 2  # a fake encoder
+
+
+def test_service_state_shares_one_image_batcher_sized_from_the_encoder(tmp_path):
+    """`ServiceState.image_batcher` is what /search/image (and writes) go through; once resources are
+    set its slots follow the encoder's image session (default `image_threads` = every core)."""
+    from app.batching import ImageBatcher
+    from app.config import Settings, cpu_cores
+    from app.state import ServiceState
+
+    settings = Settings(artifacts_dir=tmp_path)
+    assert settings.image_threads == cpu_cores()
+    state = ServiceState(settings)
+    assert isinstance(state.image_batcher, ImageBatcher)
+    state.image_batcher.slots = 99
+    res = SimpleNamespace(encoder=SimpleNamespace(image_backend=SimpleNamespace(threads=cpu_cores())),
+                          image_count=0, caption_count=0, model={}, version="v", default_collection="c")
+    state.set_ready(res)
+    assert state.image_batcher.slots == 1
