@@ -60,25 +60,61 @@ class ImageQuery:
     max_pixels: int
 
 
-def image_batch_job(res: Any, queries: list[ImageQuery], finishes: list[Finish]
-                    ) -> tuple[list[tuple[bool, Any]], dict[str, float]]:
-    """Decode each image (one that fails is that query's error), encode the decoded ones in one
-    `encode_images` call, then run each query's `finish` on its vector; like `text_batch_job`."""
+@dataclass
+class PreparedImage:
+    """An upload decoded (and, where the encoder can, preprocessed to pixels) before it joins a batch,
+    so decoding runs on every inference thread in parallel while the batch's forward pass is shared."""
+
+    image: Any = None  # the PIL image, for encoders without `preprocess_image`
+    pixels: Any = None  # the preprocessed tensor [3, H, W]
+    decode_s: float = 0.0
+
+
+def prepare_image(encoder: Any, query: ImageQuery) -> PreparedImage:
+    """Decode `query` (an undecodable upload raises here, for its own request) and preprocess it when
+    the encoder says how (`ClipEncoder.preprocess_image`)."""
     t0 = time.perf_counter()
-    images: list[Any] = []
+    image = decode_image(query.data, max_pixels=query.max_pixels)
+    preprocess = getattr(encoder, "preprocess_image", None)
+    if preprocess is None or not hasattr(encoder, "encode_pixels"):
+        return PreparedImage(image=image, decode_s=time.perf_counter() - t0)
+    try:
+        return PreparedImage(pixels=preprocess(image), decode_s=time.perf_counter() - t0)
+    finally:
+        image.close()
+
+
+def image_batch_job(res: Any, queries: list[ImageQuery | PreparedImage], finishes: list[Finish]
+                    ) -> tuple[list[tuple[bool, Any]], dict[str, float]]:
+    """Encode a batch of images in one call, then run each query's `finish` on its vector; like
+    `text_batch_job`. An `ImageQuery` is decoded here first (one that fails is that query's error);
+    a `PreparedImage` already was. Preprocessed pixels go through `encode_pixels` together."""
+    prepared: list[PreparedImage | None] = []
     out: list[tuple[bool, Any] | None] = []
     for q in queries:
         try:
-            images.append(decode_image(q.data, max_pixels=q.max_pixels))
+            prepared.append(q if isinstance(q, PreparedImage) else prepare_image(res.encoder, q))
             out.append(None)
         except Exception as exc:  # noqa: BLE001 - a bad upload fails its own query only
+            prepared.append(None)
             out.append((False, exc))
+    good = [p for p in prepared if p is not None]
+    decode = sum(p.decode_s for p in good)  # on the pool before the batch, or here just now
     t1 = time.perf_counter()
     try:
-        vecs = res.encoder.encode_images(images) if images else np.zeros((0, 0), np.float32)
+        if not good:
+            vecs: Any = []
+        elif all(p.pixels is not None for p in good):
+            import torch
+
+            vecs = res.encoder.encode_pixels(torch.stack([p.pixels for p in good]))
+            vecs = vecs.cpu().numpy() if hasattr(vecs, "cpu") else np.asarray(vecs)
+        else:
+            vecs = res.encoder.encode_images([p.image if p.image is not None else p.pixels for p in good])
     finally:
-        for im in images:
-            im.close()
+        for p in good:
+            if p.image is not None:
+                p.image.close()
     t2 = time.perf_counter()
     it = iter(vecs)
     for i, finish in enumerate(finishes):
@@ -89,8 +125,8 @@ def image_batch_job(res: Any, queries: list[ImageQuery], finishes: list[Finish]
         except Exception as exc:  # noqa: BLE001 - it belongs to that query only
             out[i] = (False, exc)
     t3 = time.perf_counter()
-    n = max(1, len(images))
-    return out, {"decode": (t1 - t0) / max(1, len(queries)), "encode": t2 - t1, "search": (t3 - t2) / n,
+    n = max(1, len(good))
+    return out, {"decode": decode / max(1, len(queries)), "encode": t2 - t1, "search": (t3 - t2) / n,
                  "batch_size": len(queries)}  # type: ignore[return-value]
 
 
@@ -183,11 +219,17 @@ class TextBatcher(MicroBatcher):
 
 
 class ImageBatcher(MicroBatcher):
-    """Image queries: `await search(res, ImageQuery(data, max_pixels), finish)`. Writes that embed an
-    uploaded image share it (`ServiceState.image_batcher`), so their forward passes batch with
-    queries'."""
+    """Image queries: `await upload(res, ImageQuery(data, max_pixels), finish)` decodes (and
+    preprocesses) the upload on the inference pool first, in parallel with other uploads, then
+    encodes it in a shared batch (`search(res, item, finish)` takes an `ImageQuery` or a
+    `PreparedImage` as it is). Writes that embed an uploaded image share it
+    (`ServiceState.image_batcher`), so their forward passes batch with queries'."""
 
     job = staticmethod(image_batch_job)
+
+    async def upload(self, res: Any, query: ImageQuery, finish: Finish) -> tuple[Any, dict[str, float]]:
+        prepared = await self._run(prepare_image, res.encoder, query)
+        return await self.search(res, prepared, finish)
 
 
 def image_slots(encoder: Any, inference_threads: int, cores: int | None) -> int:

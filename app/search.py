@@ -101,9 +101,9 @@ def image_search_job(res: Resources, store: VectorStore, spec: SearchSpec, data:
 async def image_search(state: Any, res: Resources, store: VectorStore, spec: SearchSpec, data: bytes,
                        max_pixels: int) -> tuple[tuple[Any, ...], dict[str, float]]:
     """An image query through the service's image micro-batcher (`ServiceState.image_batcher`): the
-    upload is decoded and encoded with whatever other image queries wait, then searched; the hits
+    upload is decoded on the pool, encoded with whatever other image queries wait, then searched; the hits
     and its batch's stage timings (what `image_search_job` gives for one image alone)."""
-    hits, stages = await state.image_batcher.search(res, ImageQuery(data, max_pixels),
+    hits, stages = await state.image_batcher.upload(res, ImageQuery(data, max_pixels),
                                                     lambda vec: search_vector(res, store, spec, vec))
     return hits, {s: v for s, v in stages.items() if s != "batch_size"}
 

@@ -45,6 +45,10 @@ class Encoder(Protocol):
 
     def encode_texts(self, texts: Sequence[str]) -> NDArray[np.float32]: ...
 
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """One image's model input [3, H, W] (the model's own preprocess), for `encode_pixels`."""
+        return self.loaded.preprocess(image)
+
     def encode_images(self, images: Sequence[Image.Image]) -> NDArray[np.float32]: ...
 
 
@@ -132,6 +136,10 @@ class ClipEncoder:
             return torch.from_numpy(self.image_backend.encode_pixels(pixels))
         feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         return F.normalize(feats.float(), dim=-1)
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """One image's model input [3, H, W] (the model's own preprocess), for `encode_pixels`."""
+        return self.loaded.preprocess(image)
 
     def encode_images(self, images: Sequence[Image.Image]) -> NDArray[np.float32]:
         out = []
