@@ -1,8 +1,11 @@
-"""Micro-batching of concurrent text queries.
+"""Micro-batching of concurrent text queries and image queries (uploads, and the images writes embed).
 
-Text queries that arrive while the encoder is busy are gathered and encoded together: one forward
+Queries that arrive while the encoder is busy are gathered and encoded together: one forward
 pass over a batch of short queries costs far less than the same queries one at a time (at batch 1 the
-text tower is bound by per-op overhead and weight reads). There is no timer and no added latency at
+text tower is bound by per-op overhead and weight reads). Image queries are batched the same way
+(`ImageBatcher`): each upload is decoded inside the batch job (a file that does not decode fails its
+own query only), then the batch is encoded in one `encode_images` call; the image tower's ONNX
+session runs on every core (`image_slots`), so a lone image query uses the whole machine. There is no timer and no added latency at
 low load: a query that finds a free encoder slot starts at once; only queries that would have waited
 anyway are grouped, up to `max_batch`. Everything here runs on the event loop thread (no locks);
 the batch itself (encode, then each query's own `finish`, e.g. its search) runs on the bounded
@@ -18,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from clipsearch.images import decode_image
 
 # What a query does with its vector once the batch is encoded (e.g. search its collection). It runs
 # on the inference thread; an exception it raises reaches that query alone.
@@ -47,10 +52,98 @@ def text_batch_job(res: Any, queries: list[str], finishes: list[Finish]
     return out, {"encode": t1 - t0, "search": (t2 - t1) / max(1, len(queries)), "batch_size": len(queries)}
 
 
-class TextBatcher:
-    """`await search(res, query, finish)` → (finish(query's vector), stage timings of its batch)."""
+@dataclass(frozen=True)
+class ImageQuery:
+    """One image to embed: the uploaded bytes and the decoder's pixel cap."""
 
-    def __init__(self, run: Callable[..., Awaitable[Any]], slots: int, max_batch: int):
+    data: bytes
+    max_pixels: int
+
+
+@dataclass
+class PreparedImage:
+    """An upload decoded (and, where the encoder can, preprocessed to pixels) before it joins a batch,
+    so decoding runs on every inference thread in parallel while the batch's forward pass is shared."""
+
+    image: Any = None  # the PIL image, for encoders without `preprocess_image`
+    pixels: Any = None  # the preprocessed tensor [3, H, W]
+    decode_s: float = 0.0
+
+
+def prepare_image(encoder: Any, query: ImageQuery) -> PreparedImage:
+    """Decode `query` (an undecodable upload raises here, for its own request) and preprocess it when
+    the encoder says how (`ClipEncoder.preprocess_image`)."""
+    t0 = time.perf_counter()
+    image = decode_image(query.data, max_pixels=query.max_pixels)
+    preprocess = getattr(encoder, "preprocess_image", None)
+    if preprocess is None or not hasattr(encoder, "encode_pixels"):
+        return PreparedImage(image=image, decode_s=time.perf_counter() - t0)
+    try:
+        return PreparedImage(pixels=preprocess(image), decode_s=time.perf_counter() - t0)
+    finally:
+        image.close()
+
+
+def image_batch_job(res: Any, queries: list[ImageQuery | PreparedImage], finishes: list[Finish]
+                    ) -> tuple[list[tuple[bool, Any]], dict[str, float]]:
+    """Encode a batch of images in one call, then run each query's `finish` on its vector; like
+    `text_batch_job`. An `ImageQuery` is decoded here first (one that fails is that query's error);
+    a `PreparedImage` already was. Preprocessed pixels go through `encode_pixels` together."""
+    prepared: list[PreparedImage | None] = []
+    out: list[tuple[bool, Any] | None] = []
+    for q in queries:
+        try:
+            prepared.append(q if isinstance(q, PreparedImage) else prepare_image(res.encoder, q))
+            out.append(None)
+        except Exception as exc:  # noqa: BLE001 - a bad upload fails its own query only
+            prepared.append(None)
+            out.append((False, exc))
+    good = [p for p in prepared if p is not None]
+    decode = sum(p.decode_s for p in good)  # on the pool before the batch, or here just now
+    t1 = time.perf_counter()
+    try:
+        if not good:
+            vecs: Any = []
+        elif all(p.pixels is not None for p in good):
+            import torch
+
+            vecs = res.encoder.encode_pixels(torch.stack([p.pixels for p in good]))
+            vecs = vecs.cpu().numpy() if hasattr(vecs, "cpu") else np.asarray(vecs)
+        else:
+            vecs = res.encoder.encode_images([p.image if p.image is not None else p.pixels for p in good])
+    finally:
+        for p in good:
+            if p.image is not None:
+                p.image.close()
+    t2 = time.perf_counter()
+    it = iter(vecs)
+    for i, finish in enumerate(finishes):
+        if out[i] is not None:
+            continue
+        try:
+            out[i] = (True, finish(next(it)))
+        except Exception as exc:  # noqa: BLE001 - it belongs to that query only
+            out[i] = (False, exc)
+    t3 = time.perf_counter()
+    n = max(1, len(good))
+    return out, {"decode": decode / max(1, len(queries)), "encode": t2 - t1, "search": (t3 - t2) / n,
+                 "batch_size": len(queries)}  # type: ignore[return-value]
+
+
+class MicroBatcher:
+    """`await search(res, item, finish)` → (finish(item's vector), stage timings of its batch).
+
+    `job(res, items, finishes)` encodes one batch (`text_batch_job`, `image_batch_job`); at most
+    `slots` batches run at once, each on the inference pool; items that arrive while every slot is
+    busy wait, up to `max_batch` per batch. `slots` may be changed at any time (`ServiceState`
+    sets it from the loaded encoder)."""
+
+    job: Callable[..., tuple[list[tuple[bool, Any]], dict[str, float]]] = staticmethod(text_batch_job)
+
+    def __init__(self, run: Callable[..., Awaitable[Any]], slots: int, max_batch: int,
+                 job: Callable[..., tuple[list[tuple[bool, Any]], dict[str, float]]] | None = None):
+        if job is not None:
+            self.job = job
         self._run = run  # runs a blocking function on the inference pool
         self.slots = max(1, slots)
         self.max_batch = max(1, max_batch)
@@ -58,7 +151,11 @@ class TextBatcher:
         self._waiting: list[_Batch] = []
         self._tasks: set[asyncio.Task] = set()
 
-    async def search(self, res: Any, query: str, finish: Finish) -> tuple[Any, dict[str, float]]:
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    async def search(self, res: Any, query: Any, finish: Finish) -> tuple[Any, dict[str, float]]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         if self.max_batch == 1 or self._busy < self.slots:
@@ -76,7 +173,7 @@ class TextBatcher:
             if fut.done():
                 continue
             try:
-                out, stages = await self._run(text_batch_job, batch.res, [query], [finish])
+                out, stages = await self._run(self.job, batch.res, [query], [finish])
             except Exception as exc:
                 fut.set_exception(exc)
             else:
@@ -93,7 +190,7 @@ class TextBatcher:
             queries = [q for q, _, _ in batch.items]
             finishes = [f for _, f, _ in batch.items]
             try:
-                out, stages = await self._run(text_batch_job, batch.res, queries, finishes)
+                out, stages = await self._run(self.job, batch.res, queries, finishes)
             except Exception:
                 if len(batch.items) == 1:
                     raise
@@ -111,8 +208,38 @@ class TextBatcher:
                 raise
         finally:
             self._busy -= 1
-            if self._waiting:
+            while self._waiting and self._busy < self.slots:
                 self._start(self._waiting.pop(0))
+
+
+class TextBatcher(MicroBatcher):
+    """Text queries: `await search(res, query_text, finish)`."""
+
+    job = staticmethod(text_batch_job)
+
+
+class ImageBatcher(MicroBatcher):
+    """Image queries: `await upload(res, ImageQuery(data, max_pixels), finish)` decodes (and
+    preprocesses) the upload on the inference pool first, in parallel with other uploads, then
+    encodes it in a shared batch (`search(res, item, finish)` takes an `ImageQuery` or a
+    `PreparedImage` as it is). Writes that embed an uploaded image share it
+    (`ServiceState.image_batcher`), so their forward passes batch with queries'."""
+
+    job = staticmethod(image_batch_job)
+
+    async def upload(self, res: Any, query: ImageQuery, finish: Finish) -> tuple[Any, dict[str, float]]:
+        prepared = await self._run(prepare_image, res.encoder, query)
+        return await self.search(res, prepared, finish)
+
+
+def image_slots(encoder: Any, inference_threads: int, cores: int | None) -> int:
+    """Image batches in flight at once: one per `threads` cores when the encoder's image tower runs
+    on an ONNX session with `threads` intra-op threads (a lone query then uses them all), else one
+    per inference thread (the torch path runs each call on `torch_threads`)."""
+    threads = getattr(getattr(encoder, "image_backend", None), "threads", None)
+    if not threads:
+        return max(1, inference_threads)
+    return max(1, min(inference_threads, (cores or 1) // int(threads)))
 
 
 def _settle(fut: asyncio.Future, result: tuple[bool, Any], stages: dict[str, float]) -> None:

@@ -86,14 +86,21 @@ class Settings(BaseSettings):
                             "truncated, or Hugging Face, e.g. lit-effnet-minilm's MiniLM), or torch. "
                             "Models without an exportable tower use torch either way.")
     image_backend: Literal["onnx", "torch"] = Field(
-        "onnx", description="Query image encoder: ONNX Runtime export of a timm image tower (e.g. "
-                            "lit-effnet-minilm's EfficientNet, ~3-4x eager torch on CPU), or torch. Other "
-                            "image towers use torch either way.")
+        "onnx", description="Query image encoder: ONNX Runtime export of a timm or ViT image tower "
+                            "(e.g. lit-effnet-minilm's EfficientNet, ViT-B-32), or torch. Other image towers "
+                            "use torch either way.")
     onnx_cache_dir: Path = Field(Path(tempfile.gettempdir()) / "clipsearch-onnx",
                                  description="Where the ONNX exports are cached (must be writable).")
     text_batch_size: int = Field(16, ge=1, le=256,
                                  description="Most text queries encoded in one forward pass when they "
                                              "arrive while the encoder is busy; 1 turns batching off.")
+    image_batch_size: int = Field(8, ge=1, le=64,
+                                  description="Most image queries encoded in one forward pass when they "
+                                              "arrive while the image encoder is busy; 1 turns batching off.")
+    image_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads of the image tower's ONNX session; default: every CPU "
+                                "core, so a lone image query uses the machine (image batches then run "
+                                "one at a time).")
     max_in_flight: int = Field(16, ge=1, description="Search requests admitted at once; more get 429.")
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op threads per inference call (torch and faiss); "
@@ -167,4 +174,11 @@ class Settings(BaseSettings):
         if self.torch_threads is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             object.__setattr__(self, "torch_threads", max(1, (cores or 1) // self.inference_threads))
+        if self.image_threads is None:
+            object.__setattr__(self, "image_threads", max(1, cpu_cores()))
         return self
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

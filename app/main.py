@@ -24,6 +24,7 @@ from clipsearch import __version__
 from clipsearch.manifest import ArtifactError
 from clipsearch.models import ModelLoadError
 
+from app.answer_cache import CachedAnswerMiddleware
 from app.config import Settings
 from app.errors import install_error_handlers, public_reason
 from app.middleware import AdmissionMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
@@ -171,7 +172,9 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         app.include_router(admin.build_router(settings, lambda: load_in_background(state, load)))
     if writer is not None:
         app.include_router(writes.build_router(settings, writer))
-    # Added innermost first: CORS (if any) > request metrics > admission > body caps > routes.
+    # Added innermost first: CORS (if any) > request metrics > admission > body caps > raw-body answer
+    # cache (repeated text searches, before routing and validation) > routes.
+    app.add_middleware(CachedAnswerMiddleware, state=state)
     app.add_middleware(BodyLimitMiddleware, limits=search.body_limits(settings),
                        default=search.DEFAULT_BODY_LIMIT,
                        patterns=writes.body_limit_patterns(settings) if writer is not None else ())

@@ -132,7 +132,9 @@ def load_resources(settings: Settings) -> Resources:
         encoder = ClipEncoder(
             loaded,
             text_backend=text_backend_for(loaded, settings.text_backend, settings.onnx_cache_dir, threads),
-            image_backend=image_backend_for(loaded, settings.image_backend, settings.onnx_cache_dir, threads))
+            # a lone image query runs on every core (`image_threads`); image batches then run one at a time
+            image_backend=image_backend_for(loaded, settings.image_backend, settings.onnx_cache_dir,
+                                            settings.image_threads or threads))
         return make_resources(encoder, list(stores.values()), model, default=default,
                               images_dir=settings.images_dir, base_dir=settings.artifacts_dir, skipped=skipped)
     except BaseException:

@@ -19,6 +19,7 @@ import numpy as np
 from clipsearch.images import ImageDecodeError, decode_image
 from clipsearch.store import Hit, StoreError, VectorStore
 
+from app.batching import ImageQuery
 from app.errors import InvalidSearch, NotFound
 from app.inputs import InputError, combine_terms
 from app.resources import Resources, UnknownCollection
@@ -97,6 +98,16 @@ def image_search_job(res: Resources, store: VectorStore, spec: SearchSpec, data:
     t2 = time.perf_counter()
     hits = search_vector(res, store, spec, vec)
     return hits, {"decode": t1 - t0, "encode": t2 - t1, "search": time.perf_counter() - t2}
+
+
+async def image_search(state: Any, res: Resources, store: VectorStore, spec: SearchSpec, data: bytes,
+                       max_pixels: int) -> tuple[tuple[Any, ...], dict[str, float]]:
+    """An image query through the service's image micro-batcher (`ServiceState.image_batcher`): the
+    upload is decoded on the pool, encoded with whatever other image queries wait, then searched; the hits
+    and its batch's stage timings (what `image_search_job` gives for one image alone)."""
+    hits, stages = await state.image_batcher.upload(res, ImageQuery(data, max_pixels),
+                                                    lambda vec: search_vector(res, store, spec, vec))
+    return hits, {s: v for s, v in stages.items() if s != "batch_size"}
 
 
 def similar_job(res: Resources, store: VectorStore, spec: SearchSpec, image_id: str

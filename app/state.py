@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from app.batching import TextBatcher
+from app.batching import ImageBatcher, TextBatcher, image_slots
 from app.cache import ResponseCache
-from app.config import Settings
+from app.config import Settings, cpu_cores
 from app.errors import NotReady
 from app.fetch import FetchSettings, UrlFetcher
 from app.metrics import Metrics
@@ -61,6 +61,10 @@ class ServiceState:
         # concurrent text queries share forward passes; one batch in flight per inference thread
         self.batcher = TextBatcher(self.run, slots=settings.inference_threads,
                                    max_batch=settings.text_batch_size)
+        # concurrent image queries (and writes' images) share forward passes too; the image session
+        # runs on `image_threads` cores, so `set_ready` sets how many batches run at once
+        self.image_batcher = ImageBatcher(self.run, slots=settings.inference_threads,
+                                          max_batch=settings.image_batch_size)
         self._pool_lock = threading.Lock()
         self.resources: Resources | None = None
         self.reason = "loading the model and the collections"
@@ -95,6 +99,7 @@ class ServiceState:
         # any two of these lines, and must never pair the new index version with the old error.
         self.reload_error = None
         self.reason = ""
+        self.image_batcher.slots = image_slots(resources.encoder, self.settings.inference_threads, cpu_cores())
         self.resources = resources
         self.cache.clear()
         self.thumbnails.clear()

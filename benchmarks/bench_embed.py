@@ -3,7 +3,8 @@
 For ~256 real Flickr8k images and each model, images/s of
   pure-forward   `ClipEncoder.encode_pixels` on pre-decoded, pre-processed tensors (the ceiling)
   workers=N      `offline.embed.embed_images` (decode + preprocess in N DataLoader workers, N=0: in
-                 the main process, between forward passes)
+                 a thread pool of the main process overlapped with the forward pass, offline/prefetch.py)
+  serial decode  (`--serial`) the N=0 loop before that: each batch decoded between forward passes
 and, for models with a timm image tower (lit-effnet-minilm), the same two with the ONNX Runtime image
 tower that `offline embed` uses by default (`onnx pure-forward`, `onnx workers=N`; the ratio of
 those rows is to the ONNX pure forward). `--no-onnx` skips them.
@@ -63,7 +64,21 @@ def bench_model(name: str, paths: list[str], args) -> dict[str, Any]:
         for i in range(0, len(pixels), args.batch):
             enc.encode_pixels(pixels[i:i + args.batch])
 
+    def serial(backend=None) -> None:
+        """The loop before offline/prefetch.py: each batch decoded in the encoding thread, then encoded."""
+        from torch.utils.data import DataLoader
+
+        from offline.embed import ImageFiles, collate_images
+
+        e = ClipEncoder(loaded, batch_size=args.batch, image_backend=backend)
+        for _, px, _ in DataLoader(ImageFiles(paths, loaded.preprocess), batch_size=args.batch,
+                                   num_workers=0, collate_fn=collate_images):
+            if px is not None:
+                e.encode_pixels(px)
+
     fns: dict[str, Callable[[], Any]] = {"pure-forward": pure}
+    if args.serial:
+        fns["serial decode"] = serial
     for w in args.workers:
         fns[f"workers={w}"] = lambda w=w: embed_images(loaded, paths, args.batch, w, desc=name)
     onnx = None
@@ -79,6 +94,8 @@ def bench_model(name: str, paths: list[str], args) -> dict[str, Any]:
                 onnx.encode_pixels(pixels[i:i + args.batch])
 
         fns["onnx pure-forward"] = onnx_pure
+        if args.serial:
+            fns["onnx serial decode"] = lambda: serial(onnx)
         for w in args.workers:
             fns[f"onnx workers={w}"] = lambda w=w: embed_images(loaded, paths, args.batch, w, desc=name,
                                                                 image_backend=onnx)
@@ -112,6 +129,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime image-tower rows")
+    ap.add_argument("--serial", action="store_true",
+                    help="also time the loop before the decode thread pool (workers=0 decoded each batch "
+                         "in the encoding thread)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 

@@ -45,6 +45,10 @@ class Encoder(Protocol):
 
     def encode_texts(self, texts: Sequence[str]) -> NDArray[np.float32]: ...
 
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """One image's model input [3, H, W] (the model's own preprocess), for `encode_pixels`."""
+        return self.loaded.preprocess(image)
+
     def encode_images(self, images: Sequence[Image.Image]) -> NDArray[np.float32]: ...
 
 
@@ -70,7 +74,8 @@ def text_backend_for(loaded: LoadedModel, choice: Runtime, cache_dir: str | os.P
 def image_backend_for(loaded: LoadedModel, choice: Runtime, cache_dir: str | os.PathLike[str],
                       threads: int) -> PixelEncoder | None:
     """The same for the image tower (`--image-backend` / `CLIPSEARCH_IMAGE_BACKEND`): ONNX Runtime
-    for timm towers such as lit-effnet-minilm's, torch (None) for the rest."""
+    for timm towers such as lit-effnet-minilm's and ViT towers such as ViT-B-32's, torch (None) for
+    the rest."""
     return tower_backend(loaded, "image", choice, cache_dir, threads)
 
 
@@ -131,6 +136,10 @@ class ClipEncoder:
             return torch.from_numpy(self.image_backend.encode_pixels(pixels))
         feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         return F.normalize(feats.float(), dim=-1)
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """One image's model input [3, H, W] (the model's own preprocess), for `encode_pixels`."""
+        return self.loaded.preprocess(image)
 
     def encode_images(self, images: Sequence[Image.Image]) -> NDArray[np.float32]:
         out = []

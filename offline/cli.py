@@ -71,7 +71,7 @@ def default_workers() -> int:
 
 def _add_backends(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-backend", choices=("onnx", "torch"), default="onnx",
-                   help="image encoder for embed: ONNX Runtime export of a timm image tower (self-checked "
+                   help="image encoder for embed: ONNX Runtime export of a timm or ViT image tower (self-checked "
                         "against torch, cached in <out>/onnx; other towers use torch) or torch "
                         "(default: %(default)s)")
     p.add_argument("--text-backend", choices=("onnx", "torch"), default="onnx",

@@ -23,6 +23,7 @@ from clipsearch.images import ImageDecodeError, decode_image
 from clipsearch.manifest import now_iso, read_json, save_npy_atomic, sha256_file, sha256_json, write_json_atomic
 from clipsearch.models import LoadedModel
 from offline.data import read_split
+from offline.prefetch import threaded_batches
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,13 @@ def embed_images(loaded: LoadedModel, paths: list[str], batch_size: int, workers
     `image_backend`: e.g. the ONNX Runtime image tower (`clipsearch.encoder.image_backend_for`),
     self-checked against torch when it was built."""
     encoder = ClipEncoder(loaded, batch_size=batch_size, image_backend=image_backend)
-    loader = DataLoader(ImageFiles(paths, loaded.preprocess), batch_size=batch_size,
-                        num_workers=workers, collate_fn=collate_images,
-                        pin_memory=loaded.device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    files = ImageFiles(paths, loaded.preprocess)
+    if workers > 0:
+        loader: Any = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
+                                 pin_memory=loaded.device.type == "cuda", persistent_workers=False,
+                                 prefetch_factor=4)
+    else:  # decode in threads of this process, overlapped with the forward pass (offline/prefetch.py)
+        loader = threaded_batches(files, batch_size, collate=collate_images)
     vecs, kept, bad = [], [], []
     with tqdm(total=len(paths), desc=desc, unit="img") as bar:
         for idx, pixels, errs in loader:

@@ -35,6 +35,7 @@ from clipsearch.store import Catalog, FaissStore, NewItem
 from clipsearch.store.catalog import ItemState
 from offline.embed import ImageFiles, collate_images
 from offline.layouts import IMAGE_SUFFIXES, R_CORRUPT, DataError
+from offline.prefetch import DECODE_THREADS, threaded_batches
 from offline.sources import Source, SourceItem, read_source
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,12 @@ def _embed_items(catalog: Catalog, encoder: ClipEncoder, loaded: LoadedModel,
     """Embed images (decoded beside the forward pass) and their captions; commit every COMMIT_EVERY."""
     if not todo:
         return 0, []
-    loader = DataLoader(ImageFiles([str(item.path) for item, _ in todo], loaded.preprocess),
-                        batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
-                        prefetch_factor=4 if workers else None)
+    files = ImageFiles([str(item.path) for item, _ in todo], loaded.preprocess)
+    if workers > 0:
+        loader: Any = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
+                                 prefetch_factor=4)
+    else:  # decode in threads of this process, overlapped with the forward pass, a bounded few batches ahead
+        loader = threaded_batches(files, batch_size, threads=DECODE_THREADS, collate=collate_images)
     pending: list[tuple[int, np.ndarray]] = []
     bad: list[dict[str, Any]] = []
     done = 0

@@ -1,5 +1,6 @@
-"""The ONNX Runtime image tower (lit-effnet-minilm's EfficientNet-Lite0): equal to torch, cached,
-self-checked, with torch as the fallback; picked by default in the service and in `offline embed`."""
+"""The ONNX Runtime image tower (lit-effnet-minilm's EfficientNet-Lite0; ViT towers on the tiny test
+ViT): equal to torch, cached, self-checked, with torch as the fallback; picked by default in the
+service and in `offline embed`."""
 
 import logging
 
@@ -89,13 +90,93 @@ def test_export_failure_returns_none(lit, tmp_path, monkeypatch, caplog):
     assert "exporter broke" in caplog.text
 
 
-def test_vit_tower_keeps_torch(tmp_path, caplog):
+@pytest.fixture(scope="module")
+def tiny_vit():
     torch.manual_seed(0)
-    tiny = load_model("test-tiny-vit", None, "cpu")
+    return load_model("test-tiny-vit", None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_onnx(tiny_vit, tmp_path_factory):
+    return tmp_path_factory.mktemp("vit_onnx")
+
+
+def _vit_pixels(n: int) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+def test_vit_tower_exports_equal_to_torch_and_cached(tiny_vit, tiny_vit_onnx, caplog):
+    """A ViT image tower (open_clip VisionTransformer) now runs on ONNX Runtime too: same embeddings
+    as torch's encode_image, the first variant (fused Attention) preferred, reused from the cache."""
     with caplog.at_level(logging.INFO, logger="clipsearch.onnx_image"):
-        assert maybe_onnx_image(tiny, tmp_path, threads=1) is None
-    assert "no timm image tower" in caplog.text
+        enc = maybe_onnx_image(tiny_vit, tiny_vit_onnx, threads=1)
+    assert enc is not None and enc.self_check_cos >= 0.9999
+    assert enc.path.name == f"{cache_key(tiny_vit, tower='image')}.image.vit-attention.fused.onnx"
+    pixels = _vit_pixels(5)
+    with torch.inference_mode():
+        ref = tiny_vit.model.encode_image(pixels, normalize=True).float().numpy()
+    out = enc.encode_pixels(pixels)
+    assert out.shape == (5, 32) and (out * ref).sum(1).min() >= 0.9999
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+    np.testing.assert_allclose(enc.encode_pixels(pixels[:1]), out[:1], atol=1e-5)
+    # the export twins are gone again: the torch model still has its own attention modules
+    assert all(isinstance(b.attn, torch.nn.MultiheadAttention) for b in tiny_vit.model.visual.transformer.resblocks)
+    mtime = enc.path.stat().st_mtime_ns
+    again = build_onnx_image(tiny_vit, tiny_vit_onnx, threads=1)
+    assert again.path == enc.path and again.path.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("variant,fuse", [("attention", False), ("plain", False), ("plain", True)])
+def test_every_vit_variant_matches_torch(tiny_vit, tmp_path, variant, fuse):
+    enc = build_onnx_image(tiny_vit, tmp_path, threads=1, fuse=fuse, variants=(variant,))
+    assert f".vit-{variant}." in enc.path.name and enc.path.name.endswith(".fused.onnx") == fuse
+    pixels = _vit_pixels(4)
+    with torch.inference_mode():
+        ref = tiny_vit.model.encode_image(pixels, normalize=True).float().numpy()
+    assert (enc.encode_pixels(pixels) * ref).sum(1).min() >= 0.9999
+
+
+def test_vit_wrong_graph_fails_every_variant_and_falls_back(tiny_vit, tmp_path, monkeypatch, caplog):
+    real = oi._ImageTower.forward
+    monkeypatch.setattr(oi._ImageTower, "forward", lambda self, x: -real(self, x))  # a broken export
+    with caplog.at_level(logging.INFO, logger="clipsearch.onnx_image"):
+        assert maybe_onnx_image(tiny_vit, tmp_path, threads=1) is None
+    assert "disagrees with torch" in caplog.text
+    for name in ("vit-attention.fused", "vit-attention", "vit-plain.fused", "vit-plain"):
+        assert f"{name}.onnx rejected" in caplog.text
+    assert all(isinstance(b.attn, torch.nn.MultiheadAttention) for b in tiny_vit.model.visual.transformer.resblocks)
+
+
+def test_vit_export_failure_returns_none(tiny_vit, tmp_path, monkeypatch, caplog):
+    def boom(*a, **k):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setattr(oi, "export_module", boom)
+    with caplog.at_level(logging.WARNING, logger="clipsearch.onnx_image"):
+        assert maybe_onnx_image(tiny_vit, tmp_path, threads=1) is None
+    assert "exporter broke" in caplog.text
+    assert all(isinstance(b.attn, torch.nn.MultiheadAttention) for b in tiny_vit.model.visual.transformer.resblocks)
+
+
+def test_unknown_image_tower_keeps_torch(tiny_vit, tmp_path, monkeypatch, caplog):
+    """A tower the family does not name (open_clip's ModifiedResNet) is not exported."""
+    monkeypatch.setattr(oi, "image_tower_kind", lambda model: None)
+    with caplog.at_level(logging.INFO, logger="clipsearch.onnx_image"):
+        assert maybe_onnx_image(tiny_vit, tmp_path, threads=1) is None
+    assert "no exportable" in caplog.text
     assert not list(tmp_path.iterdir())
+
+
+def test_vit_encoder_defaults_to_onnx(tiny_vit, tiny_vit_onnx):
+    """build_encoder(image="onnx"), what the service and `offline embed` ask for by default, now
+    gives the ViT tower an ONNX backend with torch's embeddings."""
+    from clipsearch.encoder import build_encoder
+
+    enc = build_encoder(tiny_vit, image="onnx", cache_dir=tiny_vit_onnx)
+    assert isinstance(enc.image_backend, OnnxImageEncoder)
+    ims = images(3)
+    ref = ClipEncoder(tiny_vit).encode_images(ims)
+    assert (enc.encode_images(ims) * ref).sum(1).min() >= 0.9999
 
 
 def test_module_runner_runs_any_batch(lit):
@@ -120,6 +201,7 @@ def test_service_uses_onnx_for_both_towers_by_default(lit, lit_onnx_dir, lit_art
     res = resources.load_resources(settings)
     assert isinstance(res.encoder.image_backend, OnnxImageEncoder)
     assert isinstance(res.encoder.text_backend, OnnxTextEncoder)
+    assert res.encoder.image_backend.threads == settings.image_threads  # a lone image query: every core
     ims = images(2)
     ref = ClipEncoder(lit).encode_images(ims)
     assert (res.encoder.encode_images(ims) * ref).sum(1).min() >= 0.9999

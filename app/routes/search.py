@@ -27,7 +27,7 @@ from app.routes.content_routing import JsonRoute, json_body_openapi
 from app.schemas import CaptionHit, ErrorResponse, ImageHit, ImageSearchResponse, MetadataFilter, \
     TextSearchResponse, base64_chars, image_json_request, similar_request, terms_search_request, \
     text_search_request, vector_search_request
-from app.search import SearchSpec, Term, image_search_job, resolve, search_vector, similar_job, terms_job, \
+from app.search import SearchSpec, Term, image_search, resolve, search_vector, similar_job, terms_job, \
     vector_job
 from app.state import ServiceState, get_state
 
@@ -169,8 +169,8 @@ def build_router(settings: Settings) -> APIRouter:
         data, fetch_s = await image_bytes(state, body)
         key = spec.cache_key("image", hashlib.sha256(data).hexdigest(), res.version)
         results, stages = await _cached(state, "image", key, body.target,
-                                        lambda: state.run(image_search_job, res, store, spec, data,
-                                                          settings.max_image_pixels))
+                                        lambda: image_search(state, res, store, spec, data,
+                                                             settings.max_image_pixels))
         if stages is not None and fetch_s is not None:
             stages = {"fetch": fetch_s, **stages}
         took = time.perf_counter() - t0
@@ -218,8 +218,8 @@ def build_router(settings: Settings) -> APIRouter:
             raise ImageDecodeError("empty file (0 bytes)")
         key = spec.cache_key("image", hashlib.sha256(data).hexdigest(), res.version)
         results, stages = await _cached(state, "image", key, target,
-                                        lambda: state.run(image_search_job, res, store, spec, data,
-                                                          settings.max_image_pixels))
+                                        lambda: image_search(state, res, store, spec, data,
+                                                             settings.max_image_pixels))
         took = time.perf_counter() - t0
         state.metrics.observe_stages("image", {"total": took})
         return _search_response(results, spec, took, stages, with_target=True)
