@@ -7,13 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Request, UploadFile
 from fastapi.responses import Response
 
-from clipsearch.images import ImageDecodeError, decode_image
+from clipsearch.images import decode_image
 
 from app.config import Settings
-from app.errors import PayloadTooLarge
 from app.resources import Resources
 from app.routes.content_routing import JsonRoute, json_body_openapi
-from app.routes.search import ERRORS, image_bytes, require_content_type
+from app.routes.search import ERRORS, image_bytes, read_upload, require_content_type
 from app.schemas import EmbeddingsResponse, embed_image_request, embed_text_request
 from app.state import get_state
 
@@ -86,11 +85,7 @@ def build_router(settings: Settings) -> APIRouter:
         state = get_state(request)
         res = state.require_ready()
         t0 = time.perf_counter()
-        data = await file.read(cap + 1)
-        if len(data) > cap:
-            raise PayloadTooLarge(f"image upload is larger than {cap} bytes")
-        if not data:
-            raise ImageDecodeError("empty file (0 bytes)")
+        data = await read_upload(file, cap)
         vecs, stages = await state.run(_encode_image, res, data, settings.max_image_pixels)
         took = time.perf_counter() - t0
         state.metrics.observe_stages("embed_image", {**stages, "total": took})

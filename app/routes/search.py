@@ -211,11 +211,7 @@ def build_router(settings: Settings) -> APIRouter:
         t0 = time.perf_counter()
         store = resolve(res, collection)
         spec = SearchSpec(store.name, k, offset, min_score, _form_filter(filter), target)
-        data = await file.read(upload_cap + 1)  # never more than one byte past the cap
-        if len(data) > upload_cap:
-            raise PayloadTooLarge(f"image upload is larger than {upload_cap} bytes")
-        if not data:
-            raise ImageDecodeError("empty file (0 bytes)")
+        data = await read_upload(file, upload_cap)
         key = spec.cache_key("image", hashlib.sha256(data).hexdigest(), res.version)
         results, stages = await _cached(state, "image", key, target,
                                         lambda: image_search(state, res, store, spec, data,
@@ -291,6 +287,17 @@ def build_router(settings: Settings) -> APIRouter:
         return _search_response(results, spec, took, stages, with_target=True)
 
     return router
+
+
+async def read_upload(file: UploadFile, cap: int) -> bytes:
+    """An uploaded file's bytes: never more than one byte past `cap` is read (413 then), and an empty
+    file is an invalid image (422)."""
+    data = await file.read(cap + 1)
+    if len(data) > cap:
+        raise PayloadTooLarge(f"image upload is larger than {cap} bytes")
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    return data
 
 
 async def image_bytes(state: ServiceState, body: Any) -> tuple[bytes, float | None]:

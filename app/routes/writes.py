@@ -25,7 +25,7 @@ from clipsearch.images import ImageDecodeError
 
 from app.config import Settings
 from app.errors import InvalidSearch, NotFound, PayloadTooLarge, Unauthorized
-from app.routes.search import MULTIPART_OVERHEAD, require_content_type, server_timing
+from app.routes.search import MULTIPART_OVERHEAD, read_upload, require_content_type, server_timing
 from app.schemas import CaptionsRequest, CompactResponse, ErrorResponse, WriteItemResponse
 from app.search import image_url, resolve
 from app.state import get_state
@@ -85,13 +85,11 @@ def build_router(settings: Settings, service: WriteService) -> APIRouter:
         store = resolve(res, name)
         captions = _clean_captions(caption, settings.max_captions)
         meta = _parse_metadata(metadata)
-        data = await file.read(upload_cap + 1)  # never more than one byte past the cap
-        if len(data) > upload_cap:
+        try:
+            data = await read_upload(file, upload_cap)
+        except (PayloadTooLarge, ImageDecodeError):
             metrics.writes.labels("upload", "invalid").inc()
-            raise PayloadTooLarge(f"image upload is larger than {upload_cap} bytes")
-        if not data:
-            metrics.writes.labels("upload", "invalid").inc()
-            raise ImageDecodeError("empty file (0 bytes)")
+            raise
         service.admit("upload")
         try:
             before = store.version
