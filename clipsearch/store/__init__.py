@@ -36,7 +36,7 @@ def qdrant_location(spec: str, api_key: str | None = None):
     spec = check_store_spec(spec)
     if spec == FAISS:
         return None
-    from clipsearch.store.qdrant_store import QdrantLocation
+    from clipsearch.store.qdrant_connection import QdrantLocation
 
     if spec.startswith("qdrant:"):
         return QdrantLocation(path=spec[len("qdrant:"):])

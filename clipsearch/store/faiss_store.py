@@ -13,6 +13,9 @@ tombstones filtered at search. The same catch-up picks up other processes' commi
 snapshot in `index/` tagged with the catalog seq it reflects and the id at each position; start-up
 loads the snapshot and replays the changes committed after it (rows with a larger seq, tombstones),
 so a large collection never has to rebuild its graph at start-up.
+
+How rows are placed in the live state is `clipsearch.store.placement`; the exact and HNSW + delta
+searches are `clipsearch.store.kernels`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-import faiss
 import numpy as np
 from numpy.typing import NDArray
 
@@ -34,8 +36,10 @@ from clipsearch.artifacts import CollectionLayout
 from clipsearch.index import IndexParams, VectorIndex
 from clipsearch.manifest import ArtifactError, atomic_write_text, read_json, sha256_json
 from clipsearch.store.base import Filter, Hit, Item, StoreError, Target, filter_keys
-from clipsearch.store.catalog import Catalog, CatalogRows, NewItem
-from clipsearch.store.live import FACET_MAX_VALUES, Live, View
+from clipsearch.store.catalog import Catalog, NewItem
+from clipsearch.store.kernels import exact_top, hnsw_and_delta
+from clipsearch.store.live import FACET_MAX_VALUES, Live
+from clipsearch.store.placement import apply_rows, place_captions, place_images, relayout
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +211,9 @@ class FaissStore:
         if n == 0 or allowed_n == 0:
             return []
         if view.index is None or (view.filtered and allowed_n <= EXACT_FILTERED_MAX):
-            rows, scores = _exact(view.vectors, view.offsets, q[0], need, view.allowed)
+            rows, scores = exact_top(view.vectors, view.offsets, q[0], need, view.allowed)
         else:
-            rows, scores = _hnsw_and_delta(view, q, need)
+            rows, scores = hnsw_and_delta(view, q, need)
         hits = []
         for row, score in zip(rows[offset:offset + k], scores[offset:offset + k]):
             if min_score is not None and score < min_score:
@@ -244,7 +248,7 @@ class FaissStore:
             with self._lock:
                 if self._live is not live:  # a full rebuild replaced the state meanwhile; it is current
                     return {"compacted": False, "reason": "the state was rebuilt meanwhile"}
-                new = _relayout(live, captured, indexes, seq, ids)
+                new = relayout(live, captured, indexes, seq, ids)
                 self._live = new
             saved = self._save_indexes(new) if save and self.layout is not None and self.writable else {}
             took = time.perf_counter() - t0
@@ -346,7 +350,7 @@ class FaissStore:
                 return True
             for image_id in changes.deleted:
                 live.remove(image_id)
-            _apply_rows(live, changes.rows, range(len(changes.rows.image_ids)))
+            apply_rows(live, changes.rows, range(len(changes.rows.image_ids)))
             live.seq = changes.seq
             return True
 
@@ -370,8 +374,8 @@ class FaissStore:
             snaps["images"] = self._load_snapshot("images", rows.seq, rebuild_seq, False)
         if n_cap > self.exact_max:
             snaps["captions"] = self._load_snapshot("captions", rows.seq, rebuild_seq, cap_offsets is not None)
-        replayed = _place_images(live, rows, snaps.get("images"))
-        replayed += _place_captions(live, rows, snaps.get("captions"), cap_offsets)
+        replayed = place_images(live, rows, snaps.get("images"))
+        replayed += place_captions(live, rows, snaps.get("captions"), cap_offsets)
         for target, vecs, offs in (("images", rows.vectors, None), ("captions", rows.caption_vectors, cap_offsets)):
             tgt = live.targets[target]
             if tgt.index is None and vecs.shape[0] > self.exact_max:
@@ -418,230 +422,5 @@ class FaissStore:
             self._live = self._build_full()
 
 
-def _apply_rows(live: Live, rows: CatalogRows, which: Sequence[int] | range) -> None:
-    """Upsert items `which` of `rows` (with their captions) into `live`."""
-    caps_by_item: dict[int, list[int]] = {}
-    for j, img_row in enumerate(rows.caption_image_rows):
-        caps_by_item.setdefault(int(img_row), []).append(j)
-    has_offsets = rows.caption_offsets.size and np.any(rows.caption_offsets)
-    for i in which:
-        js = caps_by_item.get(i, [])
-        item = Item(rows.image_ids[i], rows.paths[i], tuple(rows.caption_texts[j] for j in js), rows.metadata[i])
-        live.put(item, rows.vectors[i], [rows.caption_ids[j] for j in js],
-                 rows.caption_vectors[js] if js else np.zeros((0, live.dim), np.float32),
-                 rows.caption_offsets[js] if js and has_offsets else None)
-
-
-def _place_images(live: Live, rows: CatalogRows, snap: tuple[VectorIndex, int, list[str] | None] | None) -> int:
-    """Lay the images out: at the snapshot's positions where the row is unchanged since it, the rest
-    appended. Returns how many changes after the snapshot were replayed."""
-    images = live.targets["images"]
-    if snap is None:
-        _add_images(live, rows, range(len(rows.image_ids)))
-        return 0
-    index, snap_seq, ids = snap
-    if ids is None:  # an older snapshot, exactly current: its positions are the catalog rows
-        _add_images(live, rows, range(len(rows.image_ids)))
-        images.index, images.index_seq, images.index_ids = index, snap_seq, list(rows.image_ids)
-        return 0
-    row_of = {image_id: i for i, image_id in enumerate(rows.image_ids)}
-    placed = [row_of.get(i, -1) for i in ids]
-    placed = [r if r >= 0 and rows.item_seqs[r] <= snap_seq else -1 for r in placed]
-    used = {r for r in placed if r >= 0}
-    replayed = sum(1 for i in ids if i not in row_of)  # deleted since the snapshot (rewritten: counted below)
-    # the snapshot's positions first (dead where the row changed), then the changed and new rows
-    alive = np.array([r >= 0 for r in placed], bool)
-    vecs = np.zeros((len(ids), live.dim), np.float32)
-    if used:
-        good = np.flatnonzero(alive)
-        vecs[good] = rows.vectors[[placed[p] for p in good]]
-    images.append(vecs, None, np.arange(len(ids), dtype=np.int64), alive)
-    for pos, (image_id, r) in enumerate(zip(ids, placed)):
-        live.image_ids.append(image_id)
-        if r < 0:
-            live.items.append(None)
-            continue
-        item = Item(image_id, rows.paths[r], (), rows.metadata[r])
-        live.items.append(item)
-        live.row_of[image_id] = pos
-        live._index_metadata(pos, item.metadata)
-    rest = [i for i in range(len(rows.image_ids)) if i not in used]
-    replayed += sum(1 for i in rest if rows.item_seqs[i] > snap_seq)
-    _add_images(live, rows, rest)
-    images.index, images.index_seq, images.index_ids = index, snap_seq, list(ids)
-    return replayed
-
-
-def _add_images(live: Live, rows: CatalogRows, which: Sequence[int] | range) -> None:
-    which = list(which)
-    images = live.targets["images"]
-    start = images.n
-    images.append(rows.vectors[which] if which else np.zeros((0, live.dim), np.float32), None,
-                  np.arange(start, start + len(which), dtype=np.int64))
-    for k, i in enumerate(which):
-        pos = start + k
-        item = Item(rows.image_ids[i], rows.paths[i], (), rows.metadata[i])
-        live.image_ids.append(item.image_id)
-        live.items.append(item)
-        live.row_of[item.image_id] = pos
-        live._index_metadata(pos, item.metadata)
-
-
-def _place_captions(live: Live, rows: CatalogRows, snap: tuple[VectorIndex, int, list[str] | None] | None,
-                    offsets: NDArray[np.float32] | None) -> int:
-    caps = live.targets["captions"]
-    image_pos = np.array([live.row_of[rows.image_ids[int(r)]] for r in rows.caption_image_rows], np.int64)
-    order: list[int] = list(range(len(rows.caption_ids)))
-    replayed = 0
-    if snap is not None and snap[2] is not None:
-        index, snap_seq, ids = snap
-        row_of = {cid: j for j, cid in enumerate(rows.caption_ids)}
-        placed = [row_of.get(c, -1) for c in ids]
-        placed = [j if j >= 0 and rows.caption_seqs[j] <= snap_seq else -1 for j in placed]
-        used = {j for j in placed if j >= 0}
-        gone = sum(1 for c in ids if c not in row_of)
-        alive = np.array([j >= 0 for j in placed], bool)
-        good = np.flatnonzero(alive)
-        vecs = np.zeros((len(ids), live.dim), np.float32)
-        offs = np.zeros(len(ids), np.float32)
-        img = np.zeros(len(ids), np.int64)
-        src = [placed[p] for p in good]
-        vecs[good] = rows.caption_vectors[src]
-        if offsets is not None:
-            offs[good] = offsets[src]
-        img[good] = image_pos[src]
-        caps.append(vecs, offs if offsets is not None else None, img, alive)
-        texts = [""] * len(ids)
-        for p, j in zip(good, src):
-            texts[p] = rows.caption_texts[j]
-            live.captions_of.setdefault(int(img[p]), []).append(int(p))
-        live.caption_ids.extend(ids)
-        live.caption_texts.extend(texts)
-        caps.index, caps.index_seq, caps.index_ids = index, snap_seq, list(ids)
-        order = [j for j in range(len(rows.caption_ids)) if j not in used]
-        replayed = gone + sum(1 for j in order if rows.caption_seqs[j] > snap_seq)
-    elif snap is not None:
-        caps.index, caps.index_seq, caps.index_ids = snap[0], snap[1], list(rows.caption_ids)
-    if order:
-        start = caps.n
-        caps.append(rows.caption_vectors[order], offsets[order] if offsets is not None else None, image_pos[order])
-        live.caption_ids.extend(rows.caption_ids[j] for j in order)
-        live.caption_texts.extend(rows.caption_texts[j] for j in order)
-        for k, j in enumerate(order):
-            live.captions_of.setdefault(int(image_pos[j]), []).append(start + k)
-    # the items' caption lists, in caption row order
-    texts_of: dict[int, list[str]] = {}
-    for j in range(len(rows.caption_ids)):
-        texts_of.setdefault(int(image_pos[j]), []).append(rows.caption_texts[j])
-    for pos, texts in texts_of.items():
-        item = live.items[pos]
-        if item is not None:
-            live.items[pos] = Item(item.image_id, item.path, tuple(texts), item.metadata)
-    return replayed
-
-
-def _relayout(old: Live, captured: Mapping[str, NDArray[np.int64]], indexes: Mapping[str, VectorIndex | None],
-              seq: int, ids: Mapping[str, list[str]]) -> Live:
-    """A fresh state whose first positions are the rows each new graph was built from (dead where they
-    died during the build), then every live row the build did not see. Called under the store lock."""
-    new = Live(old.dim, old.seq, old.uid, old.hubness)
-    new.facets, new.originals = {}, {}
-    src_img = old.targets["images"]
-    seen = np.zeros(src_img.n, bool)
-    seen[captured["images"]] = True
-    img_order = np.concatenate([captured["images"], np.flatnonzero(src_img.alive[: src_img.n] & ~seen)]).astype(np.int64)
-    new_pos = np.full(src_img.n, -1, np.int64)
-    new_pos[img_order] = np.arange(len(img_order))
-    alive = src_img.alive[img_order]
-    new.targets["images"].append(src_img.vectors[img_order], None, np.arange(len(img_order), dtype=np.int64), alive)
-    for pos, p in enumerate(img_order):
-        image_id = old.image_ids[p]
-        new.image_ids.append(image_id)
-        item = old.items[p] if alive[pos] else None
-        new.items.append(item)
-        if item is not None:
-            new.row_of[image_id] = pos
-            new._index_metadata(pos, item.metadata)
-    src_cap = old.targets["captions"]
-    seen = np.zeros(src_cap.n, bool)
-    seen[captured["captions"]] = True
-    cap_order = np.concatenate([captured["captions"], np.flatnonzero(src_cap.alive[: src_cap.n] & ~seen)]).astype(np.int64)
-    cap_alive = src_cap.alive[cap_order]
-    img_rows = new_pos[src_cap.image_rows[cap_order]]
-    cap_alive &= img_rows >= 0
-    img_rows[img_rows < 0] = 0
-    new.targets["captions"].append(src_cap.vectors[cap_order], src_cap.offsets[cap_order] if src_cap.has_offsets else None,
-                                   img_rows, cap_alive)
-    for pos, p in enumerate(cap_order):
-        new.caption_ids.append(old.caption_ids[p])
-        new.caption_texts.append(old.caption_texts[p])
-        if cap_alive[pos]:
-            new.captions_of.setdefault(int(img_rows[pos]), []).append(pos)
-    for target in ("images", "captions"):
-        tgt = new.targets[target]
-        tgt.index = indexes[target]
-        tgt.index_seq = seq
-        tgt.index_ids = list(ids[target]) if tgt.index is not None else []
-    return new
-
-
 def _hnsw_params(params: IndexParams) -> IndexParams:
     return IndexParams("hnsw", params.m, params.ef_construction, params.ef_search)
-
-
-def _exact(vectors: NDArray[np.float32], offsets: NDArray[np.float32] | None, q: NDArray[np.float32], need: int,
-           allowed: NDArray[np.bool_] | None, base: int = 0) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-    """The top `need` rows (positions + `base`) by score among the allowed ones, ties by position."""
-    if allowed is not None and allowed.sum() * 2 < allowed.size:  # few rows left: score only those
-        rows = np.flatnonzero(allowed)
-        scores = vectors[rows] @ q
-        if offsets is not None:
-            scores += offsets[rows]
-    else:
-        scores = vectors @ q
-        if offsets is not None:
-            scores = scores + offsets
-        rows = np.arange(vectors.shape[0])
-        if allowed is not None:
-            rows = np.flatnonzero(allowed)
-            scores = scores[rows]
-    if scores.shape[0] == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    need = min(need, scores.shape[0])
-    top = np.argpartition(-scores, need - 1)[:need] if need < scores.shape[0] else np.arange(scores.shape[0])
-    # ties broken by row, so equal scores always come back in the same order
-    order = top[np.lexsort((rows[top], -scores[top]))]
-    return rows[order].astype(np.int64) + base, scores[order]
-
-
-def _hnsw_and_delta(view: View, q: NDArray[np.float32], need: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-    """The graph over its positions (tombstones and filtered rows left out by an ID selector), the
-    delta after it exactly, merged by score."""
-    index = view.index
-    assert index is not None
-    m = index.ntotal
-    allowed = view.allowed
-    rows, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
-    head = allowed[:m] if allowed is not None else None
-    if head is None or head.any():
-        k = min(need, m)
-        query = np.hstack([q, np.ones((1, 1), np.float32)]) if index.has_offsets else q
-        sel = None
-        if head is not None:
-            banned = np.flatnonzero(~head).astype(np.int64)
-            sel = (faiss.IDSelectorNot(faiss.IDSelectorBatch(banned)) if banned.size < head.size // 2
-                   else faiss.IDSelectorBatch(np.flatnonzero(head).astype(np.int64)))
-        sp = faiss.SearchParametersHNSW(efSearch=max(index.params.ef_search, k), sel=sel)
-        s, ids = index.index.search(query, k, params=sp)
-        keep = ids[0] >= 0
-        rows, scores = ids[0][keep].astype(np.int64), s[0][keep]
-    n = view.vectors.shape[0]
-    if n > m:
-        tail = allowed[m:] if allowed is not None else None
-        if tail is None or tail.any():
-            d_rows, d_scores = _exact(view.vectors[m:], view.offsets[m:] if view.offsets is not None else None,
-                                      q[0], need, tail, base=m)
-            rows, scores = np.concatenate([rows, d_rows]), np.concatenate([scores, d_scores])
-            order = np.lexsort((rows, -scores))[:need]
-            rows, scores = rows[order], scores[order]
-    return rows, scores

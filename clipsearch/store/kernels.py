@@ -1,0 +1,70 @@
+"""The search kernels of a FaissStore target: exact top-k over the allowed rows, and an HNSW graph
+searched beside the exact "delta" of the rows appended after it."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+from numpy.typing import NDArray
+
+from clipsearch.store.live import View
+
+__all__ = ["exact_top", "hnsw_and_delta"]
+
+
+def exact_top(vectors: NDArray[np.float32], offsets: NDArray[np.float32] | None, q: NDArray[np.float32], need: int,
+           allowed: NDArray[np.bool_] | None, base: int = 0) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """The top `need` rows (positions + `base`) by score among the allowed ones, ties by position."""
+    if allowed is not None and allowed.sum() * 2 < allowed.size:  # few rows left: score only those
+        rows = np.flatnonzero(allowed)
+        scores = vectors[rows] @ q
+        if offsets is not None:
+            scores += offsets[rows]
+    else:
+        scores = vectors @ q
+        if offsets is not None:
+            scores = scores + offsets
+        rows = np.arange(vectors.shape[0])
+        if allowed is not None:
+            rows = np.flatnonzero(allowed)
+            scores = scores[rows]
+    if scores.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    need = min(need, scores.shape[0])
+    top = np.argpartition(-scores, need - 1)[:need] if need < scores.shape[0] else np.arange(scores.shape[0])
+    # ties broken by row, so equal scores always come back in the same order
+    order = top[np.lexsort((rows[top], -scores[top]))]
+    return rows[order].astype(np.int64) + base, scores[order]
+
+
+def hnsw_and_delta(view: View, q: NDArray[np.float32], need: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """The graph over its positions (tombstones and filtered rows left out by an ID selector), the
+    delta after it exactly, merged by score."""
+    index = view.index
+    assert index is not None
+    m = index.ntotal
+    allowed = view.allowed
+    rows, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    head = allowed[:m] if allowed is not None else None
+    if head is None or head.any():
+        k = min(need, m)
+        query = np.hstack([q, np.ones((1, 1), np.float32)]) if index.has_offsets else q
+        sel = None
+        if head is not None:
+            banned = np.flatnonzero(~head).astype(np.int64)
+            sel = (faiss.IDSelectorNot(faiss.IDSelectorBatch(banned)) if banned.size < head.size // 2
+                   else faiss.IDSelectorBatch(np.flatnonzero(head).astype(np.int64)))
+        sp = faiss.SearchParametersHNSW(efSearch=max(index.params.ef_search, k), sel=sel)
+        s, ids = index.index.search(query, k, params=sp)
+        keep = ids[0] >= 0
+        rows, scores = ids[0][keep].astype(np.int64), s[0][keep]
+    n = view.vectors.shape[0]
+    if n > m:
+        tail = allowed[m:] if allowed is not None else None
+        if tail is None or tail.any():
+            d_rows, d_scores = exact_top(view.vectors[m:], view.offsets[m:] if view.offsets is not None else None,
+                                      q[0], need, tail, base=m)
+            rows, scores = np.concatenate([rows, d_rows]), np.concatenate([scores, d_scores])
+            order = np.lexsort((rows, -scores))[:need]
+            rows, scores = rows[order], scores[order]
+    return rows, scores
