@@ -19,16 +19,18 @@ from pydantic import TypeAdapter, ValidationError
 
 from clipsearch.artifacts import COLLECTION_NAME
 from clipsearch.images import ImageDecodeError
+from clipsearch.store import VectorStore
 
 from app.config import Settings
 from app.errors import InvalidSearch, PayloadTooLarge, UnsupportedMediaType
 from app.inputs import MAX_TERMS, InputError, check_weights, decode_base64_image, validate_vector
+from app.resources import Resources
 from app.routes.content_routing import JsonRoute, json_body_openapi
 from app.schemas import CaptionHit, ErrorResponse, ImageHit, ImageSearchResponse, MetadataFilter, \
     TextSearchResponse, base64_chars, image_json_request, similar_request, terms_search_request, \
     text_search_request, vector_search_request
-from app.search import SearchSpec, Term, image_search, resolve, search_vector, similar_job, terms_job, \
-    vector_job
+from app.search import SearchSpec, Term, image_search, resolve, search_vector, similar_job, spec_for, \
+    terms_job, vector_job
 from app.state import ServiceState, get_state
 
 # Paths admitted (and 429'd) as searches, with their metrics label.
@@ -139,6 +141,20 @@ def build_router(settings: Settings) -> APIRouter:
     k_form = Form(ge=1, le=settings.max_k, description=f"How many results (1..{settings.max_k})")
     upload_cap = settings.max_upload_bytes
 
+    async def image_answer(state: ServiceState, res: Resources, store: VectorStore, spec: SearchSpec, data: bytes, t0: float,
+                           fetch_s: float | None = None) -> Response:
+        """The answer to an image query, whichever body brought the bytes (an upload and the same
+        bytes as base64 share one cache entry)."""
+        key = spec.cache_key("image", hashlib.sha256(data).hexdigest(), res.version)
+        results, stages = await _cached(state, "image", key, spec.target,
+                                        lambda: image_search(state, res, store, spec, data,
+                                                             settings.max_image_pixels))
+        if stages is not None and fetch_s is not None:
+            stages = {"fetch": fetch_s, **stages}
+        took = time.perf_counter() - t0
+        state.metrics.observe_stages("image", {"total": took})
+        return _search_response(results, spec, took, stages, with_target=True)
+
     @router.post("/search/text", response_model=TextSearchResponse, responses=ERRORS,
                  dependencies=[Depends(require_content_type("application/json"))],
                  summary="Images that match a text query")
@@ -146,8 +162,7 @@ def build_router(settings: Settings) -> APIRouter:
         state = get_state(request)
         res = state.require_ready()
         t0 = time.perf_counter()
-        store = resolve(res, body.collection)
-        spec = SearchSpec(store.name, body.k, body.offset, body.min_score, body.filter)
+        store, spec = spec_for(res, body)
         query = body.query  # already normalised (NFC, whitespace collapsed) by the request model
 
         async def compute() -> tuple[tuple[ImageHit, ...], dict[str, float]]:
@@ -164,18 +179,9 @@ def build_router(settings: Settings) -> APIRouter:
         state = get_state(request)
         res = state.require_ready()
         t0 = time.perf_counter()
-        store = resolve(res, body.collection)
-        spec = SearchSpec(store.name, body.k, body.offset, body.min_score, body.filter, body.target)
+        store, spec = spec_for(res, body, body.target)
         data, fetch_s = await image_bytes(state, body)
-        key = spec.cache_key("image", hashlib.sha256(data).hexdigest(), res.version)
-        results, stages = await _cached(state, "image", key, body.target,
-                                        lambda: image_search(state, res, store, spec, data,
-                                                             settings.max_image_pixels))
-        if stages is not None and fetch_s is not None:
-            stages = {"fetch": fetch_s, **stages}
-        took = time.perf_counter() - t0
-        state.metrics.observe_stages("image", {"total": took})
-        return _search_response(results, spec, took, stages, with_target=True)
+        return await image_answer(state, res, store, spec, data, t0, fetch_s)
 
     # First: it takes the application/json requests, the multipart handler below everything else.
     router.add_api_route("/search/image", search_image_json, methods=["POST"], include_in_schema=False,
@@ -212,13 +218,7 @@ def build_router(settings: Settings) -> APIRouter:
         store = resolve(res, collection)
         spec = SearchSpec(store.name, k, offset, min_score, _form_filter(filter), target)
         data = await read_upload(file, upload_cap)
-        key = spec.cache_key("image", hashlib.sha256(data).hexdigest(), res.version)
-        results, stages = await _cached(state, "image", key, target,
-                                        lambda: image_search(state, res, store, spec, data,
-                                                             settings.max_image_pixels))
-        took = time.perf_counter() - t0
-        state.metrics.observe_stages("image", {"total": took})
-        return _search_response(results, spec, took, stages, with_target=True)
+        return await image_answer(state, res, store, spec, data, t0)
 
     @router.post("/search/similar", response_model=TextSearchResponse, responses=ERRORS,
                  dependencies=[Depends(require_content_type("application/json"))],
@@ -227,8 +227,7 @@ def build_router(settings: Settings) -> APIRouter:
         state = get_state(request)
         res = state.require_ready()
         t0 = time.perf_counter()
-        store = resolve(res, body.collection)
-        spec = SearchSpec(store.name, body.k, body.offset, body.min_score, body.filter)
+        store, spec = spec_for(res, body)
         key = spec.cache_key("similar", body.image_id, res.version)
         results, stages = await _cached(state, "similar", key, "images",
                                         lambda: state.run(similar_job, res, store, spec, body.image_id))
@@ -243,9 +242,8 @@ def build_router(settings: Settings) -> APIRouter:
         state = get_state(request)
         res = state.require_ready()
         t0 = time.perf_counter()
-        store = resolve(res, body.collection)
+        store, spec = spec_for(res, body, body.target)
         vec = validate_vector(body.vector, store.dim)
-        spec = SearchSpec(store.name, body.k, body.offset, body.min_score, body.filter, body.target)
         key = spec.cache_key("vector", hashlib.sha256(vec.tobytes()).hexdigest(), res.version)
         results, stages = await _cached(state, "vector", key, body.target,
                                         lambda: state.run(vector_job, res, store, spec, vec))
@@ -261,7 +259,7 @@ def build_router(settings: Settings) -> APIRouter:
         state = get_state(request)
         res = state.require_ready()
         t0 = time.perf_counter()
-        store = resolve(res, body.collection)
+        store, spec = spec_for(res, body, body.target)
         check_weights([t.weight for t in body.terms], MAX_TERMS)  # before any encoding
         cap, image_bytes_total = settings.max_upload_bytes, 0  # the cap holds for all images together
         terms = []
@@ -277,7 +275,6 @@ def build_router(settings: Settings) -> APIRouter:
                 terms.append(Term("image_id", t.image_id, t.weight))
             else:
                 terms.append(Term("text", t.text, t.weight))
-        spec = SearchSpec(store.name, body.k, body.offset, body.min_score, body.filter, body.target)
         key = spec.cache_key("terms", tuple(t.cache_part() for t in terms), res.version)
         results, stages = await _cached(state, "terms", key, body.target,
                                         lambda: state.run(terms_job, res, store, spec, terms,
