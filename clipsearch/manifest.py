@@ -80,18 +80,30 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise ArtifactError(f"corrupt JSON file: {path} ({exc})") from exc
 
 
+def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """(1-based line number, decoded value) of each non-blank JSON line; the value is `INVALID` for a
+    line that is not JSON, so each reader keeps its own policy (skip and report, or refuse)."""
+    for line_no, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError:
+                yield line_no, INVALID
+
+
+INVALID = object()  # what `json_lines` yields for a line that is not JSON
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"missing file: {path}")
     out = []
     with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ArtifactError(f"corrupt JSONL line {line_no} in {path}") from exc
+        for line_no, value in json_lines(fh):
+            if value is INVALID:
+                raise ArtifactError(f"corrupt JSONL line {line_no} in {path}")
+            out.append(value)
     return out
 
 

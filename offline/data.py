@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 from tqdm import tqdm
 
 from clipsearch.images import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image_with_mode
-from clipsearch.manifest import atomic_write_text, sha256_file, write_json_atomic
+from clipsearch.manifest import atomic_write_text, json_lines, sha256_file, write_json_atomic
 from offline.layouts import (IMAGE_SUFFIXES, R_BAD_ID, R_CORRUPT, R_DUP, R_DUP_ID, R_EMPTY, R_MISSING, READERS,
                              SPLIT_LIST_FILES, SPLITS, CaptionRecord, DataError, Layout, detect_layout,
                              read_generic, read_list, resolve_layout)
@@ -411,13 +411,7 @@ def read_split(path: str | Path) -> list[dict]:
         raise DataError(f"Split file {path} does not exist; run the prepare stage first.")
     records = []
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                rec = None
+        for lineno, rec in json_lines(fh):
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno} is not a JSON object; re-run prepare with force.")
             records.append(rec)

@@ -16,12 +16,13 @@ same layouts into collection items.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from clipsearch.manifest import json_lines
 
 SPLITS = ("train", "val", "test")
 
@@ -187,13 +188,7 @@ def generic_rows(path: Path, skipped: list[dict], required: tuple[str, ...] = ("
     name = path.name
     if path.suffix.lower() == ".jsonl":
         with open(path, encoding="utf-8-sig", errors="replace") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    rec = None
+            for lineno, rec in json_lines(fh):
                 if not isinstance(rec, dict):
                     skipped.append({"kind": "caption", "reason": R_MALFORMED,
                                     "where": f"{name}:{lineno}", "detail": "not a JSON object"})
