@@ -40,6 +40,7 @@ import torch
 from clipsearch.families import TextTower, family_of
 from clipsearch.manifest import save_with
 from clipsearch.models import LoadedModel
+from clipsearch.onnx.attention import ExportOrtAttention, ExportSelfAttention
 from clipsearch.onnx.runtime import (INPUTS, OUTPUT, OnnxTowerEncoder, cache_key, export_module, maybe_onnx,
                                      self_check, tower_log)
 from clipsearch.towers import clip_encode_text_truncated, l2_normalize, text_pad_id
@@ -52,70 +53,6 @@ INPUT = INPUTS["text"][0]
 def text_tower_kind(model: torch.nn.Module) -> TextTower | None:
     """"clip", "hf", or None when the model's text tower cannot be exported (its family says which)."""
     return family_of(model).text_tower(model)
-
-
-class _ExportSelfAttention(torch.nn.Module):
-    """nn.MultiheadAttention's self-attention, written so the tracer keeps batch and length dynamic.
-
-    torch's own MHA bakes the sample's (length, batch*heads) into Reshape constants when traced, so
-    the exported graph would only accept the sample shape. Same weights, same arithmetic.
-    """
-
-    def __init__(self, mha: torch.nn.MultiheadAttention):
-        super().__init__()
-        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
-            raise ValueError("only packed-QKV self-attention can be exported")
-        self.mha = mha
-        self.heads = int(mha.num_heads)
-        self.head_dim = int(mha.embed_dim // mha.num_heads)
-        self.batch_first = bool(mha.batch_first)
-
-    def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None):
-        x = query if self.batch_first else query.transpose(0, 1)  # [B, L, D]
-        qkv = torch.nn.functional.linear(x, self.mha.in_proj_weight, self.mha.in_proj_bias)
-        qkv = qkv.reshape(x.shape[0], x.shape[1], 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, L, Dh]
-        scores = torch.matmul(q * (self.head_dim ** -0.5), k.transpose(-1, -2))
-        if attn_mask is not None:
-            scores = scores + attn_mask
-        out = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).flatten(2)  # [B, L, D]
-        out = self.mha.out_proj(out)
-        return (out if self.batch_first else out.transpose(0, 1)), None
-
-
-class _OrtCausalAttention(torch.autograd.Function):
-    """Packed-QKV causal self-attention that exports as one com.microsoft `Attention` node.
-
-    onnxruntime's CPU kernel does QKV projection, causal masking (`unidirectional=1`), softmax and
-    the weighted sum in one op: 12 nodes fewer per layer, which is what batch-1 latency is made of.
-    In torch (while tracing) it computes the same thing the plain way.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight_t, bias, heads: int):  # x [B, L, D], weight_t [D, 3D]
-        b, n, d = x.shape
-        qkv = (x @ weight_t + bias).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = (q * (d // heads) ** -0.5) @ k.transpose(-1, -2)
-        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
-        scores = scores.masked_fill(causal, float("-inf"))
-        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
-
-    @staticmethod
-    def symbolic(g, x, weight_t, bias, heads: int):
-        out = g.op("com.microsoft::Attention", x, weight_t, bias, num_heads_i=heads, unidirectional_i=1)
-        out.setType(x.type())
-        return out
-
-
-class _ExportOrtAttention(_ExportSelfAttention):
-    """The same attention as one onnxruntime `Attention` node; needs the model's causal mask."""
-
-    def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None):
-        x = query if self.batch_first else query.transpose(0, 1)
-        out = _OrtCausalAttention.apply(x, self.mha.in_proj_weight.t(), self.mha.in_proj_bias, self.heads)
-        out = self.mha.out_proj(out)
-        return (out if self.batch_first else out.transpose(0, 1)), None
 
 
 def _is_causal_mask(mask: torch.Tensor | None) -> bool:
@@ -161,7 +98,7 @@ def export_text_tower(model: torch.nn.Module, path: str | os.PathLike[str], ort_
     path = Path(path)
     if ort_attention and not _is_causal_mask(getattr(model, "attn_mask", None)):
         raise ValueError("the fused Attention export needs the standard causal text mask")
-    wrapper = _ExportOrtAttention if ort_attention else _ExportSelfAttention
+    wrapper = (lambda mha: ExportOrtAttention(mha, causal=True)) if ort_attention else ExportSelfAttention
     tower = _TruncatedTextTower(model).eval().float()
     sample = torch.ones(2, 5, dtype=torch.long)
     sample[:, -1] = int(getattr(model, "vocab_size", 49408)) - 1  # an eot-like id for argmax pooling
