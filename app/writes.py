@@ -29,10 +29,10 @@ import numpy as np
 from PIL import Image
 
 from clipsearch.artifacts import ArtifactLayout
-from clipsearch.images import decode_image
 from clipsearch.media import store_media, suffix_for
 from clipsearch.store import Item, NewItem, StoreError, VectorStore
 
+from app.batching import ImageQuery
 from app.config import Settings
 from app.errors import ApiError, NotFound, Overloaded
 from app.resources import Resources
@@ -53,22 +53,14 @@ class WriteResult:
     stages: Mapping[str, float] = field(default_factory=dict)  # seconds: decode, encode, commit
 
 
-def encode_upload_job(res: Resources, data: bytes, captions: Sequence[str], max_pixels: int
-                      ) -> tuple[np.ndarray, np.ndarray, str | None, dict[str, float]]:
-    """On the inference pool: decode (every check /search/image makes), then encode the image and
-    its captions. Returns (image vector, caption vectors, PIL format, stage seconds)."""
-    t0 = time.perf_counter()
-    image = decode_image(data, max_pixels=max_pixels)
-    with Image.open(io.BytesIO(data)) as probe:  # header only; decode_image has vetted the bytes
+def probe_upload_job(res: Resources, data: bytes, captions: Sequence[str], dim: int
+                     ) -> tuple[str | None, np.ndarray]:
+    """On the inference pool, once the image batcher has vetted and embedded the bytes: the image's
+    format (header only, for the media file's suffix) and the caption vectors."""
+    with Image.open(io.BytesIO(data)) as probe:
         fmt = probe.format
-    t1 = time.perf_counter()
-    try:
-        vec = res.encoder.encode_images([image])[0]
-    finally:
-        image.close()
-    caps = res.encoder.encode_texts(list(captions)) if captions else np.zeros((0, vec.shape[0]), np.float32)
-    return (np.asarray(vec, np.float32), np.asarray(caps, np.float32), fmt,
-            {"decode": t1 - t0, "encode": time.perf_counter() - t1})
+    caps = res.encoder.encode_texts(list(captions)) if captions else np.zeros((0, dim), np.float32)
+    return fmt, np.asarray(caps, np.float32)
 
 
 def encode_captions_job(res: Resources, captions: Sequence[str]) -> np.ndarray:
@@ -119,8 +111,13 @@ class WriteService:
                 and dict(existing.metadata) == final_meta):
             # the same bytes again (and nothing else new): one item, no write
             return WriteResult(existing, False, store.version)
-        vec, cap_vecs, fmt, stages = await self.state.run(encode_upload_job, res, data, final_captions,
-                                                          self.settings.max_image_pixels)
+        # decoded (every check /search/image makes) and embedded in the image batcher, beside queries
+        vec, batch_stages = await self.state.image_batcher.upload(
+            res, ImageQuery(data, self.settings.max_image_pixels), lambda v: np.asarray(v, np.float32))
+        t0 = time.perf_counter()
+        fmt, cap_vecs = await self.state.run(probe_upload_job, res, data, final_captions, vec.shape[0])
+        stages = {"decode": batch_stages["decode"],
+                  "encode": batch_stages["encode"] + (time.perf_counter() - t0)}
         root = self.settings.artifacts_dir
 
         def commit() -> bool:

@@ -4,17 +4,17 @@ build on the engine (their own index, clustering, dedup). Admitted and metered l
 import time
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Depends, File, Request, UploadFile
 from fastapi.responses import Response
 
-from clipsearch.images import decode_image
-
+from app.batching import ImageQuery
 from app.config import Settings
 from app.resources import Resources
 from app.routes.content_routing import JsonRoute, json_body_openapi
 from app.routes.search import ERRORS, image_bytes, read_upload, require_content_type
 from app.schemas import EmbeddingsResponse, embed_image_request, embed_text_request
-from app.state import get_state
+from app.state import ServiceState, get_state
 
 
 def _response(res: Resources, vectors, took: float, stages: dict[str, float]) -> Response:
@@ -24,22 +24,18 @@ def _response(res: Resources, vectors, took: float, stages: dict[str, float]) ->
     return Response(body.model_dump_json(), media_type="application/json", headers={"Server-Timing": timing})
 
 
-def _encode_texts(res: Resources, texts: list[str], batch: int) -> tuple[object, dict[str, float]]:
-    import numpy as np
+def _encode_texts(res: Resources, texts: list[str], batch: int) -> tuple[np.ndarray, dict[str, float]]:
     t0 = time.perf_counter()
     parts = [res.encoder.encode_texts(texts[i:i + batch]) for i in range(0, len(texts), batch)]
     return np.concatenate(parts), {"encode": time.perf_counter() - t0}
 
 
-def _encode_image(res: Resources, data: bytes, max_pixels: int) -> tuple[object, dict[str, float]]:
-    t0 = time.perf_counter()
-    image = decode_image(data, max_pixels=max_pixels)
-    t1 = time.perf_counter()
-    try:
-        vecs = res.encoder.encode_images([image])
-    finally:
-        image.close()
-    return vecs, {"decode": t1 - t0, "encode": time.perf_counter() - t1}
+async def _embed_image(state: ServiceState, res: Resources, data: bytes, max_pixels: int
+                       ) -> tuple[np.ndarray, dict[str, float]]:
+    """One image through the image micro-batcher (decoded with every check /search/image makes,
+    embedded beside image queries and uploads)."""
+    vec, stages = await state.image_batcher.upload(res, ImageQuery(data, max_pixels), lambda v: np.asarray(v))
+    return vec[None, :], {"decode": stages["decode"], "encode": stages["encode"]}
 
 
 def build_router(settings: Settings) -> APIRouter:
@@ -65,7 +61,7 @@ def build_router(settings: Settings) -> APIRouter:
         res = state.require_ready()
         t0 = time.perf_counter()
         data, fetch_s = await image_bytes(state, body)
-        vecs, stages = await state.run(_encode_image, res, data, settings.max_image_pixels)
+        vecs, stages = await _embed_image(state, res, data, settings.max_image_pixels)
         if fetch_s is not None:
             stages = {"fetch": fetch_s, **stages}
         took = time.perf_counter() - t0
@@ -86,7 +82,7 @@ def build_router(settings: Settings) -> APIRouter:
         res = state.require_ready()
         t0 = time.perf_counter()
         data = await read_upload(file, cap)
-        vecs, stages = await state.run(_encode_image, res, data, settings.max_image_pixels)
+        vecs, stages = await _embed_image(state, res, data, settings.max_image_pixels)
         took = time.perf_counter() - t0
         state.metrics.observe_stages("embed_image", {**stages, "total": took})
         return _response(res, vecs, took, stages)
