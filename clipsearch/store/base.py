@@ -4,6 +4,11 @@ A store holds one collection: items (an image, zero or more captions, free metad
 with one model. It searches either the images or the captions, with a metadata filter, an offset
 (pagination), a minimum score and ids to leave out. Routes, the cache and the metrics only ever
 speak this contract, never a backend's name.
+
+Every image and every caption carries a hubness offset (−β·r, `offline/hubness.py`; 0 until one is
+computed). A search ranks by `cosine + the target's offset` by default (`hubness=True`: text → image
+and image → caption queries) or by the plain cosine (`hubness=False`: image → image, where a
+duplicate of the query must stay first); `Hit.cosine` is always the plain cosine.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ class Item:
 @dataclass(frozen=True)
 class Hit:
     image_id: str
-    score: float  # what ranks: the cosine, plus the caption's hubness offset for caption hits
-    cosine: float
+    score: float  # what ranks: the cosine plus the row's hubness offset (the cosine alone with hubness=False)
+    cosine: float  # always the plain cosine
     caption_id: str | None = None
     caption: str | None = None
 
@@ -64,22 +69,25 @@ class VectorStore(Protocol):
 
     def search(self, query: NDArray[np.float32], k: int, *, target: Target = "images",
                filter: Filter | None = None, offset: int = 0, min_score: float | None = None,
-               exclude: Sequence[str] = ()) -> list[Hit]: ...
+               exclude: Sequence[str] = (), hubness: bool = True) -> list[Hit]: ...
 
     def add(self, items: Sequence[NewItem]) -> None: ...
 
     def delete(self, image_ids: Sequence[str]) -> int: ...
 
-    # New captions (with their vectors, shape (len(captions), dim)) for an existing item; the image
-    # vector stays. Raises StoreError for an unknown id.
-    def replace_captions(self, image_id: str, captions: Sequence[str],
-                         vectors: NDArray[np.float32]) -> None: ...
+    # New captions (with their vectors, shape (len(captions), dim), and their hubness offsets, one per
+    # caption, default 0) for an existing item; the image vector and offset stay. Raises StoreError
+    # for an unknown id.
+    def replace_captions(self, image_id: str, captions: Sequence[str], vectors: NDArray[np.float32],
+                         offsets: NDArray[np.float32] | None = None) -> None: ...
 
     # Pick up changes other processes committed (e.g. an offline ingest into a served collection);
     # True when the contents changed. A store whose engine is shared (a server) may just return False.
     def refresh(self) -> bool: ...
 
-    def describe(self) -> dict[str, Any]: ...  # counts, model, index kind, metadata fields
+    # counts, model, index kind, hubness and hubness_images (how the caption and the image offsets
+    # were made, or None), metadata fields
+    def describe(self) -> dict[str, Any]: ...
 
 
 def value_key(value: Any) -> tuple[str, Any] | None:

@@ -5,15 +5,20 @@ a process killed at any moment leaves the database at its last commit. The FAISS
 from these rows (`clipsearch.store.faiss_store`) and can be rebuilt from them at any time.
 
 Tables:
-  meta(key, value)       format, model (JSON identity), dim, seq, hubness (JSON or null), created
-  items(row, image_id, path, size, mtime_ns, sha256, metadata JSON, text_sha256, vector, seq)
+  meta(key, value)       format, model (JSON identity), dim, seq, hubness and hubness_images (JSON or
+                         null: how the caption and the image offsets were made), rebuild_seq, created
+  items(row, image_id, path, size, mtime_ns, sha256, metadata JSON, text_sha256, vector, offset, seq)
   captions(row, caption_id, image_id, ord, caption, vector, offset, seq)
   tombstones(image_id, seq)  the deletions log: which item a commit removed (the rows themselves go)
 `row` (INTEGER PRIMARY KEY) orders the vectors of the derived index. Vectors are float32 bytes.
 `seq` on a row is the commit that last wrote it, so the changes after a snapshot of the derived index
 are the rows with a larger seq plus the tombstones with a larger seq (`changes_since`). A commit that
-changes rows without touching their seq (the caption offsets of the hubness correction) records
-`rebuild_seq` in meta: a derived index older than that must be rebuilt, not patched.
+changes rows without touching their seq (the caption or image offsets of the hubness correction)
+records `rebuild_seq` in meta: a derived index older than that must be rebuilt, not patched.
+
+`offset` is a row's hubness offset (−β·r, see `offline/hubness.py`): searches of that target rank by
+`cosine + offset`. `items.offset` came later than the rest: a writable open adds the column to an
+older file (every image offset 0), a read-only open of one reads the offsets as 0.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ CREATE TABLE IF NOT EXISTS items (
     metadata TEXT NOT NULL DEFAULT '{}',
     text_sha256 TEXT NOT NULL,
     vector BLOB NOT NULL,
+    offset REAL NOT NULL DEFAULT 0,
     seq INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS captions (
@@ -98,6 +104,8 @@ class NewItem:
     mtime_ns: int | None = None
     sha256: str | None = None
     caption_ids: tuple[str, ...] | None = None  # default: "<image_id>#<i>"
+    offset: float = 0.0  # the image's hubness offset (text → image searches rank by cosine + offset)
+    caption_offsets: NDArray[np.float32] | None = None  # one hubness offset per caption; default zeros
 
 
 @dataclass
@@ -114,6 +122,7 @@ class CatalogRows:
     caption_vectors: NDArray[np.float32]
     caption_offsets: NDArray[np.float32]
     seq: int
+    image_offsets: NDArray[np.float32] = field(default_factory=lambda: np.zeros(0, np.float32))  # row order
     item_seqs: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))  # commit of each item
     caption_seqs: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
 
@@ -154,7 +163,10 @@ class Catalog:
                 # FULL: a commit is on disk when it returns, so an acknowledged write survives a crash.
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.executescript(_SCHEMA)
+                _add_missing_columns(conn)
             self._conn = conn
+            # an older file opened read-only has no items.offset: its image offsets read as 0
+            self._image_offset = "offset" if _has_column(conn, "items", "offset") else "0.0"
             self._check_format()
         except sqlite3.DatabaseError as exc:
             raise ArtifactError(f"catalog {Path(self.path).name} cannot be read ({exc}); "
@@ -227,7 +239,13 @@ class Catalog:
         return None if raw is None else int(raw)
 
     def hubness(self) -> dict[str, Any] | None:
+        """How the caption offsets were made (image → caption searches), or None."""
         raw = self.get_meta("hubness")
+        return None if raw in (None, "null") else json.loads(raw)
+
+    def hubness_images(self) -> dict[str, Any] | None:
+        """How the image offsets were made (text → image searches), or None."""
+        raw = self.get_meta("hubness_images")
         return None if raw in (None, "null") else json.loads(raw)
 
     def set_model(self, model: Mapping[str, Any], dim: int) -> None:
@@ -283,14 +301,18 @@ class Catalog:
 
     def _rows(self, conn: sqlite3.Connection, since: int | None) -> CatalogRows:
         seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+        if self._image_offset != "offset" and _has_column(conn, "items", "offset"):
+            self._image_offset = "offset"  # a writer brought the file up to date since we opened it
+        off = self._image_offset
         if since is None:
-            items = conn.execute("SELECT image_id, path, metadata, vector, seq FROM items ORDER BY row").fetchall()
+            items = conn.execute(f"SELECT image_id, path, metadata, vector, seq, {off} FROM items "
+                                 "ORDER BY row").fetchall()
             caps = conn.execute("SELECT caption_id, image_id, caption, vector, offset, seq FROM captions "
                                 "ORDER BY row").fetchall()
         else:
             # sorted here, not by ORDER BY row: that makes SQLite walk every row instead of the seq index
             items = [r[1:] for r in sorted(conn.execute(
-                "SELECT row, image_id, path, metadata, vector, seq FROM items WHERE seq > ?", (since,)))]
+                f"SELECT row, image_id, path, metadata, vector, seq, {off} FROM items WHERE seq > ?", (since,)))]
             caps = [r[1:] for r in sorted(conn.execute(
                 "SELECT c.row, c.caption_id, c.image_id, c.caption, c.vector, c.offset, c.seq "
                 "FROM items i JOIN captions c ON c.image_id = i.image_id WHERE i.seq > ?", (since,)))]
@@ -304,6 +326,7 @@ class Catalog:
             caption_image_rows=np.array([row_of[r[1]] for r in caps], dtype=np.int64),
             caption_texts=[r[2] for r in caps], caption_vectors=_stack([r[3] for r in caps], dim),
             caption_offsets=np.array([r[4] for r in caps], dtype=np.float32), seq=seq,
+            image_offsets=np.array([r[5] for r in items], dtype=np.float32),
             item_seqs=np.array([r[4] for r in items], dtype=np.int64),
             caption_seqs=np.array([r[5] for r in caps], dtype=np.int64))
 
@@ -312,6 +335,12 @@ class Catalog:
         with self._lock:
             caps = self._conn.execute("SELECT row, vector FROM captions ORDER BY row").fetchall()
         return [r[0] for r in caps], _stack([r[1] for r in caps], self.dim or 0)
+
+    def image_vectors(self) -> tuple[list[int], NDArray[np.float32]]:
+        """(item rows, their image vectors): what the image hubness offsets are computed from."""
+        with self._lock:
+            items = self._conn.execute("SELECT row, vector FROM items ORDER BY row").fetchall()
+        return [r[0] for r in items], _stack([r[1] for r in items], self.dim or 0)
 
     # -- writes ------------------------------------------------------------------------------
     def put(self, items: Iterable[NewItem]) -> int:
@@ -326,11 +355,11 @@ class Catalog:
                 vec = _vector_bytes(item.vector, dim)
                 conn.execute("DELETE FROM items WHERE image_id = ?", (item.image_id,))
                 conn.execute(
-                    "INSERT INTO items (image_id, path, size, mtime_ns, sha256, metadata, text_sha256, vector, seq) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO items (image_id, path, size, mtime_ns, sha256, metadata, text_sha256, vector, "
+                    "offset, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (item.image_id, item.path, item.size, item.mtime_ns, item.sha256,
                      json.dumps(dict(item.metadata), sort_keys=True, ensure_ascii=False),
-                     captions_sha256(item.captions), vec, seq))
+                     captions_sha256(item.captions), vec, _offset(item.offset, item.image_id), seq))
                 self._insert_captions(conn, item, dim, seq)
                 n += 1
         return n
@@ -389,8 +418,27 @@ class Catalog:
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('hubness', ?)",
                          (json.dumps(dict(hubness), sort_keys=True) if hubness else "null",))
 
+    def set_image_offsets(self, rows: Sequence[int], offsets: NDArray[np.float32],
+                          hubness_images: Mapping[str, Any] | None) -> None:
+        """Every image's hubness offset (rows from `image_vectors`; the rest 0) and how they were made."""
+        offs = np.asarray(offsets, dtype=np.float64).reshape(-1)
+        if offs.shape[0] != len(rows):
+            raise ValueError(f"{offs.shape[0]} offsets for {len(rows)} image rows")
+        if not np.all(np.isfinite(offs)):
+            raise ValueError("image offsets must be finite")
+        with self.transaction() as conn:
+            seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]) + 1
+            # every image's offset may change without its seq: derived indexes must be rebuilt
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('rebuild_seq', ?)", (str(seq),))
+            conn.execute("UPDATE items SET offset = 0")
+            conn.executemany("UPDATE items SET offset = ? WHERE row = ?",
+                             [(float(o), int(r)) for r, o in zip(rows, offs)])
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('hubness_images', ?)",
+                         (json.dumps(dict(hubness_images), sort_keys=True) if hubness_images else "null",))
+
     @staticmethod
     def _insert_captions(conn: sqlite3.Connection, item: NewItem, dim: int, seq: int) -> None:
+        offs = caption_offsets_of(item)
         if not item.captions:
             return
         vecs = item.caption_vectors
@@ -398,9 +446,45 @@ class Catalog:
             raise ValueError(f"item {item.image_id}: {len(item.captions)} captions need as many vectors")
         ids = item.caption_ids or tuple(f"{item.image_id}#{i}" for i in range(len(item.captions)))
         conn.executemany(
-            "INSERT INTO captions (caption_id, image_id, ord, caption, vector, seq) VALUES (?, ?, ?, ?, ?, ?)",
-            [(cid, item.image_id, i, text, _vector_bytes(v, dim), seq)
-             for i, (cid, text, v) in enumerate(zip(ids, item.captions, vecs))])
+            "INSERT INTO captions (caption_id, image_id, ord, caption, vector, offset, seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(cid, item.image_id, i, text, _vector_bytes(v, dim), float(o), seq)
+             for i, (cid, text, v, o) in enumerate(zip(ids, item.captions, vecs, offs))])
+
+
+def caption_offsets_of(item: NewItem) -> NDArray[np.float32]:
+    """The item's caption offsets, one per caption (zeros when it gives none); ValueError when they
+    are not as many as its captions or not finite."""
+    n = len(item.captions)
+    if item.caption_offsets is None:
+        return np.zeros(n, np.float32)
+    offs = np.asarray(item.caption_offsets, dtype=np.float32).reshape(-1)
+    if offs.shape[0] != n:
+        raise ValueError(f"item {item.image_id}: {n} captions need as many caption offsets, got {offs.shape[0]}")
+    if not np.all(np.isfinite(offs)):
+        raise ValueError(f"item {item.image_id}: caption offsets must be finite")
+    return offs
+
+
+def _offset(value: float, image_id: str) -> float:
+    v = float(value)
+    if not np.isfinite(v):
+        raise ValueError(f"item {image_id}: the image offset must be finite")
+    return v
+
+
+def _has_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
+    return any(r[1] == column for r in conn.execute(f"PRAGMA table_info({table})"))
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring a file written by an earlier version up to the schema (columns added since, with defaults)."""
+    if not _has_column(conn, "items", "offset"):
+        try:
+            conn.execute("ALTER TABLE items ADD COLUMN offset REAL NOT NULL DEFAULT 0")
+        except sqlite3.OperationalError as exc:  # another writer opening the same file added it first
+            if "duplicate column" not in str(exc):
+                raise
 
 
 def _connect_readonly(path: Path) -> sqlite3.Connection:

@@ -140,15 +140,16 @@ class FaissStore:
         self._catch_up()
         return n
 
-    def replace_captions(self, image_id: str, captions: Sequence[str],
-                         vectors: NDArray[np.float32]) -> None:
+    def replace_captions(self, image_id: str, captions: Sequence[str], vectors: NDArray[np.float32],
+                         offsets: NDArray[np.float32] | None = None) -> None:
         item = self.get(image_id)
         if item is None:
             raise StoreError(f"no item {image_id!r} in collection {self.name!r}")
         vecs = np.asarray(vectors, dtype=np.float32).reshape(len(captions), self._dim)
         n = self.catalog.replace_captions([NewItem(image_id=image_id, path=item.path,
                                                    vector=np.zeros(self._dim, np.float32),
-                                                   captions=tuple(captions), caption_vectors=vecs)])
+                                                   captions=tuple(captions), caption_vectors=vecs,
+                                                   caption_offsets=offsets)])
         self._catch_up()
         if n == 0:
             raise StoreError(f"no item {image_id!r} in collection {self.name!r}")
@@ -176,6 +177,7 @@ class FaissStore:
             "index": kinds,
             "version": self.version,
             "hubness": live.hubness,
+            "hubness_images": live.hubness_images,
             "metadata_fields": values,
         }
 
@@ -192,7 +194,7 @@ class FaissStore:
 
     def search(self, query: NDArray[np.float32], k: int, *, target: Target = "images",
                filter: Filter | None = None, offset: int = 0, min_score: float | None = None,
-               exclude: Sequence[str] = ()) -> list[Hit]:
+               exclude: Sequence[str] = (), hubness: bool = True) -> list[Hit]:
         live = self._current()
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
         if q.shape[1] != self._dim:
@@ -203,7 +205,7 @@ class FaissStore:
         except ValueError as exc:
             raise StoreError(str(exc)) from None
         with self._lock:  # only the masks are built here; the search itself runs unlocked
-            view = live.view(target, live.image_mask(keys, list(exclude)))
+            view = live.view(target, live.image_mask(keys, list(exclude)), hubness=hubness)
             image_ids, caption_ids, caption_texts = live.image_ids, live.caption_ids, live.caption_texts
         n = view.vectors.shape[0]
         need = max(0, int(offset)) + max(1, int(k))
@@ -362,21 +364,24 @@ class FaissStore:
         seq, uid, rebuild_seq = self.catalog.head()
         if seq != rows.seq:  # a commit landed between the two reads: read again, in one piece
             return self._build_full(start)
-        cap_offsets = rows.caption_offsets if rows.caption_offsets.size and np.any(rows.caption_offsets) else None
+        cap_offsets = _nonzero(rows.caption_offsets)
+        img_offsets = _nonzero(rows.image_offsets)
         # (vectors wider or narrower than the catalog's dim: served as they are, so the service's model
         # check names the mismatch instead of this failing on a reshape)
         dim = rows.vectors.shape[1] if rows.vectors.shape[0] else self._dim
         live = Live(dim, rows.seq, uid, self.catalog.hubness(),
-                    capacity=(len(rows.image_ids), len(rows.caption_ids)))
+                    capacity=(len(rows.image_ids), len(rows.caption_ids)),
+                    hubness_images=self.catalog.hubness_images())
         n_img, n_cap = len(rows.image_ids), len(rows.caption_ids)
         snaps = {}
         if n_img > self.exact_max:
-            snaps["images"] = self._load_snapshot("images", rows.seq, rebuild_seq, False)
+            snaps["images"] = self._load_snapshot("images", rows.seq, rebuild_seq, img_offsets is not None)
         if n_cap > self.exact_max:
             snaps["captions"] = self._load_snapshot("captions", rows.seq, rebuild_seq, cap_offsets is not None)
-        replayed = place_images(live, rows, snaps.get("images"))
+        replayed = place_images(live, rows, snaps.get("images"), img_offsets)
         replayed += place_captions(live, rows, snaps.get("captions"), cap_offsets)
-        for target, vecs, offs in (("images", rows.vectors, None), ("captions", rows.caption_vectors, cap_offsets)):
+        for target, vecs, offs in (("images", rows.vectors, img_offsets),
+                                   ("captions", rows.caption_vectors, cap_offsets)):
             tgt = live.targets[target]
             if tgt.index is None and vecs.shape[0] > self.exact_max:
                 tgt.index = self._build_index(tgt.vectors[: tgt.n], tgt.offsets[: tgt.n] if offs is not None else None,
@@ -420,6 +425,11 @@ class FaissStore:
                 log.warning("collection %s: the catalog now names another model; keep serving until a reload",
                             self.name)
             self._live = self._build_full()
+
+
+def _nonzero(offsets: NDArray[np.float32]) -> NDArray[np.float32] | None:
+    """The offsets where any is non-zero (None: the target ranks by the plain cosine alone)."""
+    return offsets if offsets.size and np.any(offsets) else None
 
 
 def _hnsw_params(params: IndexParams) -> IndexParams:

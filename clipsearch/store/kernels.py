@@ -1,5 +1,9 @@
 """The search kernels of a FaissStore target: exact top-k over the allowed rows, and an HNSW graph
-searched beside the exact "delta" of the rows appended after it."""
+searched beside the exact "delta" of the rows appended after it.
+
+Scores are `cosine + offset` where the view carries offsets (the hubness correction) and the plain
+cosine where it does not. A graph built with offsets stores `[v, offset]`: it is searched with `[q, 1]`
+for the first, `[q, 0]` for the second."""
 
 from __future__ import annotations
 
@@ -48,7 +52,10 @@ def hnsw_and_delta(view: View, q: NDArray[np.float32], need: int) -> tuple[NDArr
     head = allowed[:m] if allowed is not None else None
     if head is None or head.any():
         k = min(need, m)
-        query = np.hstack([q, np.ones((1, 1), np.float32)]) if index.has_offsets else q
+        if index.has_offsets:
+            query = np.hstack([q, np.full((1, 1), 1.0 if view.hubness else 0.0, np.float32)])
+        else:
+            query = q
         sel = None
         if head is not None:
             banned = np.flatnonzero(~head).astype(np.int64)

@@ -30,7 +30,8 @@ FACET_MAX_VALUES = 50
 
 
 class Target:
-    """One searchable target (images or captions): vectors, offsets, liveness, owning image rows."""
+    """One searchable target (images or captions): vectors, hubness offsets (searches rank by
+    cosine + offset unless told not to), liveness, owning image rows."""
 
     def __init__(self, dim: int, capacity: int = 0):
         capacity = max(16, capacity)
@@ -100,17 +101,19 @@ class View:
     image_rows: NDArray[np.int64]
     index: VectorIndex | None
     filtered: bool  # a filter or an exclusion narrowed the rows (tombstones alone do not count)
+    hubness: bool = True  # rank by cosine + offset (`offsets` is None when False or when all are 0)
 
 
 class Live:
     """A collection's searchable state at catalog sequence number `seq`."""
 
     def __init__(self, dim: int, seq: int, uid: str | None, hubness: Mapping[str, Any] | None,
-                 capacity: tuple[int, int] = (0, 0)):
+                 capacity: tuple[int, int] = (0, 0), hubness_images: Mapping[str, Any] | None = None):
         self.dim = dim
         self.seq = seq
         self.uid = uid
-        self.hubness = hubness
+        self.hubness = hubness  # how the caption offsets were made
+        self.hubness_images = hubness_images  # how the image offsets were made
         self.image_ids: list[str] = []
         self.items: list[Item | None] = []
         self.row_of: dict[str, int] = {}
@@ -123,13 +126,15 @@ class Live:
 
     # -- writes (under the store's lock) -------------------------------------------------------
     def put(self, item: Item, vector: NDArray[np.float32], caption_ids: list[str],
-            caption_vectors: NDArray[np.float32], caption_offsets: NDArray[np.float32] | None) -> int:
-        """Add or replace one item; returns its image position."""
+            caption_vectors: NDArray[np.float32], caption_offsets: NDArray[np.float32] | None,
+            offset: float = 0.0) -> int:
+        """Add or replace one item (`offset`: its image's hubness offset); returns its image position."""
         if item.image_id in self.row_of:
             self.remove(item.image_id)
         images = self.targets["images"]
         pos = images.n
-        images.append(vector.reshape(1, -1), None, np.array([pos], np.int64))
+        images.append(vector.reshape(1, -1), np.array([offset], np.float32) if offset else None,
+                      np.array([pos], np.int64))
         self.image_ids.append(item.image_id)
         self.items.append(item)
         self.row_of[item.image_id] = pos
@@ -176,7 +181,8 @@ class Live:
             self.originals.setdefault(name, {}).setdefault(key, value)
 
     # -- reads (under the store's lock) ---------------------------------------------------------
-    def view(self, target: str, image_ok: NDArray[np.bool_] | None) -> View:
+    def view(self, target: str, image_ok: NDArray[np.bool_] | None, hubness: bool = True) -> View:
+        """`hubness`: the rows' offsets count (False: rank by the plain cosine)."""
         tgt = self.targets[target]
         n = tgt.n
         rows = tgt.image_rows[:n]
@@ -184,8 +190,8 @@ class Live:
         if image_ok is not None:
             ok = image_ok[rows]
             allowed = ok if allowed is None else allowed & ok
-        return View(tgt.vectors[:n], tgt.offsets[:n] if tgt.has_offsets else None, allowed, rows,
-                    tgt.index, image_ok is not None)
+        return View(tgt.vectors[:n], tgt.offsets[:n] if tgt.has_offsets and hubness else None, allowed, rows,
+                    tgt.index, image_ok is not None, hubness)
 
     def image_mask(self, keys: Mapping[str, set[tuple[str, Any]]] | None, exclude: list[str]
                    ) -> NDArray[np.bool_] | None:

@@ -2,7 +2,8 @@
 
 At start-up the rows go at the positions of the HNSW snapshot they are unchanged since (the rest
 appended: the replay), after a catch-up they are upserted, and after a compaction the state is laid
-out again around the new graphs. Every function here runs under the store's lock.
+out again around the new graphs. Each row carries its hubness offset (images and captions alike)
+wherever it goes. Every function here runs under the store's lock.
 """
 
 from __future__ import annotations
@@ -26,24 +27,28 @@ def apply_rows(live: Live, rows: CatalogRows, which: Sequence[int] | range) -> N
     for j, img_row in enumerate(rows.caption_image_rows):
         caps_by_item.setdefault(int(img_row), []).append(j)
     has_offsets = rows.caption_offsets.size and np.any(rows.caption_offsets)
+    image_offsets = rows.image_offsets if rows.image_offsets.size == len(rows.image_ids) else None
     for i in which:
         js = caps_by_item.get(i, [])
         item = Item(rows.image_ids[i], rows.paths[i], tuple(rows.caption_texts[j] for j in js), rows.metadata[i])
         live.put(item, rows.vectors[i], [rows.caption_ids[j] for j in js],
                  rows.caption_vectors[js] if js else np.zeros((0, live.dim), np.float32),
-                 rows.caption_offsets[js] if js and has_offsets else None)
+                 rows.caption_offsets[js] if js and has_offsets else None,
+                 float(image_offsets[i]) if image_offsets is not None else 0.0)
 
 
-def place_images(live: Live, rows: CatalogRows, snap: tuple[VectorIndex, int, list[str] | None] | None) -> int:
-    """Lay the images out: at the snapshot's positions where the row is unchanged since it, the rest
-    appended. Returns how many changes after the snapshot were replayed."""
+def place_images(live: Live, rows: CatalogRows, snap: tuple[VectorIndex, int, list[str] | None] | None,
+                 offsets: NDArray[np.float32] | None = None) -> int:
+    """Lay the images out (with `offsets`, their hubness offsets in row order; None: all 0): at the
+    snapshot's positions where the row is unchanged since it, the rest appended. Returns how many
+    changes after the snapshot were replayed."""
     images = live.targets["images"]
     if snap is None:
-        _add_images(live, rows, range(len(rows.image_ids)))
+        _add_images(live, rows, range(len(rows.image_ids)), offsets)
         return 0
     index, snap_seq, ids = snap
     if ids is None:  # an older snapshot, exactly current: its positions are the catalog rows
-        _add_images(live, rows, range(len(rows.image_ids)))
+        _add_images(live, rows, range(len(rows.image_ids)), offsets)
         images.index, images.index_seq, images.index_ids = index, snap_seq, list(rows.image_ids)
         return 0
     row_of = {image_id: i for i, image_id in enumerate(rows.image_ids)}
@@ -54,10 +59,14 @@ def place_images(live: Live, rows: CatalogRows, snap: tuple[VectorIndex, int, li
     # the snapshot's positions first (dead where the row changed), then the changed and new rows
     alive = np.array([r >= 0 for r in placed], bool)
     vecs = np.zeros((len(ids), live.dim), np.float32)
+    offs = np.zeros(len(ids), np.float32)
     if used:
         good = np.flatnonzero(alive)
-        vecs[good] = rows.vectors[[placed[p] for p in good]]
-    images.append(vecs, None, np.arange(len(ids), dtype=np.int64), alive)
+        src = [placed[p] for p in good]
+        vecs[good] = rows.vectors[src]
+        if offsets is not None:
+            offs[good] = offsets[src]
+    images.append(vecs, offs if offsets is not None else None, np.arange(len(ids), dtype=np.int64), alive)
     for pos, (image_id, r) in enumerate(zip(ids, placed)):
         live.image_ids.append(image_id)
         if r < 0:
@@ -69,16 +78,18 @@ def place_images(live: Live, rows: CatalogRows, snap: tuple[VectorIndex, int, li
         live._index_metadata(pos, item.metadata)
     rest = [i for i in range(len(rows.image_ids)) if i not in used]
     replayed += sum(1 for i in rest if rows.item_seqs[i] > snap_seq)
-    _add_images(live, rows, rest)
+    _add_images(live, rows, rest, offsets)
     images.index, images.index_seq, images.index_ids = index, snap_seq, list(ids)
     return replayed
 
 
-def _add_images(live: Live, rows: CatalogRows, which: Sequence[int] | range) -> None:
+def _add_images(live: Live, rows: CatalogRows, which: Sequence[int] | range,
+                offsets: NDArray[np.float32] | None) -> None:
     which = list(which)
     images = live.targets["images"]
     start = images.n
-    images.append(rows.vectors[which] if which else np.zeros((0, live.dim), np.float32), None,
+    images.append(rows.vectors[which] if which else np.zeros((0, live.dim), np.float32),
+                  offsets[which] if offsets is not None and which else None,
                   np.arange(start, start + len(which), dtype=np.int64))
     for k, i in enumerate(which):
         pos = start + k
@@ -146,7 +157,7 @@ def relayout(old: Live, captured: Mapping[str, NDArray[np.int64]], indexes: Mapp
               seq: int, ids: Mapping[str, list[str]]) -> Live:
     """A fresh state whose first positions are the rows each new graph was built from (dead where they
     died during the build), then every live row the build did not see. Called under the store lock."""
-    new = Live(old.dim, old.seq, old.uid, old.hubness)
+    new = Live(old.dim, old.seq, old.uid, old.hubness, hubness_images=old.hubness_images)
     new.facets, new.originals = {}, {}
     src_img = old.targets["images"]
     seen = np.zeros(src_img.n, bool)
@@ -155,7 +166,9 @@ def relayout(old: Live, captured: Mapping[str, NDArray[np.int64]], indexes: Mapp
     new_pos = np.full(src_img.n, -1, np.int64)
     new_pos[img_order] = np.arange(len(img_order))
     alive = src_img.alive[img_order]
-    new.targets["images"].append(src_img.vectors[img_order], None, np.arange(len(img_order), dtype=np.int64), alive)
+    new.targets["images"].append(src_img.vectors[img_order],
+                                 src_img.offsets[img_order] if src_img.has_offsets else None,
+                                 np.arange(len(img_order), dtype=np.int64), alive)
     for pos, p in enumerate(img_order):
         image_id = old.image_ids[p]
         new.image_ids.append(image_id)
