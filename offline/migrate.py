@@ -3,12 +3,15 @@
     python -m offline migrate --collection flickr8k --to http://localhost:6333
     python -m offline migrate --collection flickr8k --to qdrant:/var/lib/clipsearch/qdrant
 
-Everything the catalog holds goes: items (path, metadata), image vectors, captions with their vectors
-and hubness offsets, the hubness record and the model identity. Idempotent: the target records the
+Everything the catalog holds goes: items (path, metadata), image vectors and their hubness offsets,
+captions with their vectors and hubness offsets, the two hubness records (`hubness`,
+`hubness_images`) and the model identity. Idempotent: the target records the
 catalog's uid and sequence number it was copied from, so a second run with nothing changed does
 nothing; after a change it upserts every item again (point ids are derived from the ids, so this
 overwrites rather than duplicates) and deletes what the catalog no longer holds. `force` drops the
-target and copies afresh. `ingest --store` runs this after ingesting into the catalog.
+target and copies afresh, as does a target made before image offsets existed (its images have no
+offset column: `clipsearch/store/qdrant_store.py`). `ingest --store` runs this after ingesting into
+the catalog.
 """
 
 from __future__ import annotations
@@ -56,19 +59,21 @@ def migrate_catalog(catalog: Catalog, name: str, to: str, *, api_key: str | None
         n = len(rows.image_ids)
         with tqdm(total=n, desc=f"migrating {name}", unit="item", disable=not progress) as bar:
             for start in range(0, n, BATCH):
-                items, offsets = [], []
+                items = []
                 for r in range(start, min(n, start + BATCH)):
                     caps = by_image[r]
                     items.append(NewItem(rows.image_ids[r], rows.paths[r], rows.vectors[r],
                                          tuple(rows.caption_texts[c] for c in caps),
                                          rows.caption_vectors[caps] if caps else None, rows.metadata[r],
-                                         caption_ids=tuple(rows.caption_ids[c] for c in caps)))
-                    offsets.append(rows.caption_offsets[caps] if caps else None)
-                store.add(items, caption_offsets=offsets)
+                                         caption_ids=tuple(rows.caption_ids[c] for c in caps),
+                                         offset=float(rows.image_offsets[r]),
+                                         caption_offsets=rows.caption_offsets[caps] if caps else None))
+                store.add(items)
                 bar.update(len(items))
         stale = sorted(set(store.ids()) - set(rows.image_ids))
         removed = store.delete(stale) if stale else 0
         store.set_hubness(catalog.hubness())
+        store.set_hubness_images(catalog.hubness_images())
         store.set_source({**source, "seq": rows.seq})
         return _summary(store, name, to, n, removed, t0, up_to_date=False)
     finally:
@@ -90,11 +95,13 @@ def _target(location, name: str, model: dict[str, Any], dim: int, params: IndexP
         store = QdrantStore.open(location, name, readonly=False, params=params)
     except ArtifactError:
         return QdrantStore.create(location, name, model, dim, params, replace=True, **placement)
-    if force or store.model != model or store.dim != dim:
-        if not force:
-            store.close()
-            raise ArtifactError(f"collection {name!r} in the Qdrant store holds {store.model.get('model')} "
-                                f"vectors, the catalog {model.get('model')}; pass --force to replace it")
+    if not force and (store.model != model or store.dim != dim):
+        store.close()
+        raise ArtifactError(f"collection {name!r} in the Qdrant store holds {store.model.get('model')} "
+                            f"vectors, the catalog {model.get('model')}; pass --force to replace it")
+    if force or not store.image_offsets:
+        if not store.image_offsets:
+            log.info("migrate %s: the Qdrant collection predates image hubness offsets; making it afresh", name)
         store.close()
         return QdrantStore.create(location, name, model, dim, params, replace=True, **placement)
     return store

@@ -5,15 +5,22 @@ The same client speaks to a Qdrant server or cluster (`http://host:6333`) and to
 tests and small setups; it locks its folder, so one process at a time).
 
 How a collection maps onto Qdrant: two Qdrant collections, `<name>__images` and `<name>__captions`.
-  images    one point per item, id uuid5("clipsearch:image:<image_id>"), vector: the image embedding
-            (dot product on L2-normalised vectors = cosine); payload: image_id, path, captions,
-            caption_ids, metadata, facets, order.
+  images    one point per item, id uuid5("clipsearch:image:<image_id>"), vector: [v, offset] (dim + 1:
+            the image embedding and its hubness offset); payload: image_id, path, captions,
+            caption_ids, metadata, facets, order, offset.
   captions  one point per caption, id uuid5("clipsearch:caption:<caption_id>"), vector: [v, offset]
-            (dim + 1), searched with [q, 1], so the engine itself ranks by `cosine + hubness offset`,
-            HNSW included (the trick `clipsearch/index.py` uses for FAISS): no over-fetch and re-rank,
-            and the ranking is FaissStore's. Payload: image_id, caption_id, caption, offset, facets, order.
-The collection's identity (model, dim, hubness record, a uid, the write sequence number, index
+            (dim + 1); payload: image_id, caption_id, caption, offset, facets, order.
+Both are searched with [q, 1] (rank by `cosine + hubness offset`: text → image, image → caption) or
+[q, 0] (`hubness=False`: the plain cosine, image → image), so the engine itself ranks, HNSW included
+(the trick `clipsearch/index.py` uses for FAISS): no over-fetch and re-rank, and the ranking is
+FaissStore's. The distance is the dot product (on L2-normalised embeddings: the cosine).
+The collection's identity (model, dim, hubness records, a uid, the write sequence number, index
 parameters) is the images collection's metadata (Qdrant >= 1.16 keeps it with the collection).
+
+An images collection made before image offsets existed holds vectors of size dim (no offset
+column). It still opens and serves (every image offset 0); a write that gives an image a non-zero
+offset is refused with a StoreError saying to re-migrate (`python -m offline migrate`, which makes
+such a collection afresh in the current layout and copies every offset from the catalog).
 
 Filters: every scalar metadata value is also written to the keyword list `facets` as
 "field=<kind>:<value>" with the kind and value of `value_key` (numbers by value, so 1 == 1.0;
@@ -128,12 +135,13 @@ class QdrantStore:
         self._lock = threading.RLock()
         self._summary: _Summary | None = None
         self._closed = False
-        meta = self._read_meta()
-        if meta is None:
+        state = self._read_state()
+        if state is None:
             raise ArtifactError(f"collection {name!r} is not in the Qdrant store ({self._where()}); "
                                 f"copy it there with `python -m offline migrate --collection {name} "
                                 f"--to {self._spec()}`")
-        self._meta = meta
+        self._meta, self._image_offsets = state
+        meta = self._meta
         stored = IndexParams(**meta["params"]) if meta.get("params") else IndexParams()
         # the HNSW graph is built with the parameters the collection was created with; ef can change
         self.params = IndexParams("hnsw", stored.m, stored.ef_construction,
@@ -183,7 +191,7 @@ class QdrantStore:
                 size=int(dim) + 1, distance=models.Distance.DOT), **placement)
             # the images collection last: its metadata marks the pair as complete
             client.create_collection(names["images"], hnsw_config=hnsw, metadata=meta, **placement,
-                                     vectors_config=models.VectorParams(size=int(dim),
+                                     vectors_config=models.VectorParams(size=int(dim) + 1,
                                                                         distance=models.Distance.DOT))
             with warnings.catch_warnings():
                 # local mode warns that payload indexes have no effect there; a server uses them
@@ -217,7 +225,18 @@ class QdrantStore:
 
     @property
     def hubness(self) -> Mapping[str, Any] | None:
+        """How the caption offsets were made (image → caption searches), or None."""
         return self._meta.get("hubness")
+
+    @property
+    def hubness_images(self) -> Mapping[str, Any] | None:
+        """How the image offsets were made (text → image searches), or None."""
+        return self._meta.get("hubness_images")
+
+    @property
+    def image_offsets(self) -> bool:
+        """Whether the images collection has the offset column (False: made before image offsets)."""
+        return self._image_offsets
 
     @property
     def meta(self) -> Mapping[str, Any]:
@@ -246,13 +265,13 @@ class QdrantStore:
     def vector(self, image_id: str) -> NDArray[np.float32] | None:
         pts = self.client.retrieve(self.names["images"], [image_point_id(image_id)], with_payload=False,
                                    with_vectors=True)
-        return None if not pts else np.asarray(pts[0].vector, dtype=np.float32)
+        return None if not pts else np.asarray(pts[0].vector, dtype=np.float32)[: self.dim]  # less the offset
 
     def add(self, items: Sequence[NewItem], caption_offsets: Sequence[NDArray[np.float32] | None] | None = None
             ) -> None:
-        """Insert or replace items and all their captions. `caption_offsets`: per item, one hubness
-        offset per caption (what `offline migrate` copies from a catalog); default 0, as a catalog
-        gives new captions."""
+        """Insert or replace items and all their captions, each image with its hubness offset
+        (`NewItem.offset`). `caption_offsets`: per item, one hubness offset per caption; default each
+        item's `caption_offsets` (zeros where it gives none)."""
         self._writable()
         items = list(items)
         offsets = list(caption_offsets) if caption_offsets is not None else [None] * len(items)
@@ -262,12 +281,15 @@ class QdrantStore:
         order = int(self._meta.get("next_order", 0))
         for item, off in zip(items, offsets):
             vec = self._check_vector(item.vector, f"item {item.image_id}")
+            image_off = self._image_offset(item)
             cap_ids, cap_vecs, cap_off = self._captions_of(item, off)
             facets = facets_of(item.metadata)
-            images.append(models.PointStruct(id=image_point_id(item.image_id), vector=vec.tolist(), payload={
-                "image_id": item.image_id, "path": item.path, "captions": list(item.captions),
-                "caption_ids": list(cap_ids), "metadata": _jsonable(item.metadata, item.image_id),
-                "facets": facets, "order": order}))
+            images.append(models.PointStruct(
+                id=image_point_id(item.image_id),
+                vector=[*vec.tolist(), image_off] if self._image_offsets else vec.tolist(), payload={
+                    "image_id": item.image_id, "path": item.path, "captions": list(item.captions),
+                    "caption_ids": list(cap_ids), "metadata": _jsonable(item.metadata, item.image_id),
+                    "facets": facets, "order": order, "offset": image_off}))
             for i, (cid, text, v, o) in enumerate(zip(cap_ids, item.captions, cap_vecs, cap_off)):
                 captions.append(self._caption_point(item.image_id, cid, text, i, v, float(o), facets, order))
             order += 1
@@ -293,7 +315,8 @@ class QdrantStore:
         self._bump()
         return len(existing)
 
-    def replace_captions(self, image_id: str, captions: Sequence[str], vectors: NDArray[np.float32]) -> None:
+    def replace_captions(self, image_id: str, captions: Sequence[str], vectors: NDArray[np.float32],
+                         offsets: NDArray[np.float32] | None = None) -> None:
         self._writable()
         pts = self.client.retrieve(self.names["images"], [image_point_id(image_id)], with_payload=True)
         if not pts:
@@ -304,7 +327,7 @@ class QdrantStore:
             raise StoreError(f"{len(captions)} captions need ({len(captions)}, {self.dim}) vectors, "
                              f"got shape {vecs.shape}")
         item = NewItem(image_id, payload["path"], np.zeros(self.dim, np.float32), tuple(captions),
-                       vecs.reshape(len(captions), self.dim))
+                       vecs.reshape(len(captions), self.dim), caption_offsets=offsets)
         cap_ids, cap_vecs, cap_off = self._captions_of(item, None)
         points = [self._caption_point(image_id, cid, text, i, v, float(o), payload.get("facets", []),
                                       payload["order"])
@@ -319,8 +342,11 @@ class QdrantStore:
         meta = self._read_meta()
         if meta is None or meta == self._meta:
             return False
+        state = self._read_state() if meta.get("uid") != self._meta.get("uid") else (meta, self._image_offsets)
+        if state is None:
+            return False
         with self._lock:
-            self._meta = meta
+            self._meta, self._image_offsets = state  # made afresh (migrate --force): maybe another layout
             self._summary = None
         return True
 
@@ -328,6 +354,11 @@ class QdrantStore:
         """Record the correction the caption offsets were made with (as the catalog's `hubness`)."""
         self._writable()
         self._bump(hubness=dict(hubness) if hubness else None)
+
+    def set_hubness_images(self, hubness_images: Mapping[str, Any] | None) -> None:
+        """Record the correction the image offsets were made with (as the catalog's `hubness_images`)."""
+        self._writable()
+        self._bump(hubness_images=dict(hubness_images) if hubness_images else None)
 
     def set_source(self, source: Mapping[str, Any]) -> None:
         """Record what the contents were copied from (`offline migrate`: the catalog's uid and seq)."""
@@ -339,11 +370,12 @@ class QdrantStore:
         kind = "exact" if self.location.local else "hnsw"  # local mode searches by brute force
         return {"name": self.name, "images": s.counts["images"], "captions": s.counts["captions"],
                 "model": dict(self.model), "index": {"images": kind, "captions": kind}, "version": self.version,
-                "hubness": self.hubness, "metadata_fields": {k: list(v) for k, v in s.metadata_fields.items()}}
+                "hubness": self.hubness, "hubness_images": self.hubness_images,
+                "metadata_fields": {k: list(v) for k, v in s.metadata_fields.items()}}
 
     def search(self, query: NDArray[np.float32], k: int, *, target: Target = "images",
                filter: Filter | None = None, offset: int = 0, min_score: float | None = None,
-               exclude: Sequence[str] = ()) -> list[Hit]:
+               exclude: Sequence[str] = (), hubness: bool = True) -> list[Hit]:
         q = np.asarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
             raise StoreError(f"query vector has dimension {q.shape[0]}, collection {self.name!r} holds "
@@ -365,7 +397,10 @@ class QdrantStore:
         flt = models.Filter(must=must or None, must_not=must_not or None) if (must or must_not) else None
         if int(k) <= 0:
             return []
-        vec = np.append(q, np.float32(1.0)) if target == "captions" else q
+        # the offset column counts with hubness, not without (an older images collection has none)
+        with_offsets = target == "captions" or self._image_offsets
+        vec = np.append(q, np.float32(1.0 if hubness else 0.0)) if with_offsets else q
+        offsets_count = hubness and with_offsets
         limit = int(k)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # local mode: "search_params has no effect"
@@ -379,11 +414,11 @@ class QdrantStore:
             if min_score is not None and score < min_score:
                 break  # ranked by score: the rest are lower still (filtered here: local mode drops ties)
             pl = p.payload or {}
+            cosine = score - float(pl.get("offset", 0.0)) if offsets_count else score
             if target == "images":
-                hits.append(Hit(pl["image_id"], score, score))
+                hits.append(Hit(pl["image_id"], score, cosine))
             else:
-                hits.append(Hit(pl["image_id"], score, score - float(pl.get("offset", 0.0)), pl["caption_id"],
-                                pl["caption"]))
+                hits.append(Hit(pl["image_id"], score, cosine, pl["caption_id"], pl["caption"]))
         return hits
 
     # -- internals ----------------------------------------------------------------------------
@@ -398,16 +433,34 @@ class QdrantStore:
             raise ArtifactError(f"collection {self.name!r} is open read-only")
 
     def _read_meta(self) -> dict[str, Any] | None:
+        state = self._read_state()
+        return None if state is None else state[0]
+
+    def _read_state(self) -> tuple[dict[str, Any], bool] | None:
+        """(the collection's metadata, whether its images have the offset column), or None when the
+        pair is not there or not ours."""
         try:
             if not (self.client.collection_exists(self.names["images"])
                     and self.client.collection_exists(self.names["captions"])):
                 return None
-            meta = self.client.get_collection(self.names["images"]).config.metadata
+            config = self.client.get_collection(self.names["images"]).config
         except ValueError:
             return None
+        meta = config.metadata
         if not meta or meta.get("clipsearch_format") != STORE_FORMAT:
             return None
-        return dict(meta)
+        size = getattr(config.params.vectors, "size", None)
+        return dict(meta), size is not None and int(size) == int(meta["dim"]) + 1
+
+    def _image_offset(self, item: NewItem) -> float:
+        off = float(item.offset)
+        if not np.isfinite(off):
+            raise StoreError(f"item {item.image_id}: the image offset must be finite")
+        if off and not self._image_offsets:
+            raise StoreError(f"collection {self.name!r} in the Qdrant store was made before image hubness "
+                             f"offsets and has no room for them; re-migrate it with `python -m offline migrate "
+                             f"--collection {self.name} --to {self._spec()}`")
+        return off
 
     def _bump(self, next_order: int | None = None, **changes: Any) -> None:
         """Every write moves the sequence number (and so `version`) and is recorded with the collection."""
@@ -460,6 +513,8 @@ class QdrantStore:
         ids = item.caption_ids or tuple(f"{item.image_id}#{i}" for i in range(n))
         if len(ids) != n:
             raise StoreError(f"item {item.image_id}: {n} captions need as many caption ids")
+        if offsets is None:
+            offsets = item.caption_offsets
         off = np.zeros(n, np.float32) if offsets is None else np.asarray(offsets, np.float32).reshape(-1)
         if off.shape[0] != n or not np.all(np.isfinite(off)):
             raise StoreError(f"item {item.image_id}: {n} captions need as many finite offsets")
