@@ -1,14 +1,16 @@
 """Backends for the store contract tests: the same tiny collection in FaissStore and QdrantStore.
 
-A `Backend` makes an empty store on disk under tmp_path, reopens it from disk, and sets caption
-offsets (the hubness correction) the way each backend is given them: through the catalog for FAISS
-(as `offline ingest` does), through `add(..., caption_offsets=)` for Qdrant (as `offline migrate` does).
+A `Backend` makes an empty store on disk under tmp_path, reopens it from disk (or opens a second,
+read-only one beside it), and sets caption and image offsets (the hubness correction) the way each
+backend is given them: through the catalog for FAISS (as `offline ingest` does), by writing the items
+again with their offsets for Qdrant (as `offline migrate` does).
 Qdrant runs in qdrant-client's local mode (inserts ~6-20 ms a point here), so collections stay tiny.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,7 +61,14 @@ class Backend:
     def reopen(self, store):
         raise NotImplementedError
 
+    def reader(self, store):  # a second, read-only store on the same collection, beside `store`
+        raise NotImplementedError
+
     def set_offsets(self, store, items: list[NewItem], offsets: Mapping[str, float]) -> None:
+        raise NotImplementedError
+
+    def set_image_offsets(self, store, items: list[NewItem], offsets: Mapping[str, float]) -> None:
+        """Every image's offset (by image id; the rest 0), with the record {"beta": 0.25}."""
         raise NotImplementedError
 
     def close_all(self) -> None:
@@ -84,6 +93,18 @@ class FaissBackend(Backend):
         self.opened.append(again)
         return again
 
+    def reader(self, store):
+        other = FaissStore.open(store.layout, readonly=True)
+        self.opened.append(other)
+        return other
+
+    def set_image_offsets(self, store, items, offsets):
+        rows, _ = store.catalog.image_vectors()
+        ids = store.catalog.rows().image_ids  # in row order, as image_vectors gives the rows
+        store.catalog.set_image_offsets(rows, np.array([offsets.get(i, 0.0) for i in ids], np.float32),
+                                        {"beta": 0.25})
+        store.refresh()
+
     def set_offsets(self, store, items, offsets):
         rows, _ = store.catalog.caption_vectors()
         ids = [cid for it in items for cid in (it.caption_ids or [f"{it.image_id}#{j}" for j in range(len(it.captions))])]
@@ -106,6 +127,16 @@ class QdrantBackend(Backend):
         again = QdrantStore.open(self.location, "contract", readonly=True)
         self.opened.append(again)
         return again
+
+    def reader(self, store):
+        other = QdrantStore.open(self.location, "contract", readonly=True)
+        self.opened.append(other)
+        return other
+
+    def set_image_offsets(self, store, items, offsets):
+        current = {it.image_id: it for it in items}
+        store.add([replace(it, offset=offsets.get(it.image_id, 0.0)) for it in current.values()])
+        store.set_hubness_images({"beta": 0.25})
 
     def set_offsets(self, store, items, offsets):
         per_item = [np.array([offsets.get(c, 0.0) for c in
