@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from qdrant_client import models
 
 from clipsearch.artifacts import ArtifactLayout
 from clipsearch.store import Catalog, FaissStore, NewItem
@@ -146,6 +147,20 @@ class QdrantBackend(Backend):
         store.set_hubness({"beta": 0.5})
 
 
+def make_pre_offset_images(location: QdrantLocation, name: str) -> None:
+    """The collection `name` as QdrantStore made it before image offsets: images of size dim."""
+    QdrantStore.create(location, name, MODEL, DIM).close()
+    store = QdrantStore.open(location, name, readonly=False)
+    try:
+        qname = store.names["images"]
+        meta = store.client.get_collection(qname).config.metadata
+        store.client.delete_collection(qname)
+        store.client.create_collection(qname, metadata=meta, vectors_config=models.VectorParams(
+            size=DIM, distance=models.Distance.DOT))
+    finally:
+        store.close()
+
+
 BACKENDS = {"faiss": FaissBackend, "qdrant": QdrantBackend}
 
 
@@ -158,4 +173,5 @@ def backend(request, tmp_path: Path) -> Iterator[Backend]:
 
 @pytest.fixture(scope="session")
 def contract() -> SimpleNamespace:
-    return SimpleNamespace(DIM=DIM, MODEL=MODEL, make_items=make_items, unit=unit, backends=BACKENDS)
+    return SimpleNamespace(DIM=DIM, MODEL=MODEL, make_items=make_items, unit=unit, backends=BACKENDS,
+                           make_pre_offset_images=make_pre_offset_images)

@@ -18,7 +18,8 @@ from offline.migrate import migrate
 
 @pytest.fixture
 def on_disk(tmp_path, contract):
-    """A FAISS collection `contract` under tmp_path/artifacts, with caption offsets and a hubness record."""
+    """A FAISS collection `contract` under tmp_path/artifacts, with caption and image offsets and their
+    hubness records."""
     layout = ArtifactLayout(tmp_path / "artifacts")
     items = contract.make_items(seed=3)
     with Catalog(layout.collection("contract").catalog) as cat:
@@ -26,12 +27,15 @@ def on_disk(tmp_path, contract):
         cat.put(items)
         rows, _ = cat.caption_vectors()
         cat.set_caption_offsets(rows, np.linspace(-0.2, 0.2, len(rows)).astype(np.float32), {"beta": 0.3})
+        rows, _ = cat.image_vectors()
+        cat.set_image_offsets(rows, np.linspace(0.3, -0.3, len(rows)).astype(np.float32), {"beta": 0.6})
     return layout, items
 
 
 def _same_answers(a, b, q) -> None:
-    for target, k in (("images", 8), ("captions", 20)):
-        ha, hb = a.search(q, k, target=target), b.search(q, k, target=target)
+    for target, k, hubness in (("images", 8, True), ("captions", 20, True), ("images", 8, False),
+                               ("captions", 20, False)):
+        ha, hb = a.search(q, k, target=target, hubness=hubness), b.search(q, k, target=target, hubness=hubness)
         assert [(h.image_id, h.caption_id, h.caption) for h in ha] == [(h.image_id, h.caption_id, h.caption) for h in hb]
         assert [x for h in ha for x in (h.score, h.cosine)] == pytest.approx(
             [x for h in hb for x in (h.score, h.cosine)], abs=1e-5)
@@ -50,6 +54,10 @@ def test_migrate_copies_everything_and_is_idempotent(on_disk, tmp_path, contract
         assert qdrant.model == faiss.model and qdrant.dim == faiss.dim
         assert qdrant.ids() == faiss.ids()
         assert qdrant.describe()["hubness"] == faiss.describe()["hubness"] == {"beta": 0.3}
+        assert qdrant.describe()["hubness_images"] == faiss.describe()["hubness_images"] == {"beta": 0.6}
+        # the image offsets came along: with them the ranking is not the plain cosine's
+        q0 = items[0].vector
+        assert ([h.image_id for h in qdrant.search(q0, 8)] != [h.image_id for h in qdrant.search(q0, 8, hubness=False)])
         assert qdrant.describe()["metadata_fields"] == faiss.describe()["metadata_fields"]
         for image_id in faiss.ids():
             assert qdrant.get(image_id) == faiss.get(image_id)
@@ -72,6 +80,23 @@ def test_migrate_copies_everything_and_is_idempotent(on_disk, tmp_path, contract
         assert store.count("captions") == 12 - 2 and store.version != version
     finally:
         store.close()
+
+
+def test_migrate_remakes_a_collection_from_before_image_offsets(on_disk, tmp_path, contract):
+    layout, _ = on_disk
+    location = QdrantLocation(path=str(tmp_path / "q"))
+    contract.make_pre_offset_images(location, "contract")
+    done = migrate(str(layout.root), "contract", f"qdrant:{tmp_path / 'q'}", progress=False)
+    assert (done["up_to_date"], done["images"]) == (False, 8)
+    qdrant = QdrantStore.open(location, "contract")
+    faiss = FaissStore.open(layout.collection("contract"))
+    try:
+        assert qdrant.image_offsets
+        for q in contract.unit(np.random.default_rng(2), 3):
+            _same_answers(qdrant, faiss, q)
+    finally:
+        qdrant.close()
+        faiss.close()
 
 
 def test_migrate_refuses_another_model_without_force(on_disk, tmp_path, contract):

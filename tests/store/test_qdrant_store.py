@@ -1,5 +1,6 @@
 """What is particular to QdrantStore (the shared behaviour is in test_store_contract.py): the mapping
-onto Qdrant (ids, collections, metadata), store specs, threads sharing a local-mode client."""
+onto Qdrant (ids, collections, metadata), store specs, threads sharing a local-mode client, and an
+images collection made before image offsets existed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import threading
 import numpy as np
 import pytest
 
-from clipsearch.store import check_store_spec, qdrant_location
+from clipsearch.store import StoreError, check_store_spec, qdrant_location
+from clipsearch.store.catalog import NewItem
 from clipsearch.store.qdrant_store import (POOL, QdrantLocation, QdrantStore, caption_point_id, facet_key,
                                            image_point_id, list_collections)
 
@@ -43,7 +45,9 @@ def test_layout_in_qdrant_and_discovery(tmp_path, contract):
         meta = store.client.get_collection("photos__images").config.metadata
         assert meta["model"] == contract.MODEL and meta["dim"] == contract.DIM and meta["seq"] >= 1
         caption_dim = store.client.get_collection("photos__captions").config.params.vectors.size
-        assert caption_dim == contract.DIM + 1  # the offset column
+        image_dim = store.client.get_collection("photos__images").config.params.vectors.size
+        assert caption_dim == image_dim == contract.DIM + 1  # the offset column
+        assert store.image_offsets
         assert list_collections(location) == ["photos"]
         with pytest.raises(Exception, match="already exists"):
             QdrantStore.create(location, "photos", contract.MODEL, contract.DIM)
@@ -83,3 +87,26 @@ def test_threads_share_one_local_client(tmp_path, contract):
         store.close()
         reader.close()
     assert location not in POOL._clients  # noqa: SLF001 - the last close released the client
+
+
+def test_images_collection_from_before_image_offsets_still_serves(tmp_path, contract):
+    location = QdrantLocation(path=str(tmp_path / "q"))
+    contract.make_pre_offset_images(location, "old")
+    store = QdrantStore.open(location, "old", readonly=False)
+    try:
+        assert not store.image_offsets
+        items = contract.make_items()
+        store.add(items)  # offsets 0: fine
+        q = contract.unit(np.random.default_rng(3), 1)[0]
+        want = sorted((float(it.vector @ q), it.image_id) for it in items)[::-1]
+        for hubness in (True, False):
+            hits = store.search(q, 8, hubness=hubness)
+            assert [h.image_id for h in hits] == [w[1] for w in want]
+            assert [h.score for h in hits] == [h.cosine for h in hits] == pytest.approx([w[0] for w in want], abs=1e-5)
+        np.testing.assert_allclose(store.vector("img2.jpg"), items[2].vector, atol=1e-6)
+        assert store.search(items[1].caption_vectors[0], 1, target="captions")[0].caption_id == "img1.jpg#0"
+        with pytest.raises(StoreError, match="offline migrate --collection old"):
+            store.add([NewItem("new.jpg", "/n.jpg", items[0].vector, offset=-0.1)])
+        assert store.get("new.jpg") is None and store.count() == 8
+    finally:
+        store.close()

@@ -212,9 +212,10 @@ def test_version_changes_on_every_write(filled, contract):
 def test_describe(filled, contract):
     store, items = filled
     d = store.describe()
-    assert {"name", "images", "captions", "model", "index", "version", "hubness", "metadata_fields"} <= set(d)
+    assert {"name", "images", "captions", "model", "index", "version", "hubness", "hubness_images",
+            "metadata_fields"} <= set(d)
     assert d["images"] == 8 and d["captions"] == store.count("captions") and d["model"] == contract.MODEL
-    assert d["version"] == store.version and d["hubness"] is None
+    assert d["version"] == store.version and d["hubness"] is None and d["hubness_images"] is None
     assert set(d["index"]) == {"images", "captions"}
     fields = d["metadata_fields"]
     assert fields["kind"] == ["bird", "cat", "dog"]
