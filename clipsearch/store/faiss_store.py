@@ -14,6 +14,11 @@ snapshot in `index/` tagged with the catalog seq it reflects and the id at each 
 loads the snapshot and replays the changes committed after it (rows with a larger seq, tombstones),
 so a large collection never has to rebuild its graph at start-up.
 
+Every image and caption row carries its hubness offset (the catalog's `offset` columns): a target
+with any non-zero offset is searched by `cosine + offset` (its graph built over `[v, offset]`), or
+by the plain cosine when a search asks `hubness=False`. Offsets set for the whole collection
+(`Catalog.set_image_offsets` / `set_caption_offsets`) move `rebuild_seq`, so readers rebuild.
+
 How rows are placed in the live state is `clipsearch.store.placement`; the exact and HNSW + delta
 searches are `clipsearch.store.kernels`.
 """
