@@ -102,6 +102,7 @@ def test_a_reader_sees_the_column_a_writer_added_after_it_opened(old):
             cat.set_image_offsets(rows, np.array([0.0, 0.0, -2.0], np.float32), {"beta": 1.0})
         assert reader.refresh()
         top = reader.search(vecs[2], 3)
-        assert top[-1].image_id == "i2" and top[-1].score == pytest.approx(-1.0) and top[-1].cosine == pytest.approx(1.0)
+        assert top[-1].image_id == "i2"
+        assert (top[-1].score, top[-1].cosine) == (pytest.approx(-1.0), pytest.approx(1.0))
     finally:
         reader.close()

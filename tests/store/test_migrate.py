@@ -35,7 +35,7 @@ def on_disk(tmp_path, contract):
 def _same_answers(a, b, q) -> None:
     for target, k, hubness in (("images", 8, True), ("captions", 20, True), ("images", 8, False),
                                ("captions", 20, False)):
-        ha, hb = a.search(q, k, target=target, hubness=hubness), b.search(q, k, target=target, hubness=hubness)
+        ha, hb = (s.search(q, k, target=target, hubness=hubness) for s in (a, b))
         assert [(h.image_id, h.caption_id, h.caption) for h in ha] == [(h.image_id, h.caption_id, h.caption) for h in hb]
         assert [x for h in ha for x in (h.score, h.cosine)] == pytest.approx(
             [x for h in hb for x in (h.score, h.cosine)], abs=1e-5)
