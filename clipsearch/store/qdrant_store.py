@@ -339,14 +339,11 @@ class QdrantStore:
         self._bump()
 
     def refresh(self) -> bool:
-        meta = self._read_meta()
-        if meta is None or meta == self._meta:
-            return False
-        state = self._read_state() if meta.get("uid") != self._meta.get("uid") else (meta, self._image_offsets)
-        if state is None:
+        state = self._read_state()
+        if state is None or state[0] == self._meta:
             return False
         with self._lock:
-            self._meta, self._image_offsets = state  # made afresh (migrate --force): maybe another layout
+            self._meta, self._image_offsets = state  # made afresh (migrate) it may have another layout
             self._summary = None
         return True
 

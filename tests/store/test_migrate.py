@@ -86,12 +86,13 @@ def test_migrate_remakes_a_collection_from_before_image_offsets(on_disk, tmp_pat
     layout, _ = on_disk
     location = QdrantLocation(path=str(tmp_path / "q"))
     contract.make_pre_offset_images(location, "contract")
+    qdrant = QdrantStore.open(location, "contract")  # a reader open on the old layout meanwhile
+    assert not qdrant.image_offsets
     done = migrate(str(layout.root), "contract", f"qdrant:{tmp_path / 'q'}", progress=False)
     assert (done["up_to_date"], done["images"]) == (False, 8)
-    qdrant = QdrantStore.open(location, "contract")
     faiss = FaissStore.open(layout.collection("contract"))
     try:
-        assert qdrant.image_offsets
+        assert qdrant.refresh() and qdrant.image_offsets  # it follows the collection made afresh
         for q in contract.unit(np.random.default_rng(2), 3):
             _same_answers(qdrant, faiss, q)
     finally:
