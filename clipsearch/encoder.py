@@ -126,12 +126,32 @@ class ClipEncoder:
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
     def encode_texts(self, texts: Sequence[str]) -> NDArray[np.float32]:
-        out = [self.encode_tokens(self.tokenize(texts[i:i + self.batch_size])).cpu().numpy()
+        """In batches of `batch_size`, texts of similar length together (a batch runs to its longest
+        text, so sorting cuts the padding; the order of the result is the order given)."""
+        if len(texts) <= self.batch_size:
+            return _concat([self.encode_tokens(self.tokenize(texts)).cpu().numpy()] if texts else [], self.dim)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = [self.encode_tokens(self.tokenize([texts[j] for j in order[i:i + self.batch_size]])).cpu().numpy()
                for i in range(0, len(texts), self.batch_size)]
-        return _concat(out, self.dim)
+        flat = _concat(out, self.dim)
+        result = np.empty_like(flat)
+        result[order] = flat
+        return result
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings of preprocessed pixels [n, 3, H, W]. With the model's
+        `image_tta` "mirror", each is the normalised mean of the image's and its horizontal mirror's
+        embeddings (one forward of 2n). The mirror is the flipped preprocessed tensor, which is the
+        preprocessed mirror image: resize and normalisation are symmetric, and so is the centre crop
+        except that an odd number of cropped columns shifts it by one pixel."""
+        if self.loaded.identity.image_tta == "mirror":
+            n = len(pixels)
+            both = self._forward_pixels(torch.cat([pixels, pixels.flip(-1)]))
+            return F.normalize(both[:n] + both[n:], dim=-1)
+        return self._forward_pixels(pixels)
+
+    def _forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.image_backend is not None:
             return torch.from_numpy(self.image_backend.encode_pixels(pixels))
         feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))

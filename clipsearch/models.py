@@ -77,6 +77,24 @@ def normalize_pretrained(pretrained: str | None) -> str | None:
     return pretrained.strip()
 
 
+IMAGE_TTA = ("mirror",)
+
+
+def normalize_image_tta(image_tta: str | None) -> str | None:
+    if image_tta is None or image_tta.strip().lower() in {"", "none"}:
+        return None
+    if image_tta not in IMAGE_TTA:
+        raise ModelLoadError(f"unknown image test-time augmentation {image_tta!r}; choose none or "
+                             f"{', '.join(IMAGE_TTA)}")
+    return image_tta
+
+
+def default_image_tta(model_name: str) -> str | None:
+    """What a build embeds images with unless told otherwise: the mirror average for the offline model
+    (chosen on val: docs/offline_model.md), none for the rest (not measured)."""
+    return "mirror" if model_name == OFFLINE_MODEL else None
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     """What a manifest records about the model so artifacts and model can be matched later."""
@@ -85,18 +103,27 @@ class ModelIdentity:
     pretrained: str | None  # tag, resolved checkpoint path, or None
     checkpoint_sha256: str | None
     embed_dim: int
+    # test-time augmentation of every image embedding: None, or "mirror" (the normalised mean of the
+    # image's and its horizontal mirror's embeddings; `clipsearch.encoder`). Part of what the vectors
+    # are, so it is part of the identity; recorded only when set, so older manifests still match.
+    image_tta: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "model": self.model,
             "pretrained": self.pretrained,
             "checkpoint_sha256": self.checkpoint_sha256,
             "embed_dim": self.embed_dim,
         }
+        if self.image_tta:
+            out["image_tta"] = self.image_tta
+        return out
 
     def same_weights(self, other: dict[str, Any]) -> bool:
         """True when `other` (a manifest's model dict) names the same architecture and weights."""
         if other.get("model") != self.model or int(other.get("embed_dim", -1)) != self.embed_dim:
+            return False
+        if (other.get("image_tta") or None) != self.image_tta:
             return False
         if self.checkpoint_sha256 or other.get("checkpoint_sha256"):
             return other.get("checkpoint_sha256") == self.checkpoint_sha256
@@ -130,12 +157,15 @@ def load_model(
     pretrained: str | None = DEFAULT_PRETRAINED,
     device: str | torch.device | None = None,
     checkpoint_sha256: str | None = None,
+    image_tta: str | None = None,
 ) -> LoadedModel:
     """Create an open_clip model with its transforms and tokenizer, in eval mode on `device`.
 
     `checkpoint_sha256`, when given for a local checkpoint, is checked against the file (a service
-    refuses to pair an index with different weights than it was built with).
+    refuses to pair an index with different weights than it was built with). `image_tta`: see
+    `ModelIdentity.image_tta` (`IMAGE_TTA` lists the choices).
     """
+    image_tta = normalize_image_tta(image_tta)
     import open_clip
 
     register_configs()
@@ -175,7 +205,7 @@ def load_model(
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
     model.eval()
-    identity = ModelIdentity(model_name, pretrained, sha, _embed_dim(model))
+    identity = ModelIdentity(model_name, pretrained, sha, _embed_dim(model), image_tta)
     return LoadedModel(model, preprocess, preprocess_train, tokenizer, identity, dev)
 
 

@@ -107,9 +107,13 @@ def embed_texts(loaded: LoadedModel, captions: list[str], batch_size: int,
     """Encode captions in order; `text_backend`: e.g. the ONNX Runtime text tower
     (`clipsearch.encoder.text_backend_for`)."""
     encoder = ClipEncoder(loaded, batch_size=batch_size, text_backend=text_backend)
+    # chunks of 16 batches: the encoder sorts each by length (less padding), the bar moves per chunk
+    chunk = 16 * batch_size
     parts = []
-    for i in tqdm(range(0, len(captions), batch_size), desc="captions", unit="batch"):
-        parts.append(encoder.encode_texts(captions[i:i + batch_size]))
+    with tqdm(total=len(captions), desc="captions", unit="caption") as bar:
+        for i in range(0, len(captions), chunk):
+            parts.append(encoder.encode_texts(captions[i:i + chunk]))
+            bar.update(len(parts[-1]))
     return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
 
 

@@ -63,3 +63,11 @@ def test_onnx_text_backend_gives_the_same_embeddings(tiny, tmp_path):
     a = ClipEncoder(tiny, text_backend=backend).encode_texts(QUERIES)
     b = ClipEncoder(tiny, fast_text=False).encode_texts(QUERIES)
     assert (a * b).sum(1).min() > 0.9999
+
+
+def test_batches_of_texts_sorted_by_length_come_back_in_the_order_given(tiny):
+    texts = [("word " * n).strip() or "x" for n in (9, 1, 30, 4, 4, 17, 2, 25, 6, 11)]
+    enc = ClipEncoder(tiny, batch_size=3)
+    one_by_one = np.concatenate([enc.encode_texts([t]) for t in texts])
+    np.testing.assert_allclose(enc.encode_texts(texts), one_by_one, atol=1e-5)
+    assert enc.encode_texts([]).shape == (0, enc.dim)
