@@ -1,8 +1,9 @@
 """FAISS index wrapper: HNSW (inner product on normalised vectors) or exact flat, with a manifest.
 
 A row may carry a score offset (`build(..., offsets=...)`): the stored vector is `[v, offset]` and each
-query is searched as `[q, 1]`, so FAISS ranks rows by `q·v + offset` exactly, HNSW included. The image
-→ caption index uses it for the hubness correction (`offline/hubness.py`); `dim` stays the query's.
+query is searched as `[q, 1]`, so FAISS ranks rows by `q·v + offset` exactly, HNSW included. The caption
+and image indexes of a split use it for the two hubness corrections (`clipsearch/hubness.py`); `dim`
+stays the query's.
 
 On disk an index is two files in one folder:
   `<name>.<sha12>.faiss`  the FAISS index, named by its content hash;

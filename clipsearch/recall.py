@@ -63,12 +63,13 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image
                       ks: Sequence[int] = KS,
                       search_images: Callable[[np.ndarray, int], np.ndarray] | None = None,
                       search_texts: Callable[[np.ndarray, int], np.ndarray] | None = None,
-                      topk: int = 100, text_offsets: np.ndarray | None = None) -> dict[str, float | None]:
+                      topk: int = 100, text_offsets: np.ndarray | None = None,
+                      image_offsets: np.ndarray | None = None) -> dict[str, float | None]:
     """Both directions. Exact when no search functions are given; otherwise through them (e.g. HNSW).
 
     `search_images(queries, k)` / `search_texts(queries, k)` return (n, k) row ids. `text_offsets`
     (exact search only): a score offset per caption for image → text, as in a caption index built
-    with offsets (the hubness correction).
+    with offsets (the hubness correction); `image_offsets` the same per image for text → image.
     """
     text_to_image = np.asarray(text_to_image, dtype=np.int64)
     if text_to_image.shape[0] != text_emb.shape[0]:
@@ -78,7 +79,8 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image
     if any(len(g) == 0 for g in i2t_rel):
         raise ValueError("every image needs at least one caption")
     if search_images is None or search_texts is None:
-        t2i = exact_ranks(text_emb, image_emb, t2i_rel)
+        img_off = None if image_offsets is None else np.asarray(image_offsets, dtype=np.float32)
+        t2i = exact_ranks(text_emb, image_emb, t2i_rel, gallery_offsets=img_off)
         offsets = None if text_offsets is None else np.asarray(text_offsets, dtype=np.float32)
         i2t = exact_ranks(image_emb, text_emb, i2t_rel, gallery_offsets=offsets)
         full = True

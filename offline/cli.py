@@ -52,6 +52,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         f"random weights (default: {DEFAULT_PRETRAINED}; for lit-effnet-minilm, the "
                         "checkpoint that build trains into <out>/models/)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
+    p.add_argument("--image-tta", choices=("auto", "none", "mirror"), default="auto",
+                   help="embed every image as the mean of it and its horizontal mirror ('mirror', twice the "
+                        "image compute), or not ('none'); 'auto' = mirror for lit-effnet-minilm, where it was "
+                        "chosen on val (docs/offline_model.md), none otherwise (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: %(default)s)")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="DataLoader worker processes decoding JPEGs beside the forward pass (default: cores "
@@ -90,14 +94,15 @@ def _add_index(p: argparse.ArgumentParser) -> None:
 
 
 def _add_hubness(p: argparse.ArgumentParser) -> None:
-    from offline.hubness import DEFAULT_BANK, DEFAULT_K, DEFAULT_SELECT
+    from offline.hubness import DEFAULT_BANK, DEFAULT_SELECT, K_GRID
 
     p.add_argument("--bank-split", default=DEFAULT_BANK, choices=("train", "val", "test"),
                    help="split whose images form the query bank (default: %(default)s)")
     p.add_argument("--select-split", default=DEFAULT_SELECT, choices=("train", "val", "test"),
                    help="split on which beta is chosen (default: %(default)s)")
-    p.add_argument("--hub-k", type=int, default=DEFAULT_K,
-                   help="nearest bank images averaged per caption (default: %(default)s)")
+    p.add_argument("--hub-k", type=_ints, default=K_GRID,
+                   help="the k tried (comma-separated): nearest bank vectors averaged per gallery vector "
+                        "(default: %s)" % ",".join(map(str, K_GRID)))
 
 
 def _add_ingest(p: argparse.ArgumentParser, source: bool = True) -> None:
@@ -226,6 +231,16 @@ def _setup(args: argparse.Namespace) -> None:
     faiss.omp_set_num_threads(threads)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return out
+
+
 def _ratios(text: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(x) for x in text.split(","))
@@ -261,10 +276,18 @@ def _pretrained(args: argparse.Namespace) -> str | None:
     return DEFAULT_PRETRAINED
 
 
+def image_tta(args: argparse.Namespace) -> str | None:
+    """The --image-tta choice, with 'auto' resolved for the model."""
+    from clipsearch.models import default_image_tta
+
+    choice = getattr(args, "image_tta", "auto")
+    return default_image_tta(args.model) if choice == "auto" else (None if choice == "none" else choice)
+
+
 def _load(args: argparse.Namespace):
     from clipsearch.models import load_model
 
-    return load_model(args.model, _pretrained(args), args.device)
+    return load_model(args.model, _pretrained(args), args.device, image_tta=image_tta(args))
 
 
 def run_prepare(args: argparse.Namespace) -> dict[str, Any]:
@@ -369,12 +392,16 @@ def _ingest_model(args: argparse.Namespace):
         moved = layout.models_dir / Path(pretrained).name
         pretrained = str(moved) if moved.is_file() else pretrained
     log.info("model: %s (%s), as built in %s", rec.get("model"), pretrained, layout.model_record)
-    return load_model(rec["model"], pretrained, args.device, checkpoint_sha256=rec.get("checkpoint_sha256"))
+    return load_model(rec["model"], pretrained, args.device, checkpoint_sha256=rec.get("checkpoint_sha256"),
+                      image_tta=rec.get("image_tta"))
 
 
-def run_ingest(args: argparse.Namespace, loaded=None, source: Path | None = None) -> dict[str, Any]:
+def run_ingest(args: argparse.Namespace, loaded=None, source: Path | None = None,
+               reuse_splits: bool = False) -> dict[str, Any]:
+    """`reuse_splits` (build): copy the split embeddings this build made instead of embedding again."""
     from clipsearch.index import IndexParams
     from offline.ingest import ingest
+    from offline.reuse import KnownVectors
 
     source = Path(source or args.source)
     name = collection_name(args, source)
@@ -382,7 +409,8 @@ def run_ingest(args: argparse.Namespace, loaded=None, source: Path | None = None
     params = IndexParams("hnsw", args.m, args.ef_construction, args.ef_search)
     result = ingest(source, args.out, name, loaded, batch_size=args.batch_size, workers=args.workers,
                     force=args.force, image_backend=args.image_backend, text_backend=args.text_backend,
-                    params=params)
+                    params=params,
+                    known=KnownVectors.from_splits(args.out, loaded.identity.to_dict()) if reuse_splits else None)
     if getattr(args, "store", "faiss") != "faiss":
         from offline.migrate import migrate
 
@@ -442,7 +470,7 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
     stage("index", run_index, args)
     stage("evaluate", run_evaluate, args)
     if not args.no_ingest:
-        stage("ingest", run_ingest, args, loaded, Path(args.data))
+        stage("ingest", run_ingest, args, loaded, Path(args.data), True)
     summary["timings_seconds"] = timings
     return summary
 

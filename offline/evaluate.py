@@ -29,13 +29,17 @@ def evaluate(out: Path, split: str, tag: str | None = None) -> dict[str, Any]:
     for idx in (img_idx, txt_idx):
         if idx.manifest.get("embeddings_manifest_sha256") != emb["manifest_sha256"]:
             raise ArtifactError(f"index for split '{split}' was built from other embeddings; run the index stage")
-    # exact search ranks captions exactly as the caption index does: with its offsets, if it has any
+    # exact search ranks captions and images exactly as their indexes do: with their offsets, if any
     offsets = txt_idx.offsets() if txt_idx.has_offsets else None
-    exact = retrieval_metrics(emb["images"], emb["texts"], text_to_image, KS, text_offsets=offsets)
+    img_offsets = img_idx.offsets() if img_idx.has_offsets else None
+    exact = retrieval_metrics(emb["images"], emb["texts"], text_to_image, KS, text_offsets=offsets,
+                              image_offsets=img_offsets)
     extra: dict[str, Any] = {}
-    if offsets is not None:
+    if offsets is not None or img_offsets is not None:
         raw = retrieval_metrics(emb["images"], emb["texts"], text_to_image, KS)
-        extra["without_hubness_correction"] = {k: v for k, v in raw.items() if k.startswith("image_to_text")}
+        corrected = (("image_to_text",) if offsets is not None else ()) + \
+            (("text_to_image",) if img_offsets is not None else ())
+        extra["without_hubness_correction"] = {k: v for k, v in raw.items() if k.startswith(corrected)}
     hnsw = retrieval_metrics(
         emb["images"], emb["texts"], text_to_image, KS,
         search_images=lambda q, k: img_idx.search(q, k)[1],
@@ -46,6 +50,7 @@ def evaluate(out: Path, split: str, tag: str | None = None) -> dict[str, Any]:
         **exact,
         "hnsw": hnsw,
         "hubness": txt_idx.manifest.get("hubness"),
+        "hubness_images": img_idx.manifest.get("hubness"),
         **extra,
         "counts": {"images": len(emb["images"]), "texts": len(emb["texts"])},
         "model": emb["manifest"]["model"],
@@ -55,7 +60,8 @@ def evaluate(out: Path, split: str, tag: str | None = None) -> dict[str, Any]:
         "embeddings_manifest_sha256": emb["manifest_sha256"],
         "note": "top-level R@K are exact (flat) search; 'hnsw' is the same metric through the HNSW indexes; "
                 "image->text ranks captions as the served caption index does, with the hubness correction "
-                "when 'hubness' is set ('without_hubness_correction' then gives the plain cosine ranking)",
+                "when 'hubness' is set, text->image ranks images with theirs when 'hubness_images' is set "
+                "('without_hubness_correction' then gives the plain cosine ranking of each corrected direction)",
         "tag": tag,
         "created": now_iso(),
         "seconds": round(time.perf_counter() - t0, 2),
@@ -76,12 +82,14 @@ def format_table(record: dict[str, Any]) -> str:
             mean = src[f"{d}_mean_rank"]
             lines.append(f"{short + ' ' + label:16}" + "".join(f"{src[f'{d}_R@{k}']:>8.2f}" for k in KS)
                          + f"{med if med is not None else '-':>7}{mean if mean is not None else '-':>8}")
-    raw = record.get("without_hubness_correction")
-    if raw:
-        d = "image_to_text"
-        lines.append(f"{'I→T raw cos':16}" + "".join(f"{raw[f'{d}_R@{k}']:>8.2f}" for k in KS)
+    raw = record.get("without_hubness_correction") or {}
+    for d, short, hub_key, sym, bank_of in (("text_to_image", "T→I", "hubness_images", "r_i", "captions"),
+                                            ("image_to_text", "I→T", "hubness", "r_c", "images")):
+        if f"{d}_R@1" not in raw:
+            continue
+        lines.append(f"{short + ' raw cos':16}" + "".join(f"{raw[f'{d}_R@{k}']:>8.2f}" for k in KS)
                      + f"{raw[f'{d}_median_rank']:>7}{raw[f'{d}_mean_rank']:>8}")
-        hub = record["hubness"]
-        lines.append(f"(I→T ranks by cos − {hub['beta']:g}·r_c, r_c from {hub['bank_count']} "
-                     f"{hub['bank_split']} images, k={hub['k']}; 'raw cos' is without that correction)")
+        hub = record[hub_key]
+        lines.append(f"({short} ranks by cos − {hub['beta']:g}·{sym}, {sym} from {hub['bank_count']} "
+                     f"{hub['bank_split']} {bank_of}, k={hub['k']}; 'raw cos' is without that correction)")
     return "\n".join(lines)

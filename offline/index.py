@@ -5,7 +5,8 @@ Files (`<out>/indexes/<split>/`): `{images,texts}.{hnsw,flat}.json` manifests be
 content-named `.faiss` files (see `clipsearch.index`). Each manifest names the model and the hash
 of the embeddings manifest, which is what the service checks before it serves a pair. When the
 hubness stage has chosen a β > 0 for this model (`offline/hubness.py`), both caption indexes carry
-each caption's offset −β·r_c and their manifests say so under "hubness".
+each caption's offset −β·r_c and their manifests say so under "hubness"; the same for the image
+indexes and the text → image correction (−β·r_i).
 """
 
 from __future__ import annotations
@@ -54,15 +55,17 @@ def build_indexes(out: Path, split: str, params: IndexParams, force: bool = Fals
     extra = {"model": emb["manifest"]["model"], "split": split,
              "embeddings_manifest_sha256": emb["manifest_sha256"],
              "data_sha256": emb["manifest"]["data_sha256"]}
-    offsets, hub_info = (offsets_for_split(out, split, emb["texts"], emb["manifest"]["model"])
-                         if hubness else (None, None))
+    model = emb["manifest"]["model"]
+    corrections = {"texts": offsets_for_split(out, split, emb["texts"], model) if hubness else (None, None),
+                   "images": (offsets_for_split(out, split, emb["images"], model, gallery="images")
+                              if hubness else (None, None))}
     built, timings = {}, {}
     for target in TARGETS:
         for kind in KINDS:
             p = IndexParams(kind=kind, m=params.m, ef_construction=params.ef_construction,
                             ef_search=params.ef_search) if kind == "hnsw" else IndexParams(kind="flat")
             name = f"{target}.{kind}"
-            hub = hub_info if target == "texts" else None
+            offsets, hub = corrections[target]
             if not force and _up_to_date(idir / f"{name}.json", emb["manifest_sha256"], p, hub):
                 log.info("index[%s]: %s up to date, reused", split, name)
                 built[name] = "reused"
@@ -73,7 +76,7 @@ def build_indexes(out: Path, split: str, params: IndexParams, force: bool = Fals
             built[name] = "built"
             timings[f"{name}_build_seconds"] = idx.manifest["build_seconds"]
     result: dict[str, Any] = {"split": split, "dir": str(idir), "indexes": built, **timings,
-                              "hubness": hub_info}
+                              "hubness": corrections["texts"][1], "hubness_images": corrections["images"][1]}
     if sweep:
         result["sweep"] = run_sweep(out, split, emb)
     result["seconds"] = round(time.perf_counter() - t0, 2)

@@ -53,19 +53,26 @@ def plot_ef_sweep(result: dict[str, Any], path: Path) -> None:
 
 
 def plot_hubness_sweep(record: dict[str, Any], path: Path) -> None:
-    """The hubness stage's β sweep: image → text recall on the selection split against β."""
+    """The hubness stage's sweeps on the selection split: for each direction, R@1 and R@10 against β,
+    one line per k, the chosen (β, k) marked."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    betas = [r["beta"] for r in record["sweep"]]
-    for k in KS:
-        ax.plot(betas, [r[f"image_to_text_R@{k}"] for r in record["sweep"]], marker="o", label=f"R@{k}")
-    ax.axvline(record["beta"], linestyle=":", color="grey", label=f"chosen β = {record['beta']:g}")
-    ax.set_xlabel("β (penalty on a caption's mean cosine to its k nearest bank images)")
-    ax.set_ylabel(f"image → text recall on {record['selected_on']} (%)")
-    ax.set_title(f"Hubness correction: bank = {record['bank_count']} {record['bank_split']} images, "
-                 f"k = {record['k']}", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    parts = [("image_to_text", "image → text", "caption", "images", record)]
+    if record.get("text_to_image"):
+        parts.append(("text_to_image", "text → image", "image", "captions", record["text_to_image"]))
+    fig, axes = plt.subplots(1, len(parts), figsize=(6.0 * len(parts), 4.2), squeeze=False)
+    for ax, (d, title, gallery, bank_of, rec) in zip(axes[0], parts):
+        sweep = rec.get("sweep") or []
+        for k in sorted({r.get("k", record.get("k")) for r in sweep}):
+            rows = [r for r in sweep if r.get("k", record.get("k")) == k]
+            for q, style in ((1, "-"), (10, "--")):
+                ax.plot([r["beta"] for r in rows], [r[f"{d}_R@{q}"] for r in rows], style, marker="o",
+                        markersize=3, label=f"R@{q}, k = {k}")
+        ax.axvline(rec["beta"], linestyle=":", color="grey", label=f"chosen β = {rec['beta']:g}, k = {rec['k']}")
+        ax.set_xlabel(f"β (penalty on a {gallery}'s mean cosine to its k nearest bank {bank_of})")
+        ax.set_ylabel(f"{title} recall on {record['selected_on']} (%)")
+        ax.set_title(f"{title}: bank = {rec.get('bank_count')} {record['bank_split']} {bank_of}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
     _save(fig, path, dpi=120)
 
 

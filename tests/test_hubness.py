@@ -104,6 +104,26 @@ def test_beta_chosen_on_one_split_lifts_recall_on_a_held_out_one():
     assert after["text_to_image_R@1"] == before["text_to_image_R@1"]
 
 
+def test_text_to_image_beta_chosen_on_one_split_lifts_recall_on_a_held_out_one():
+    """The mirror correction: hub *images* (close to every caption) penalised by their mean cosine to a
+    bank of captions from another split."""
+    rng = np.random.default_rng(5)
+    _hub_world_t2i = lambda n: _hub_world(rng, n)[::-1]  # noqa: E731 - the hubs are now the images
+    _, bank = _hub_world_t2i(300)  # the bank: another split's captions
+    val_img, val_txt = _hub_world_t2i(300)
+    test_img, test_txt = _hub_world_t2i(300)
+    ids = np.arange(300)
+    beta, table = sweep_beta(val_img, val_txt, ids, bank_similarity(val_img, bank), direction="text_to_image")
+    assert table[0]["beta"] == 0.0 and beta > 0 and "image_to_text_R@1" not in table[0]
+    score = {t["beta"]: np.mean([t[f"text_to_image_R@{k}"] for k in KS]) for t in table}
+    assert score[beta] == max(score.values())
+    before = retrieval_metrics(test_img, test_txt, ids, KS)
+    after = retrieval_metrics(test_img, test_txt, ids, KS,
+                              image_offsets=caption_offsets(test_img, bank, beta))
+    assert after["text_to_image_R@1"] > before["text_to_image_R@1"] + 20
+    assert after["image_to_text_R@1"] == before["image_to_text_R@1"]
+
+
 def test_build_chooses_beta_on_val_and_index_and_evaluate_apply_it(tiny_dataset, tiny_checkpoint, tmp_path):
     out = tmp_path / "art"
     common = ["--out", str(out), "--threads", "1"]
@@ -115,9 +135,17 @@ def test_build_chooses_beta_on_val_and_index_and_evaluate_apply_it(tiny_dataset,
     assert hub["bank_split"] == "train" and hub["selected_on"] == "val" and hub["k"] == 10
     assert hub["bank_count"] == 6 and (out / "hubness/hubness.png").is_file()
     assert [t["beta"] for t in hub["sweep"]][0] == 0.0 and hub["beta"] in [t["beta"] for t in hub["sweep"]]
+    assert {t["k"] for t in hub["sweep"]} == {10, 20, 50}  # the k grid, swept for each k
+    t2i_hub = hub["text_to_image"]
+    assert t2i_hub["bank_count"] == 18 and t2i_hub["bank_of"] == "captions"  # 6 train images x 3 captions
+    assert {t["k"] for t in t2i_hub["sweep"]} == {10, 20, 50}
+    # the banks are files of their own, the train split's vectors
+    np.testing.assert_array_equal(np.load(out / "hubness/image_bank.npy"), np.load(out / "embeddings/train/images.npy"))
+    np.testing.assert_array_equal(np.load(out / "hubness/caption_bank.npy"), np.load(out / "embeddings/train/texts.npy"))
 
-    # whatever the tiny random model chose, serve a fixed beta and check every consumer applies it
+    # whatever the tiny random model chose, serve fixed betas and check every consumer applies them
     hub["beta"] = 0.5
+    hub["text_to_image"]["beta"], hub["text_to_image"]["k"] = 0.4, 5
     (out / "hubness/hubness.json").write_text(json.dumps(hub))
     assert main(["index", "--no-sweep", *common]) == 0
     assert main(["evaluate", *common]) == 0
@@ -127,26 +155,31 @@ def test_build_chooses_beta_on_val_and_index_and_evaluate_apply_it(tiny_dataset,
     t2i = np.array([images.index(t["image_id"]) for t in texts])
     bank = np.load(out / "embeddings/train/images.npy")
     want = -0.5 * bank_similarity(emb["texts"], bank, 10)
+    want_img = -0.4 * bank_similarity(emb["images"], np.load(out / "embeddings/train/texts.npy"), 5)
     for kind in ("hnsw", "flat"):
         idx = VectorIndex.load(out / f"indexes/test/texts.{kind}.json")
         assert idx.manifest["hubness"]["beta"] == 0.5
         np.testing.assert_allclose(idx.offsets(), want, atol=1e-5)
-        assert not VectorIndex.load(out / f"indexes/test/images.{kind}.json").has_offsets
+        img_idx = VectorIndex.load(out / f"indexes/test/images.{kind}.json")
+        assert img_idx.manifest["hubness"]["beta"] == 0.4 and img_idx.manifest["hubness"]["k"] == 5
+        np.testing.assert_allclose(img_idx.offsets(), want_img, atol=1e-5)
     rec = json.loads((out / "results/recall_test.json").read_text())
-    corrected = retrieval_metrics(emb["images"], emb["texts"], t2i, KS, text_offsets=want)
+    corrected = retrieval_metrics(emb["images"], emb["texts"], t2i, KS, text_offsets=want, image_offsets=want_img)
     raw = retrieval_metrics(emb["images"], emb["texts"], t2i, KS)
     for k in KS:
         assert rec[f"image_to_text_R@{k}"] == corrected[f"image_to_text_R@{k}"]
-        assert rec["without_hubness_correction"][f"image_to_text_R@{k}"] == raw[f"image_to_text_R@{k}"]
-        assert rec[f"text_to_image_R@{k}"] == raw[f"text_to_image_R@{k}"]
-    assert rec["hubness"]["beta"] == 0.5
+        assert rec[f"text_to_image_R@{k}"] == corrected[f"text_to_image_R@{k}"]
+        for d in ("image_to_text", "text_to_image"):
+            assert rec["without_hubness_correction"][f"{d}_R@{k}"] == raw[f"{d}_R@{k}"]
+    assert rec["hubness"]["beta"] == 0.5 and rec["hubness_images"]["beta"] == 0.4
 
-    # --no-hubness goes back to plain caption indexes
+    # --no-hubness goes back to plain indexes
     assert main(["index", "--no-sweep", "--no-hubness", *common]) == 0
     assert not VectorIndex.load(out / "indexes/test/texts.hnsw.json").has_offsets
+    assert not VectorIndex.load(out / "indexes/test/images.hnsw.json").has_offsets
     assert main(["evaluate", *common]) == 0
     rec = json.loads((out / "results/recall_test.json").read_text())
-    assert rec["hubness"] is None and "without_hubness_correction" not in rec
+    assert rec["hubness"] is None and rec["hubness_images"] is None and "without_hubness_correction" not in rec
     assert all(rec[f"image_to_text_R@{k}"] == raw[f"image_to_text_R@{k}"] for k in KS)
 
 
