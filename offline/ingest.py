@@ -27,6 +27,7 @@ from tqdm import tqdm
 from clipsearch.artifacts import ArtifactLayout, CollectionLayout
 from clipsearch.collections import FileStat, IngestPlan, plan_ingest
 from clipsearch.encoder import ClipEncoder, image_backend_for, text_backend_for
+from clipsearch.hubness import Banks
 from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError, now_iso, write_json_atomic
 from clipsearch.media import is_owned_media
@@ -36,6 +37,7 @@ from clipsearch.store.catalog import ItemState
 from offline.embed import ImageFiles, collate_images
 from offline.layouts import IMAGE_SUFFIXES, R_CORRUPT, DataError
 from offline.prefetch import DECODE_THREADS, threaded_batches
+from offline.reuse import KnownVectors
 from offline.sources import Source, SourceItem, read_source
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,10 @@ COMMIT_EVERY = 256  # images per catalog transaction: what an interrupted ingest
 
 def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedModel, *,
            batch_size: int = 64, workers: int = 0, force: bool = False, image_backend: str = "onnx",
-           text_backend: str = "onnx", params: IndexParams | None = None) -> dict[str, Any]:
+           text_backend: str = "onnx", params: IndexParams | None = None,
+           known: KnownVectors | None = None) -> dict[str, Any]:
+    """`known`: vectors already made for some of the inputs (`offline/reuse.py`; `build` passes its
+    split embeddings), used instead of embedding them again."""
     t0 = time.perf_counter()
     layout = ArtifactLayout(Path(out))
     coll = layout.collection(collection)
@@ -79,6 +84,7 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
         skipped = list(src.skipped) + [{"kind": "image", "reason": "missing_image", "image_id": i, "detail": why}
                                        for i, why in plan.missing]
         removed = catalog.delete(plan.removed)
+        banks = _banks(layout, identity)
         threads = torch.get_num_threads()
         encoder = ClipEncoder(
             loaded, batch_size=batch_size,
@@ -87,12 +93,16 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
             text_backend=(text_backend_for(loaded, text_backend, layout.onnx_dir, threads)
                           if plan.to_embed or plan.recaptioned else None))
         t_embed = time.perf_counter()
-        embedded, bad = _embed_items(catalog, encoder, loaded, plan.to_embed, batch_size, workers)
+        embedded, bad = _embed_items(catalog, encoder, loaded, plan.to_embed, batch_size, workers, banks,
+                                     known or KnownVectors())
         skipped += bad
-        _recaption(catalog, encoder, plan.recaptioned, batch_size)
+        _recaption(catalog, encoder, plan.recaptioned, batch_size, banks)
         _restate(catalog, plan.restated)
         embed_seconds = time.perf_counter() - t_embed
-        hubness = _apply_hubness(layout, catalog, identity)
+        if known is not None and (known.reused_images or known.reused_texts):
+            log.info("ingest %s: reused %d image and %d caption vectors of the split embeddings", collection,
+                     known.reused_images, known.reused_texts)
+        hubness = _apply_hubness(catalog, banks)
         n_items, n_captions = catalog.count()
         if n_items == 0:
             if not existed:
@@ -134,11 +144,20 @@ def _chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
         yield seq[i:i + n]
 
 
-def _encode_captions(encoder: ClipEncoder, items: Sequence[SourceItem], batch_size: int
-                     ) -> list[np.ndarray | None]:
+def _encode_captions(encoder: ClipEncoder, items: Sequence[SourceItem], batch_size: int,
+                     known: KnownVectors | None = None) -> list[np.ndarray | None]:
     texts = [c for item in items for c in item.captions]
-    vecs = [encoder.encode_texts(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
-    flat = np.concatenate(vecs) if vecs else np.zeros((0, encoder.dim), np.float32)
+    flat = np.zeros((len(texts), encoder.dim), np.float32)
+    todo = []
+    for j, text in enumerate(texts):
+        v = known.text(text) if known is not None else None
+        if v is None:
+            todo.append(j)
+        else:
+            flat[j] = v
+    for i in range(0, len(todo), batch_size):
+        rows = todo[i:i + batch_size]
+        flat[rows] = encoder.encode_texts([texts[j] for j in rows])
     out, at = [], 0
     for item in items:
         n = len(item.captions)
@@ -147,17 +166,35 @@ def _encode_captions(encoder: ClipEncoder, items: Sequence[SourceItem], batch_si
     return out
 
 
-def _new_item(item: SourceItem, stat: FileStat, vector: np.ndarray, caption_vectors: np.ndarray | None) -> NewItem:
+def _new_item(item: SourceItem, stat: FileStat, vector: np.ndarray, caption_vectors: np.ndarray | None,
+              banks: Banks) -> NewItem:
     return NewItem(item.image_id, str(item.path), vector, item.captions, caption_vectors, item.metadata,
-                   stat.size, stat.mtime_ns, stat.sha256, item.caption_ids)
+                   stat.size, stat.mtime_ns, stat.sha256, item.caption_ids,
+                   offset=float(banks.image_offsets(vector[None])[0]),
+                   caption_offsets=banks.caption_offsets(caption_vectors) if caption_vectors is not None else None)
 
 
 def _embed_items(catalog: Catalog, encoder: ClipEncoder, loaded: LoadedModel,
-                 todo: list[tuple[SourceItem, FileStat]], batch_size: int, workers: int
-                 ) -> tuple[int, list[dict[str, Any]]]:
-    """Embed images (decoded beside the forward pass) and their captions; commit every COMMIT_EVERY."""
+                 todo: list[tuple[SourceItem, FileStat]], batch_size: int, workers: int, banks: Banks,
+                 known: KnownVectors) -> tuple[int, list[dict[str, Any]]]:
+    """Embed images (decoded beside the forward pass) and their captions; commit every COMMIT_EVERY.
+    Images `known` already has a vector for are not decoded: their vectors are copied."""
     if not todo:
         return 0, []
+    reused, rest = [], []
+    for item, stat in todo:
+        vec = known.image(item.path) if len(known) else None
+        if vec is None:
+            rest.append((item, stat))
+        else:
+            reused.append((item, stat, vec))
+    for chunk in _chunks(reused, COMMIT_EVERY):
+        cap_vecs = _encode_captions(encoder, [it for it, _, _ in chunk], batch_size, known)
+        catalog.put(_new_item(it, st, vec, cv, banks) for (it, st, vec), cv in zip(chunk, cap_vecs))
+    done = len(reused)
+    todo = rest
+    if not todo:
+        return done, []
     files = ImageFiles([str(item.path) for item, _ in todo], loaded.preprocess)
     if workers > 0:
         loader: Any = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
@@ -166,13 +203,12 @@ def _embed_items(catalog: Catalog, encoder: ClipEncoder, loaded: LoadedModel,
         loader = threaded_batches(files, batch_size, threads=DECODE_THREADS, collate=collate_images)
     pending: list[tuple[int, np.ndarray]] = []
     bad: list[dict[str, Any]] = []
-    done = 0
 
     def commit() -> None:
         nonlocal done
         items = [todo[i][0] for i, _ in pending]
-        cap_vecs = _encode_captions(encoder, items, batch_size)
-        catalog.put(_new_item(todo[i][0], todo[i][1], vec, cv) for (i, vec), cv in zip(pending, cap_vecs))
+        cap_vecs = _encode_captions(encoder, items, batch_size, known)
+        catalog.put(_new_item(todo[i][0], todo[i][1], vec, cv, banks) for (i, vec), cv in zip(pending, cap_vecs))
         done += len(pending)
         pending.clear()
 
@@ -193,12 +229,13 @@ def _embed_items(catalog: Catalog, encoder: ClipEncoder, loaded: LoadedModel,
 
 
 def _recaption(catalog: Catalog, encoder: ClipEncoder, todo: list[tuple[SourceItem, FileStat]],
-               batch_size: int) -> None:
+               batch_size: int, banks: Banks) -> None:
     for chunk in _chunks(todo, COMMIT_EVERY):
         items = [item for item, _ in chunk]
         cap_vecs = _encode_captions(encoder, items, batch_size)
         catalog.replace_captions(NewItem(i.image_id, str(i.path), np.zeros(encoder.dim, np.float32), i.captions,
-                                         cv, i.metadata, caption_ids=i.caption_ids)
+                                         cv, i.metadata, caption_ids=i.caption_ids,
+                                         caption_offsets=banks.caption_offsets(cv) if cv is not None else None)
                                  for i, cv in zip(items, cap_vecs))
     _restate(catalog, todo)
 
@@ -209,30 +246,31 @@ def _restate(catalog: Catalog, todo: list[tuple[SourceItem, FileStat]]) -> None:
                                         item.metadata) for item, st in todo)
 
 
-def _apply_hubness(layout: ArtifactLayout, catalog: Catalog, model: dict[str, Any]) -> dict[str, Any] | None:
-    """Caption offsets -β·r_c from the hubness stage's choice for this model (bank: its train images)."""
-    from offline.embed import load_image_embeddings
-    from offline.hubness import caption_offsets, read_hubness
-
-    rec = read_hubness(layout.root)
-    info = None
-    if rec is not None and rec.get("model") == model and rec.get("beta"):
-        info = {k: rec[k] for k in ("beta", "k", "bank_split", "bank_count", "bank_embeddings_manifest_sha256",
-                                    "selected_on")}
-    rows, texts = catalog.caption_vectors()
-    stored = catalog.hubness()
-    if info is None:
-        if stored is not None:
-            catalog.set_caption_offsets([], np.zeros(0, np.float32), None)
-        return None
+def _banks(layout: ArtifactLayout, model: dict[str, Any]) -> Banks:
+    """The hubness corrections the project chose for this model (`clipsearch.hubness`); none where a
+    bank cannot be read (logged)."""
     try:
-        bank = load_image_embeddings(layout.root, rec["bank_split"])
-    except ArtifactError as exc:
-        log.warning("hubness correction not applied to captions: %s", exc)
-        return None
-    offsets = caption_offsets(texts, bank["images"], rec["beta"], rec["k"]) if len(rows) else np.zeros(0)
-    catalog.set_caption_offsets(rows, np.asarray(offsets, np.float32), info)
-    return info
+        return Banks.load(layout.root, model)
+    except (ArtifactError, OSError, ValueError) as exc:
+        log.warning("hubness correction not applied: %s", exc)
+        return Banks()
+
+
+def _apply_hubness(catalog: Catalog, banks: Banks) -> dict[str, Any] | None:
+    """Make every row's offsets those of `banks`. New rows got theirs when written; all rows are
+    recomputed only when the correction itself changed (another β, k or bank, or none any more), which
+    makes the derived index rebuild. Returns the image → caption correction's record (or None)."""
+    for gallery, recorded, rows_vectors, setter in (
+            ("captions", catalog.hubness(), catalog.caption_vectors, catalog.set_caption_offsets),
+            ("images", catalog.hubness_images(), catalog.image_vectors, catalog.set_image_offsets)):
+        correction = getattr(banks, gallery)
+        info = correction.info if correction is not None else None
+        if (recorded or None) == info:
+            continue
+        rows, vectors = rows_vectors()
+        offsets = correction.offsets(vectors) if correction is not None and len(rows) else np.zeros(0, np.float32)
+        setter(rows if correction is not None else [], np.asarray(offsets, np.float32), info)
+    return banks.captions.info if banks.captions is not None else None
 
 
 def _write_report(coll: CollectionLayout, src: Source, plan: IngestPlan, skipped: list[dict[str, Any]],

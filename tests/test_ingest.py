@@ -119,9 +119,9 @@ def test_reingest_embeds_only_what_changed(tmp_path, tiny_model, monkeypatch):
     import offline.ingest as ing
     real = ing._new_item
 
-    def spy(item, stat, vector, caption_vectors):
+    def spy(item, stat, vector, caption_vectors, banks):
         embedded.append(item.image_id)
-        return real(item, stat, vector, caption_vectors)
+        return real(item, stat, vector, caption_vectors, banks)
 
     monkeypatch.setattr(ing, "_new_item", spy)
     res = _run(src, out, tiny_model)
