@@ -21,6 +21,7 @@ from typing import Any
 
 from clipsearch.artifacts import ArtifactLayout, check_collection_name
 from clipsearch.encoder import ClipEncoder, Encoder, image_backend_for, text_backend_for
+from clipsearch.hubness import Banks
 from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError, sha256_json
 from clipsearch.models import ModelLoadError, is_local_checkpoint, load_model
@@ -30,7 +31,7 @@ from app.config import Settings
 
 log = logging.getLogger(__name__)
 
-MODEL_KEYS = ("model", "pretrained", "checkpoint_sha256", "embed_dim")
+MODEL_KEYS = ("model", "pretrained", "checkpoint_sha256", "embed_dim", "image_tta")
 
 
 class UnknownCollection(LookupError):
@@ -47,6 +48,14 @@ class Resources:
     images_dir: Path | None = None  # serve files by name from here instead (containers)
     skipped: Mapping[str, str] = field(default_factory=dict)  # collections left out, and why
     artifacts_dir: Path | None = None  # where the media a collection owns (uploads) resolve
+    banks: Banks = field(default_factory=Banks)  # the hubness corrections' banks, for new rows' offsets
+
+    def banks_for(self, store: VectorStore) -> Banks:
+        """The corrections `store` was built with, to give a new caption or image its offset."""
+        if self.banks.captions is None and self.banks.images is None:
+            return self.banks
+        info = store.describe()
+        return self.banks.matching(info.get("hubness"), info.get("hubness_images"))
 
     @property
     def version(self) -> str:
@@ -84,7 +93,8 @@ class Resources:
 
 def make_resources(encoder: Encoder, stores: Sequence[VectorStore], model: Mapping[str, Any],
                    default: str | None = None, images_dir: Path | None = None,
-                   base_dir: Path | None = None, skipped: Mapping[str, str] | None = None) -> Resources:
+                   base_dir: Path | None = None, skipped: Mapping[str, str] | None = None,
+                   banks: Banks | None = None) -> Resources:
     """Assemble resources from opened stores (start-up, or tests with a fake encoder)."""
     if not stores:
         raise ArtifactError("no collection to serve")
@@ -102,7 +112,7 @@ def make_resources(encoder: Encoder, stores: Sequence[VectorStore], model: Mappi
                             f"(served: {', '.join(sorted(by_name))})")
     roots = {name: base_dir for name in by_name} if base_dir is not None else {}
     return Resources(encoder, {k: model.get(k) for k in MODEL_KEYS}, by_name, default, roots, images_dir,
-                     dict(skipped or {}), base_dir)
+                     dict(skipped or {}), base_dir, banks or Banks())
 
 
 def refresh_collections(res: Resources) -> list[str]:
@@ -124,7 +134,7 @@ def load_resources(settings: Settings) -> Resources:
     try:
         pretrained = _resolve_checkpoint(model.get("pretrained"), model.get("checkpoint_sha256"), settings)
         loaded = load_model(model["model"], pretrained, device=settings.device,
-                            checkpoint_sha256=model.get("checkpoint_sha256"))
+                            checkpoint_sha256=model.get("checkpoint_sha256"), image_tta=model.get("image_tta"))
         if not loaded.identity.same_weights(model):
             raise ModelLoadError(f"the loaded model {_describe(loaded.identity.to_dict())} is not the one the "
                                  f"collections were embedded with ({_describe(model)})")
@@ -136,7 +146,8 @@ def load_resources(settings: Settings) -> Resources:
             image_backend=image_backend_for(loaded, settings.image_backend, settings.onnx_cache_dir,
                                             settings.image_threads or threads))
         return make_resources(encoder, list(stores.values()), model, default=default,
-                              images_dir=settings.images_dir, base_dir=settings.artifacts_dir, skipped=skipped)
+                              images_dir=settings.images_dir, base_dir=settings.artifacts_dir, skipped=skipped,
+                              banks=_load_banks(settings.artifacts_dir, model))
     except BaseException:
         for store in stores.values():  # a failed (re)load must not keep catalogs open
             _close(store)
@@ -231,6 +242,16 @@ def _open_collection(layout: ArtifactLayout, name: str, params: IndexParams, set
 
 def _api_key(settings: Settings) -> str | None:
     return settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+
+
+def _load_banks(root: Path, model: Mapping[str, Any]) -> Banks:
+    """The hubness banks for the served model; none (logged) where they cannot be read: uploads then
+    get no offsets, which only matters for collections built with a correction."""
+    try:
+        return Banks.load(root, {k: v for k, v in model.items() if k != "image_tta" or v})
+    except (ArtifactError, OSError, ValueError) as exc:
+        log.warning("hubness banks not loaded (%s): new captions and images get no hubness offset", exc)
+        return Banks()
 
 
 def _close(store: VectorStore) -> None:

@@ -31,7 +31,9 @@ Target = Literal["images", "captions"]
 
 class ImageHit(BaseModel):
     image_id: str
-    score: float = Field(description="Cosine similarity between the query and the image")
+    score: float = Field(description="Ranking score: the cosine similarity between the query and the image, plus "
+                                     "the image's hubness offset for a text query when the collection has one "
+                                     "(GET /collections, `hubness_images`)")
     rank: int = Field(ge=1, description="1-based rank across pages (offset + position)")
     image_url: str = Field(description="Path of GET /images/{image_id}")
     thumbnail_url: str = Field(description="Path of GET /thumbnails/{image_id} (a small JPEG)")
@@ -44,7 +46,8 @@ class CaptionHit(BaseModel):
     caption: str
     image_id: str
     score: float = Field(description="Ranking score: the cosine similarity plus the caption's hubness "
-                                     "offset (-beta x how much of a hub the caption is) when the collection has one (GET /collections, `hubness`)")
+                                     "offset (-beta x how much of a hub the caption is) for an image query when the "
+                                     "collection has one (GET /collections, `hubness`)")
     cosine: float = Field(description="Cosine similarity between the query image and the caption")
     rank: int = Field(ge=1)
     image_url: str
@@ -79,7 +82,10 @@ class CollectionInfo(BaseModel):
     model: dict[str, Any]
     index: dict[str, str] = Field(description="Search kind per target: exact (small) or hnsw")
     version: str
-    hubness: dict[str, Any] | None = None
+    hubness: dict[str, Any] | None = Field(None, description="The image→caption hubness correction (beta, k, "
+                                                             "query bank) its caption offsets were made with")
+    hubness_images: dict[str, Any] | None = Field(None, description="The text→image one its image offsets "
+                                                                    "were made with")
     metadata_fields: dict[str, list[Any]] = Field(
         description="Metadata fields with few distinct values, and those values (filter choices)")
 
@@ -134,6 +140,7 @@ class ReadyResponse(BaseModel):
     captions: int | None = None
     hubness: dict[str, Any] | None = Field(None, description="The image→caption hubness correction of the "
                                                              "default collection (beta, k, query bank), if any")
+    hubness_images: dict[str, Any] | None = Field(None, description="Its text→image hubness correction, if any")
 
 
 class ReloadResponse(BaseModel):

@@ -75,12 +75,22 @@ def to_models(res: Resources, store: VectorStore, spec: SearchSpec, hits: Sequen
     return tuple(out)
 
 
+def hubness_applies(query: str, target: str) -> bool:
+    """Whether a query ranks by the target's hubness-corrected score (`clipsearch.hubness`): the
+    corrections are made with banks of the *other* modality's queries, so they apply to text → image
+    and image → caption; image → image and text → caption rank by the plain cosine. A raw vector
+    (/search/vector) is taken as the target's usual query and keeps the correction."""
+    return {"text": target == "images", "image": target == "captions"}.get(query, True)
+
+
 def search_vector(res: Resources, store: VectorStore, spec: SearchSpec, vec: np.ndarray,
-                  exclude: Sequence[str] = ()) -> tuple[Any, ...]:
-    """The hits of one query vector, as response models."""
+                  exclude: Sequence[str] = (), query: str = "text") -> tuple[Any, ...]:
+    """The hits of one query vector (`query`: "text", "image" or "vector", what it was made from), as
+    response models."""
     try:
         hits = store.search(vec, spec.k, target=spec.target, filter=spec.filter,  # type: ignore[arg-type]
-                            offset=spec.offset, min_score=spec.min_score, exclude=exclude)
+                            offset=spec.offset, min_score=spec.min_score, exclude=exclude,
+                            hubness=hubness_applies(query, spec.target))
     except StoreError as exc:
         raise InvalidSearch(str(exc)) from None
     return to_models(res, store, spec, hits)
@@ -96,7 +106,7 @@ def image_search_job(res: Resources, store: VectorStore, spec: SearchSpec, data:
     finally:
         image.close()
     t2 = time.perf_counter()
-    hits = search_vector(res, store, spec, vec)
+    hits = search_vector(res, store, spec, vec, query="image")
     return hits, {"decode": t1 - t0, "encode": t2 - t1, "search": time.perf_counter() - t2}
 
 
@@ -106,7 +116,7 @@ async def image_search(state: Any, res: Resources, store: VectorStore, spec: Sea
     upload is decoded on the pool, encoded with whatever other image queries wait, then searched; the hits
     and its batch's stage timings (what `image_search_job` gives for one image alone)."""
     hits, stages = await state.image_batcher.upload(res, ImageQuery(data, max_pixels),
-                                                    lambda vec: search_vector(res, store, spec, vec))
+                                                    lambda vec: search_vector(res, store, spec, vec, query="image"))
     return hits, {s: v for s, v in stages.items() if s != "batch_size"}
 
 
@@ -116,14 +126,14 @@ def similar_job(res: Resources, store: VectorStore, spec: SearchSpec, image_id: 
     vec = store.vector(image_id)
     if vec is None:
         raise NotFound("unknown image id")
-    hits = search_vector(res, store, spec, vec, exclude=(image_id,))
+    hits = search_vector(res, store, spec, vec, exclude=(image_id,), query="image")
     return hits, {"search": time.perf_counter() - t0}
 
 
 def vector_job(res: Resources, store: VectorStore, spec: SearchSpec, vec: np.ndarray
                ) -> tuple[tuple[Any, ...], dict[str, float]]:
     t0 = time.perf_counter()
-    hits = search_vector(res, store, spec, vec)
+    hits = search_vector(res, store, spec, vec, query="vector")
     return hits, {"search": time.perf_counter() - t0}
 
 
@@ -175,5 +185,7 @@ def terms_job(res: Resources, store: VectorStore, spec: SearchSpec, terms: Seque
     t2 = time.perf_counter()
     query = combine_terms([v for v in vectors if v is not None], [t.weight for t in terms])
     exclude = tuple(t.value for t in terms if t.kind == "image_id")
-    hits = search_vector(res, store, spec, query, exclude=exclude)
+    # a query with any text in it is searched as a text query, else as an image query
+    kind = "text" if any(t.kind == "text" for t in terms) else "image"
+    hits = search_vector(res, store, spec, query, exclude=exclude, query=kind)
     return hits, {"decode": t1 - t0, "encode": t2 - t1, "search": time.perf_counter() - t2}

@@ -45,6 +45,13 @@ class ReadOnlyCollection(ApiError):
     status, code = 409, "read_only"
 
 
+class WriteRefused(ApiError):
+    """The store cannot take this write as it is laid out (e.g. a Qdrant collection copied before image
+    offsets existed: `offline migrate` remakes it); nothing was written."""
+
+    status, code = 409, "write_refused"
+
+
 @dataclass(frozen=True)
 class WriteResult:
     item: Item
@@ -128,13 +135,18 @@ class WriteService:
                 return False
             path, _ = store_media(media_dir, data, suffix_for(fmt))  # the file first, durable...
             rel = _relative(path, root)
+            banks = res.banks_for(store)  # the new rows' hubness offsets, as ingest gives them
             store.add([NewItem(image_id, rel, vec, captions=final_captions,  # ...then the commit
                                caption_vectors=cap_vecs if final_captions else None, metadata=final_meta,
-                               size=len(data), sha256=sha)])
+                               size=len(data), sha256=sha, offset=float(banks.image_offsets(vec[None])[0]),
+                               caption_offsets=banks.caption_offsets(cap_vecs) if final_captions else None)])
             return now is None
 
         t0 = time.perf_counter()
-        created = await self._commit(commit)
+        try:
+            created = await self._commit(commit)
+        except StoreError as exc:
+            raise WriteRefused(str(exc)) from None
         stages["commit"] = time.perf_counter() - t0  # media file + catalog commit (fsyncs) + catch-up
         item = store.get(image_id)
         if item is None:  # deleted again before we could read it back
@@ -159,8 +171,11 @@ class WriteService:
         vecs = (await self.state.run(encode_captions_job, res, captions) if captions
                 else np.zeros((0, store.dim), np.float32))
         try:
-            await self._commit(store.replace_captions, image_id, list(captions), vecs)
-        except StoreError:
+            await self._commit(store.replace_captions, image_id, list(captions), vecs,
+                               res.banks_for(store).caption_offsets(vecs))
+        except StoreError as exc:
+            if store.get(image_id) is not None:
+                raise WriteRefused(str(exc)) from None
             raise NotFound("unknown image id") from None
         item = store.get(image_id)
         if item is None:  # deleted meanwhile

@@ -31,7 +31,7 @@ async def readyz(request: Request) -> Response:
         ready=True, model=dict(res.model), index_version=res.version,
         default_collection=res.default_collection, collections=counts,
         images=res.image_count, captions=res.caption_count,
-        hubness=res.store().describe().get("hubness"),
+        hubness=(info := res.store().describe()).get("hubness"), hubness_images=info.get("hubness_images"),
         reloading=state.loading or None, reload_error=state.reload_error).model_dump()
     for optional in ("reloading", "reload_error"):
         if body[optional] is None:
