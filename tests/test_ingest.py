@@ -119,9 +119,9 @@ def test_reingest_embeds_only_what_changed(tmp_path, tiny_model, monkeypatch):
     import offline.ingest as ing
     real = ing._new_item
 
-    def spy(item, stat, vector, caption_vectors, banks):
+    def spy(item, stat, vector, caption_vectors, *offsets):
         embedded.append(item.image_id)
-        return real(item, stat, vector, caption_vectors, banks)
+        return real(item, stat, vector, caption_vectors, *offsets)
 
     monkeypatch.setattr(ing, "_new_item", spy)
     res = _run(src, out, tiny_model)
