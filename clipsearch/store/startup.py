@@ -1,0 +1,195 @@
+"""A FaissStore's start-up when its HNSW snapshots are exactly current: the state without the catalog's vectors.
+
+After a compaction or an ingest the snapshot of each large target reflects the catalog's last commit
+and lists the catalog's rows in row order. Then the graph's own storage (an `IndexFlat` inside the
+HNSW index) already holds every vector of that target, so start-up need not read the vectors out of
+SQLite as BLOBs, join them and copy them twice (`Catalog.rows` + `placement`): the target's vector
+array is a read-only view of the graph's storage, kept alive by the array itself, and only ids, paths,
+metadata and caption texts come from the catalog, in one consistent read. The snapshot files are
+memory-mapped (`VectorIndex.load(mmap=True)`): immutable, content-named files, so pages are read when
+a search first touches them and are shared with the page cache.
+
+Anything else (a change committed after the snapshot, rows in another order, a large target without
+a snapshot, image offsets) returns None and `FaissStore._build_full` lays the state out in general.
+Both give the same state: tests/store/test_startup.py compares them field by field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+from numpy.typing import NDArray
+
+from clipsearch.index import VectorIndex
+from clipsearch.store.base import Item, value_key
+from clipsearch.store.live import Live, Target
+
+if TYPE_CHECKING:
+    from clipsearch.store.faiss_store import FaissStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["current_snapshot_state", "storage_vectors"]
+
+
+class _Owner:
+    """Exposes the graph's storage to numpy and keeps the FAISS index alive as long as any view of it."""
+
+    def __init__(self, index: faiss.Index, view: NDArray[np.float32]):
+        self.index = index
+        self.__array_interface__ = {"shape": view.shape, "typestr": "<f4", "data": (view.ctypes.data, True),
+                                    "version": 3}
+
+
+def storage_vectors(index: VectorIndex) -> NDArray[np.float32] | None:
+    """The vectors an HNSW-Flat index stores, as a read-only (ntotal, d) array that shares its memory
+    (None for another index type or one with an offset column)."""
+    if index.has_offsets or not isinstance(index.index, faiss.IndexHNSWFlat):
+        return None
+    storage = faiss.downcast_index(index.index.storage)
+    if not isinstance(storage, faiss.IndexFlat) or storage.ntotal != index.ntotal:
+        return None
+    n, d = int(storage.ntotal), int(storage.d)
+    if n == 0:
+        return None
+    view = faiss.rev_swig_ptr(storage.get_xb(), n * d).reshape(n, d)
+    arr = np.asarray(_Owner(index.index, view))
+    arr.flags.writeable = False  # rows below a target's n are never rewritten (live.py); a bug would raise
+    return arr
+
+
+def current_snapshot_state(store: FaissStore, tried: dict[str, Any] | None = None) -> Live | None:
+    """The start-up state of `store` built from current snapshots, or None where they are not. `tried`
+    receives what `_load_snapshot` gave for each target it tried and the catalog head it read
+    (`"head"`: (seq, rebuild_seq)), so the general path need not load (nor report) them again."""
+    tried = {} if tried is None else tried
+    t0 = time.perf_counter()
+    catalog = store.catalog
+    with catalog._read() as conn:
+        meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN "
+                                 "('seq', 'uid', 'rebuild_seq', 'hubness')").fetchall())
+        seq, uid, rebuild_seq = int(meta.get("seq") or 0), meta.get("uid"), int(meta.get("rebuild_seq") or 0)
+        tried["head"] = (seq, rebuild_seq)
+        n_img = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        n_cap = conn.execute("SELECT COUNT(*) FROM captions").fetchone()[0]
+        has_offsets = conn.execute("SELECT EXISTS (SELECT 1 FROM captions WHERE offset != 0)").fetchone()[0] == 1
+        snaps: dict[str, tuple[VectorIndex, list[str], NDArray[np.float32]]] = {}
+        for target, n in (("images", n_img), ("captions", n_cap)):
+            if n <= store.exact_max:
+                continue
+            snap = store._load_snapshot(target, seq, rebuild_seq, has_offsets if target == "captions" else False)
+            tried[target] = snap
+            if snap is None or snap[1] != seq or snap[2] is None or len(snap[2]) != n:
+                return None
+            index, _, ids = snap
+            if target == "images" and index.has_offsets:
+                return None  # image offsets: the general path knows them
+            vectors = storage_vectors(index) if not index.has_offsets else None
+            if vectors is None:
+                vectors = _without_offsets(index)
+            if vectors.shape[1] != store.dim:
+                return None
+            snaps[target] = (index, ids, vectors)
+        with_img_vec = "images" not in snaps
+        items = conn.execute(f"SELECT image_id, path, metadata{', vector' if with_img_vec else ''} "
+                             "FROM items ORDER BY row").fetchall()
+        caps = conn.execute(f"SELECT caption_id, image_id, caption, offset{', vector' if 'captions' not in snaps else ''}"
+                            " FROM captions ORDER BY row").fetchall()
+    image_ids = [r[0] for r in items]
+    caption_ids = [r[0] for r in caps]
+    if ("images" in snaps and snaps["images"][1] != image_ids) or \
+            ("captions" in snaps and snaps["captions"][1] != caption_ids):
+        return None  # the snapshot's positions are not the catalog's rows: placed in general
+    dim = store.dim
+    live = Live(dim, seq, uid, None if meta.get("hubness") in (None, "null") else json.loads(meta["hubness"]))
+    row_of = {image_id: pos for pos, image_id in enumerate(image_ids)}
+    cap_image = [row_of[r[1]] for r in caps]
+    offsets = np.array([r[3] for r in caps], np.float32) if has_offsets else None
+
+    img_vecs = snaps["images"][2] if "images" in snaps else _stack([r[3] for r in items], dim)
+    cap_vecs = snaps["captions"][2] if "captions" in snaps else _stack([r[4] for r in caps], dim)
+    if img_vecs.shape[1] != dim or cap_vecs.shape[1] != dim:
+        return None  # vectors of another width: the general path serves them so the model check names it
+    live.targets["images"] = _filled(dim, img_vecs, None, np.arange(n_img, dtype=np.int64))
+    live.targets["captions"] = _filled(dim, cap_vecs, offsets, np.array(cap_image, np.int64))
+    for target, (index, ids, _) in snaps.items():
+        tgt = live.targets[target]
+        tgt.index, tgt.index_seq, tgt.index_ids = index, seq, ids
+
+    texts_of: dict[int, list[str]] = {}
+    captions_of: dict[int, list[int]] = {}
+    texts = [r[2] for r in caps]
+    for j, pos in enumerate(cap_image):
+        if pos in captions_of:
+            captions_of[pos].append(j)
+            texts_of[pos].append(texts[j])
+        else:
+            captions_of[pos] = [j]
+            texts_of[pos] = [texts[j]]
+    facets: dict[str, dict[tuple[str, Any], set[int]]] = {}
+    originals: dict[str, dict[tuple[str, Any], Any]] = {}
+    # one decode of every record (the per-call overhead of json.loads is most of its cost here)
+    all_metadata = json.loads("[" + ",".join([r[2] for r in items]) + "]") if items else []
+    if len(all_metadata) != len(items) or not all(isinstance(m, dict) for m in all_metadata):
+        return None  # a record that is not one JSON object: the general path reports it
+    live_items: list[Item | None] = []
+    for pos, (r, metadata) in enumerate(zip(items, all_metadata)):
+        live_items.append(Item(r[0], r[1], tuple(texts_of.get(pos, ())), metadata))
+        for name, value in metadata.items():  # Live._index_metadata, inlined
+            key = value_key(value)
+            if key is None:
+                continue
+            by_value = facets.get(name)
+            if by_value is None:
+                by_value = facets[name] = {}
+                originals[name] = {}
+            rows = by_value.get(key)
+            if rows is None:
+                by_value[key] = {pos}
+                originals[name][key] = value
+            else:
+                rows.add(pos)
+    live.image_ids, live.items, live.row_of = image_ids, live_items, row_of
+    live.caption_ids, live.caption_texts, live.captions_of = caption_ids, texts, captions_of
+    live.facets, live.originals = facets, originals
+    log.debug("collection %s: %d images, %d captions loaded from current snapshots in %.2f s", store.name,
+              n_img, n_cap, time.perf_counter() - t0)
+    return live
+
+
+def _filled(dim: int, vectors: NDArray[np.float32], offsets: NDArray[np.float32] | None,
+            image_rows: NDArray[np.int64]) -> Target:
+    """A target holding exactly these rows, all alive, with `vectors` itself as its array (no copy):
+    the first append reallocates, as `Target._grow` does for any full target."""
+    n = int(vectors.shape[0])
+    tgt = Target(dim)
+    if n == 0:
+        return tgt
+    tgt.vectors = vectors
+    tgt.offsets = offsets if offsets is not None else np.zeros(n, np.float32)
+    tgt.has_offsets = bool(offsets is not None and np.any(offsets))
+    tgt.alive = np.ones(n, bool)
+    tgt.image_rows = image_rows
+    tgt.n = n
+    return tgt
+
+
+def _without_offsets(index: VectorIndex) -> NDArray[np.float32]:
+    """The stored vectors less the offset column (a copy, in chunks as `VectorIndex.offsets` does)."""
+    n, d = index.ntotal, index.dim
+    out = np.empty((n, d), np.float32)
+    for start in range(0, n, 65536):
+        k = min(65536, n - start)
+        out[start:start + k] = index.index.reconstruct_n(start, k)[:, :d]
+    return out
+
+
+def _stack(blobs: list[bytes], dim: int) -> NDArray[np.float32]:
+    if not blobs:
+        return np.zeros((0, dim), np.float32)
+    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1).copy()
