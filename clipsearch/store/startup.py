@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import faiss
@@ -131,35 +132,90 @@ def current_snapshot_state(store: FaissStore, tried: dict[str, Any] | None = Non
         else:
             captions_of[pos] = [j]
             texts_of[pos] = [texts[j]]
-    facets: dict[str, dict[tuple[str, Any], set[int]]] = {}
-    originals: dict[str, dict[tuple[str, Any], Any]] = {}
     # one decode of every record (the per-call overhead of json.loads is most of its cost here)
     all_metadata = json.loads("[" + ",".join([r[2] for r in items]) + "]") if items else []
     if len(all_metadata) != len(items) or not all(isinstance(m, dict) for m in all_metadata):
         return None  # a record that is not one JSON object: the general path reports it
-    live_items: list[Item | None] = []
-    for pos, (r, metadata) in enumerate(zip(items, all_metadata)):
-        live_items.append(Item(r[0], r[1], tuple(texts_of.get(pos, ())), metadata))
-        for name, value in metadata.items():  # Live._index_metadata, inlined
-            key = value_key(value)
-            if key is None:
-                continue
-            by_value = facets.get(name)
-            if by_value is None:
-                by_value = facets[name] = {}
-                originals[name] = {}
-            rows = by_value.get(key)
-            if rows is None:
-                by_value[key] = {pos}
-                originals[name][key] = value
-            else:
-                rows.add(pos)
-    live.image_ids, live.items, live.row_of = image_ids, live_items, row_of
+    live.facets, live.originals = _facets(all_metadata)
+    live_items = LazyItems(image_ids, [r[1] for r in items], all_metadata, texts_of)
+    live.image_ids, live.items, live.row_of = image_ids, live_items, row_of  # type: ignore[assignment]
     live.caption_ids, live.caption_texts, live.captions_of = caption_ids, texts, captions_of
-    live.facets, live.originals = facets, originals
     log.debug("collection %s: %d images, %d captions loaded from current snapshots in %.2f s", store.name,
               n_img, n_cap, time.perf_counter() - t0)
     return live
+
+
+class LazyItems:
+    """`Live.items` for a fast start: each loaded item's `Item` made when it is asked for (a search's
+    hits, a thumbnail), not a million of them at start-up; items added later are kept as given.
+    Supports what `Live` and `placement` do with the list: index, assign, append, len, iterate."""
+
+    def __init__(self, image_ids: list[str], paths: list[str], metadata: list[dict[str, Any]],
+                 texts_of: dict[int, list[str]]):
+        self._ids, self._paths, self._metadata, self._texts_of = image_ids, paths, metadata, texts_of
+        self._n = len(image_ids)
+        self._set: dict[int, Item | None] = {}  # loaded positions assigned since
+        self._added: list[Item | None] = []
+
+    def __len__(self) -> int:
+        return self._n + len(self._added)
+
+    def __getitem__(self, pos: int) -> Item | None:
+        pos = self._position(pos)
+        if pos >= self._n:
+            return self._added[pos - self._n]
+        if pos in self._set:
+            return self._set[pos]
+        return Item(self._ids[pos], self._paths[pos], tuple(self._texts_of.get(pos, ())), self._metadata[pos])
+
+    def __setitem__(self, pos: int, item: Item | None) -> None:
+        pos = self._position(pos)
+        if pos >= self._n:
+            self._added[pos - self._n] = item
+        else:
+            self._set[pos] = item
+
+    def _position(self, pos: int) -> int:
+        pos = int(pos) + (len(self) if pos < 0 else 0)
+        if not 0 <= pos < len(self):
+            raise IndexError(pos)
+        return pos
+
+    def append(self, item: Item | None) -> None:
+        self._added.append(item)
+
+    def __iter__(self) -> Iterator[Item | None]:
+        return (self[pos] for pos in range(len(self)))
+
+
+def _facets(metadata: list[dict[str, Any]]) -> tuple[dict[str, dict[tuple[str, Any], set[int]]],
+                                                      dict[str, dict[tuple[str, Any], Any]]]:
+    """`Live.facets` and `Live.originals` of these records at positions 0.., as `Live._index_metadata`
+    builds them one item at a time: the positions are grouped by (field, type, value) first (one
+    dict lookup a value), then each group is given its filter key."""
+    groups: dict[tuple[str, type, Any], list[int]] = {}
+    for pos, record in enumerate(metadata):
+        for name, value in record.items():
+            group = (name, type(value), value)
+            try:
+                groups[group].append(pos)
+            except KeyError:
+                groups[group] = [pos]
+            except TypeError:  # a list or an object: no filter can name it (value_key is None)
+                pass
+    facets: dict[str, dict[tuple[str, Any], set[int]]] = {}
+    originals: dict[str, dict[tuple[str, Any], Any]] = {}
+    for (name, _, value), positions in groups.items():  # in order of first occurrence
+        key = value_key(value)
+        if key is None:
+            continue
+        by_value = facets.setdefault(name, {})
+        if key in by_value:
+            by_value[key].update(positions)
+        else:
+            by_value[key] = set(positions)
+            originals.setdefault(name, {})[key] = value
+    return facets, originals
 
 
 def _filled(dim: int, vectors: NDArray[np.float32], offsets: NDArray[np.float32] | None,

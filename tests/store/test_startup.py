@@ -67,7 +67,7 @@ def _general(layout) -> FaissStore:
 def _assert_same_state(a: FaissStore, b: FaissStore) -> None:
     la, lb = a._current(), b._current()
     assert (la.dim, la.seq, la.uid, la.hubness) == (lb.dim, lb.seq, lb.uid, lb.hubness)
-    assert la.image_ids == lb.image_ids and la.items == lb.items and la.row_of == lb.row_of
+    assert la.image_ids == lb.image_ids and list(la.items) == list(lb.items) and la.row_of == lb.row_of
     assert la.caption_ids == lb.caption_ids and la.caption_texts == lb.caption_texts
     assert la.captions_of == lb.captions_of
     assert la.facets == lb.facets and la.originals == lb.originals
@@ -183,3 +183,19 @@ def test_storage_vectors_keep_the_index_alive():
     gc.collect()
     np.testing.assert_array_equal(view, x)
     assert storage_vectors(VectorIndex.build(x, IndexParams("flat"))) is None
+
+
+def test_lazy_items_behave_as_the_list_they_replace():
+    from clipsearch.store.base import Item
+    from clipsearch.store.startup import LazyItems
+
+    items = LazyItems(["a", "b"], ["/a", "/b"], [{"k": 1}, {}], {1: ["cap"]})
+    assert len(items) == 2 and items[0] == Item("a", "/a", (), {"k": 1}) and items[-1] == Item("b", "/b", ("cap",), {})
+    items.append(Item("c", "/c"))
+    items[0] = None
+    items[2] = Item("c2", "/c2")
+    assert list(items) == [None, Item("b", "/b", ("cap",), {}), Item("c2", "/c2")]
+    with pytest.raises(IndexError):
+        items[3]
+    with pytest.raises(IndexError):
+        items[-4]
