@@ -1,7 +1,8 @@
 """Service start-up: process spawn to the first `/readyz` 200, and RSS, for collections of N items,
 against the raw `faiss.read_index` of the same snapshot files plus the model load.
 
-    python benchmarks/bench_startup.py --work DIR [--sizes 10000 100000 1000000] [--reps 3] [--out FILE]
+    python benchmarks/bench_startup.py --work DIR [--sizes 10000 100000 1000000] [--reps 3]
+        [--large-ef-construction 40] [--code CHECKOUT] [--out FILE]
 
 For each N it first generates (once; reused while the spec matches) a collection in the product's own
 on-disk layout under `DIR/n<N>/collections/synth/`: `catalog.sqlite` (the catalog's schema, bulk
@@ -26,6 +27,14 @@ only change the model-load term, not the store's.
 
 `CLIPSEARCH_EXACT_MAX` is set to `--exact-max` (default 5000) so every N, 10k included, serves its
 targets from HNSW snapshots and (a) reads the same files the service reads.
+
+The graphs use the service's defaults (M 16, efConstruction 200), except collections of `--large`
+items or more (1M) with `--large-ef-construction`: at efConstruction 200 HNSW adds ~950 vectors/s on
+this 2-core machine under load (the 100k build), so 1M would take over 17 minutes. The service is
+then started with CLIPSEARCH_HNSW_EF_CONSTRUCTION set to match (it refuses a snapshot of other
+params). M, N and the dimension fix the file's size and layout, so read and load times do not depend
+on efConstruction; only the graph's recall does, which this benchmark does not measure.
+`--code` runs another checkout's service and load path on the same data (a before/after pair).
 """
 
 from __future__ import annotations
