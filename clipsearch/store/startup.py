@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import faiss
 import numpy as np
@@ -29,9 +29,6 @@ from numpy.typing import NDArray
 from clipsearch.index import VectorIndex
 from clipsearch.store.base import Item, value_key
 from clipsearch.store.live import Live, Target
-
-if TYPE_CHECKING:
-    from clipsearch.store.faiss_store import FaissStore
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +61,9 @@ def storage_vectors(index: VectorIndex) -> NDArray[np.float32] | None:
     return arr
 
 
-def current_snapshot_state(store: FaissStore, tried: dict[str, Any] | None = None) -> Live | None:
-    """The start-up state of `store` built from current snapshots, or None where they are not. `tried`
+def current_snapshot_state(store: Any, tried: dict[str, Any] | None = None) -> Live | None:
+    """The start-up state of `store` (a `FaissStore`; not imported, it imports this module) built
+    from current snapshots, or None where they are not. `tried`
     receives what `_load_snapshot` gave for each target it tried and the catalog head it read
     (`"head"`: (seq, rebuild_seq)), so the general path need not load (nor report) them again."""
     tried = {} if tried is None else tried
