@@ -116,9 +116,11 @@ def current_snapshot_state(store: Any, tried: dict[str, Any] | None = None) -> L
         return None  # vectors of another width: the general path serves them so the model check names it
     live.targets["images"] = _filled(dim, img_vecs, None, np.arange(n_img, dtype=np.int64))
     live.targets["captions"] = _filled(dim, cap_vecs, offsets, np.array(cap_image, np.int64))
-    for target, (index, ids, _) in snaps.items():
+    for target, (index, _, _) in snaps.items():
         tgt = live.targets[target]
-        tgt.index, tgt.index_seq, tgt.index_ids = index, seq, ids
+        # the catalog's own id strings (equal to the ids file's, checked above), not a second copy of them
+        tgt.index, tgt.index_seq = index, seq
+        tgt.index_ids = list(image_ids if target == "images" else caption_ids)
 
     texts_of: dict[int, list[str]] = {}
     captions_of: dict[int, list[int]] = {}
