@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -71,12 +72,14 @@ def current_snapshot_state(store: Any, tried: dict[str, Any] | None = None) -> L
     catalog = store.catalog
     with catalog._read() as conn:
         meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN "
-                                 "('seq', 'uid', 'rebuild_seq', 'hubness')").fetchall())
+                                 "('seq', 'uid', 'rebuild_seq', 'hubness', 'hubness_images')").fetchall())
         seq, uid, rebuild_seq = int(meta.get("seq") or 0), meta.get("uid"), int(meta.get("rebuild_seq") or 0)
         tried["head"] = (seq, rebuild_seq)
         n_img = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         n_cap = conn.execute("SELECT COUNT(*) FROM captions").fetchone()[0]
         has_offsets = conn.execute("SELECT EXISTS (SELECT 1 FROM captions WHERE offset != 0)").fetchone()[0] == 1
+        if _image_offsets(conn):
+            return None  # per-image hubness offsets (catalogs that have items.offset): the general path
         snaps: dict[str, tuple[VectorIndex, list[str], NDArray[np.float32]]] = {}
         for target, n in (("images", n_img), ("captions", n_cap)):
             if n <= store.exact_max:
@@ -105,7 +108,8 @@ def current_snapshot_state(store: Any, tried: dict[str, Any] | None = None) -> L
             ("captions" in snaps and snaps["captions"][1] != caption_ids):
         return None  # the snapshot's positions are not the catalog's rows: placed in general
     dim = store.dim
-    live = Live(dim, seq, uid, None if meta.get("hubness") in (None, "null") else json.loads(meta["hubness"]))
+    live = Live(dim, seq, uid, _json_meta(meta.get("hubness")))
+    live.hubness_images = _json_meta(meta.get("hubness_images"))  # how image offsets were made (none here)
     row_of = {image_id: pos for pos, image_id in enumerate(image_ids)}
     cap_image = [row_of[r[1]] for r in caps]
     offsets = np.array([r[3] for r in caps], np.float32) if has_offsets else None
@@ -216,6 +220,18 @@ def _facets(metadata: list[dict[str, Any]]) -> tuple[dict[str, dict[tuple[str, A
             by_value[key] = set(positions)
             originals.setdefault(name, {})[key] = value
     return facets, originals
+
+
+def _json_meta(raw: str | None) -> Any:
+    return None if raw in (None, "null") else json.loads(raw)
+
+
+def _image_offsets(conn: Any) -> bool:
+    """Whether any item has a non-zero image offset (False for a catalog without the column)."""
+    try:
+        return conn.execute("SELECT EXISTS (SELECT 1 FROM items WHERE offset != 0)").fetchone()[0] == 1
+    except sqlite3.OperationalError:  # no items.offset: a catalog from before image offsets
+        return False
 
 
 def _filled(dim: int, vectors: NDArray[np.float32], offsets: NDArray[np.float32] | None,
