@@ -9,8 +9,9 @@ metadata and caption texts come from the catalog, in one consistent read. The sn
 memory-mapped (`VectorIndex.load(mmap=True)`): immutable, content-named files, so pages are read when
 a search first touches them and are shared with the page cache.
 
-Anything else (a change committed after the snapshot, rows in another order, a large target without
-a snapshot, image offsets) returns None and `FaissStore._build_full` lays the state out in general.
+Hubness offsets (a graph over `[v, offset]`) come from the catalog's offset columns; the vectors
+are then a strided view without the offset column. Anything else (a change committed after the
+snapshot, rows in another order, a large target without a snapshot) returns None and `FaissStore._build_full` lays the state out in general.
 Both give the same state: tests/store/test_startup.py compares them field by field.
 """
 
@@ -42,13 +43,13 @@ class _Owner:
     def __init__(self, index: faiss.Index, view: NDArray[np.float32]):
         self.index = index
         self.__array_interface__ = {"shape": view.shape, "typestr": "<f4", "data": (view.ctypes.data, True),
-                                    "version": 3}
+                                    "strides": view.strides, "version": 3}
 
 
 def storage_vectors(index: VectorIndex) -> NDArray[np.float32] | None:
-    """The vectors an HNSW-Flat index stores, as a read-only (ntotal, d) array that shares its memory
-    (None for another index type or one with an offset column)."""
-    if index.has_offsets or not isinstance(index.index, faiss.IndexHNSWFlat):
+    """The vectors an HNSW-Flat index stores, as a read-only (ntotal, dim) array that shares its memory
+    (without the offset column of an index that has one: a strided view); None for another index type."""
+    if not isinstance(index.index, faiss.IndexHNSWFlat):
         return None
     storage = faiss.downcast_index(index.index.storage)
     if not isinstance(storage, faiss.IndexFlat) or storage.ntotal != index.ntotal:
@@ -56,7 +57,7 @@ def storage_vectors(index: VectorIndex) -> NDArray[np.float32] | None:
     n, d = int(storage.ntotal), int(storage.d)
     if n == 0:
         return None
-    view = faiss.rev_swig_ptr(storage.get_xb(), n * d).reshape(n, d)
+    view = faiss.rev_swig_ptr(storage.get_xb(), n * d).reshape(n, d)[:, : index.dim]
     arr = np.asarray(_Owner(index.index, view))
     arr.flags.writeable = False  # rows below a target's n are never rewritten (live.py); a bug would raise
     return arr
@@ -78,28 +79,26 @@ def current_snapshot_state(store: Any, tried: dict[str, Any] | None = None) -> L
         n_img = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         n_cap = conn.execute("SELECT COUNT(*) FROM captions").fetchone()[0]
         has_offsets = conn.execute("SELECT EXISTS (SELECT 1 FROM captions WHERE offset != 0)").fetchone()[0] == 1
-        if _image_offsets(conn):
-            return None  # per-image hubness offsets (catalogs that have items.offset): the general path
+        img_offsets = _image_offsets(conn)  # per-image hubness offsets (catalogs that have items.offset)
         snaps: dict[str, tuple[VectorIndex, list[str], NDArray[np.float32]]] = {}
         for target, n in (("images", n_img), ("captions", n_cap)):
             if n <= store.exact_max:
                 continue
-            snap = store._load_snapshot(target, seq, rebuild_seq, has_offsets if target == "captions" else False)
+            snap = store._load_snapshot(target, seq, rebuild_seq, has_offsets if target == "captions" else img_offsets)
             tried[target] = snap
             if snap is None or snap[1] != seq or snap[2] is None or len(snap[2]) != n:
                 return None
             index, _, ids = snap
-            if target == "images" and index.has_offsets:
-                return None  # image offsets: the general path knows them
-            vectors = storage_vectors(index) if not index.has_offsets else None
+            vectors = storage_vectors(index)
             if vectors is None:
                 vectors = _without_offsets(index)
             if vectors.shape[1] != store.dim:
                 return None
             snaps[target] = (index, ids, vectors)
         with_img_vec = "images" not in snaps
-        items = conn.execute(f"SELECT image_id, path, metadata{', vector' if with_img_vec else ''} "
-                             "FROM items ORDER BY row").fetchall()
+        # (image_id, path, metadata, offset, [vector]); offset 0 where the catalog has no such column
+        items = conn.execute(f"SELECT image_id, path, metadata, {'offset' if img_offsets else '0'}"
+                             f"{', vector' if with_img_vec else ''} FROM items ORDER BY row").fetchall()
         caps = conn.execute(f"SELECT caption_id, image_id, caption, offset{', vector' if 'captions' not in snaps else ''}"
                             " FROM captions ORDER BY row").fetchall()
     image_ids = [r[0] for r in items]
@@ -109,16 +108,17 @@ def current_snapshot_state(store: Any, tried: dict[str, Any] | None = None) -> L
         return None  # the snapshot's positions are not the catalog's rows: placed in general
     dim = store.dim
     live = Live(dim, seq, uid, _json_meta(meta.get("hubness")))
-    live.hubness_images = _json_meta(meta.get("hubness_images"))  # how image offsets were made (none here)
+    live.hubness_images = _json_meta(meta.get("hubness_images"))  # how the image offsets were made
     row_of = {image_id: pos for pos, image_id in enumerate(image_ids)}
     cap_image = [row_of[r[1]] for r in caps]
     offsets = np.array([r[3] for r in caps], np.float32) if has_offsets else None
 
-    img_vecs = snaps["images"][2] if "images" in snaps else _stack([r[3] for r in items], dim)
+    img_offs = np.array([r[3] for r in items], np.float32) if img_offsets else None
+    img_vecs = snaps["images"][2] if "images" in snaps else _stack([r[4] for r in items], dim)
     cap_vecs = snaps["captions"][2] if "captions" in snaps else _stack([r[4] for r in caps], dim)
     if img_vecs.shape[1] != dim or cap_vecs.shape[1] != dim:
         return None  # vectors of another width: the general path serves them so the model check names it
-    live.targets["images"] = _filled(dim, img_vecs, None, np.arange(n_img, dtype=np.int64))
+    live.targets["images"] = _filled(dim, img_vecs, img_offs, np.arange(n_img, dtype=np.int64))
     live.targets["captions"] = _filled(dim, cap_vecs, offsets, np.array(cap_image, np.int64))
     for target, (index, _, _) in snaps.items():
         tgt = live.targets[target]

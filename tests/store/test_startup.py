@@ -199,3 +199,19 @@ def test_lazy_items_behave_as_the_list_they_replace():
         items[3]
     with pytest.raises(IndexError):
         items[-4]
+
+
+@pytest.mark.skipif(not hasattr(Catalog, "set_image_offsets"), reason="a catalog without per-image offsets")
+def test_image_offsets_come_through(tmp_path):
+    layout, writer = _collection(tmp_path)
+    rows, _ = writer.catalog.image_vectors()
+    writer.catalog.set_image_offsets(rows, np.linspace(-0.1, 0.1, len(rows)).astype(np.float32), {"method": "test"})
+    writer.refresh()
+    writer.compact()
+    writer.close()
+    fast = FaissStore.open(layout, readonly=True, exact_max=EXACT_MAX)
+    assert current_snapshot_state(fast) is not None
+    general = _general(layout)
+    assert fast._current().targets["images"].has_offsets
+    _assert_same_state(fast, general)
+    _same_answers(fast, general)
