@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from clipsearch.artifacts import ArtifactLayout, check_collection_name
 from clipsearch.encoder import ClipEncoder, Encoder, image_backend_for, text_backend_for
@@ -25,13 +27,14 @@ from clipsearch.hubness import Banks
 from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError, sha256_json
 from clipsearch.models import ModelLoadError, is_local_checkpoint, load_model
-from clipsearch.store import FAISS, VectorStore, collection_names, open_store
+from clipsearch.store import FAISS, Catalog, VectorStore, collection_names, open_store
 
 from app.config import Settings
 
 log = logging.getLogger(__name__)
 
 MODEL_KEYS = ("model", "pretrained", "checkpoint_sha256", "embed_dim", "image_tta")
+T = TypeVar("T")
 
 
 class UnknownCollection(LookupError):
@@ -130,21 +133,24 @@ def refresh_collections(res: Resources) -> list[str]:
 
 
 def load_resources(settings: Settings) -> Resources:
-    stores, skipped, model, default = open_collections(settings)
+    # The model the default collection names is read from its catalog first and loaded on a thread
+    # while the collections load (the two are as long as each other at 100k items): start-up takes
+    # about the longer of the two, not their sum. Whatever the collections then say decides.
+    early = _peek_model(settings)
+    pending = _background(_load_encoder, early, settings) if early is not None else None
     try:
-        pretrained = _resolve_checkpoint(model.get("pretrained"), model.get("checkpoint_sha256"), settings)
-        loaded = load_model(model["model"], pretrained, device=settings.device,
-                            checkpoint_sha256=model.get("checkpoint_sha256"), image_tta=model.get("image_tta"))
-        if not loaded.identity.same_weights(model):
-            raise ModelLoadError(f"the loaded model {_describe(loaded.identity.to_dict())} is not the one the "
-                                 f"collections were embedded with ({_describe(model)})")
-        threads = settings.torch_threads or 1
-        encoder = ClipEncoder(
-            loaded,
-            text_backend=text_backend_for(loaded, settings.text_backend, settings.onnx_cache_dir, threads),
-            # a lone image query runs on every core (`image_threads`); image batches then run one at a time
-            image_backend=image_backend_for(loaded, settings.image_backend, settings.onnx_cache_dir,
-                                            settings.image_threads or threads))
+        stores, skipped, model, default = open_collections(settings)
+    except BaseException:
+        if pending is not None:
+            pending.cancel()
+        raise
+    try:
+        if pending is not None and early == model:
+            encoder = pending.result()
+        else:
+            if pending is not None:
+                pending.cancel()
+            encoder = _load_encoder(model, settings)
         return make_resources(encoder, list(stores.values()), model, default=default,
                               images_dir=settings.images_dir, base_dir=settings.artifacts_dir, skipped=skipped,
                               banks=_load_banks(settings.artifacts_dir, model))
@@ -152,6 +158,56 @@ def load_resources(settings: Settings) -> Resources:
         for store in stores.values():  # a failed (re)load must not keep catalogs open
             _close(store)
         raise
+
+
+def _load_encoder(model: Mapping[str, Any], settings: Settings) -> Encoder:
+    pretrained = _resolve_checkpoint(model.get("pretrained"), model.get("checkpoint_sha256"), settings)
+    loaded = load_model(model["model"], pretrained, device=settings.device,
+                        checkpoint_sha256=model.get("checkpoint_sha256"), image_tta=model.get("image_tta"))
+    if not loaded.identity.same_weights(model):
+        raise ModelLoadError(f"the loaded model {_describe(loaded.identity.to_dict())} is not the one the "
+                             f"collections were embedded with ({_describe(model)})")
+    threads = settings.torch_threads or 1
+    return ClipEncoder(
+        loaded,
+        text_backend=text_backend_for(loaded, settings.text_backend, settings.onnx_cache_dir, threads),
+        # a lone image query runs on every core (`image_threads`); image batches then run one at a time
+        image_backend=image_backend_for(loaded, settings.image_backend, settings.onnx_cache_dir,
+                                        settings.image_threads or threads))
+
+
+def _peek_model(settings: Settings) -> dict[str, Any] | None:
+    """The model the default FAISS collection names, read from its catalog's meta alone (no rows);
+    None where that cannot be told cheaply (another store, no collection, a broken catalog: the full
+    open then reports why)."""
+    if settings.store != FAISS:
+        return None
+    try:
+        layout = ArtifactLayout(settings.artifacts_dir)
+        names = list(settings.collections) or layout.collection_names()
+        if not names:
+            return None
+        with Catalog(layout.collection(settings.default_collection or names[0]).catalog, readonly=True) as cat:
+            model = cat.model()
+        return _model_of(model) if model is not None else None
+    except Exception:  # noqa: BLE001 - only a head start; open_collections reports every failure
+        return None
+
+
+def _background(fn: Callable[..., T], *args: Any) -> Future[T]:
+    """`fn(*args)` on a daemon thread of its own; a cancelled future's result is dropped."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="clipsearch-model-loader", daemon=True).start()
+    return future
 
 
 def open_collections(settings: Settings) -> tuple[dict[str, VectorStore], dict[str, str], dict[str, Any], str]:

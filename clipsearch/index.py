@@ -161,7 +161,10 @@ class VectorIndex:
         return folder / f"{name}.json"
 
     @classmethod
-    def load(cls, manifest_path: str | Path, verify: bool = True) -> "VectorIndex":
+    def load(cls, manifest_path: str | Path, verify: bool = True, mmap: bool = False) -> "VectorIndex":
+        """`mmap`: map the index file instead of reading it (FAISS's IO_FLAG_MMAP_IFC): pages are read
+        when a search touches them and shared with the page cache. Only for files never rewritten in
+        place, as these are (content-named, replaced by rename)."""
         manifest_path = Path(manifest_path)
         manifest = read_json(manifest_path)
         try:
@@ -174,7 +177,7 @@ class VectorIndex:
         if verify and sha256_file(index_path) != manifest.get("index_sha256"):
             raise ArtifactError(f"index file {index_path.name} does not match its manifest (corrupt?)")
         try:
-            index = faiss.read_index(str(index_path))
+            index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
         except RuntimeError as exc:
             raise ArtifactError(f"cannot read FAISS index {index_path.name}: corrupt file") from exc
         stored_dim = manifest.get("dim")

@@ -45,6 +45,7 @@ from clipsearch.store.catalog import Catalog, NewItem
 from clipsearch.store.kernels import exact_top, hnsw_and_delta
 from clipsearch.store.live import FACET_MAX_VALUES, Live
 from clipsearch.store.placement import apply_rows, place_captions, place_images, relayout
+from clipsearch.store.startup import current_snapshot_state
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +325,7 @@ class FaissStore:
                 ids = json.loads(ids_path.read_text(encoding="utf-8"))
                 if sha256_json(ids) != m.get("ids_sha256") or len(ids) != m.get("count"):
                     raise ArtifactError(f"{ids_path.name} does not match its manifest")
-            return VectorIndex.load(path, verify=self.verify), snap_seq, ids
+            return VectorIndex.load(path, verify=self.verify, mmap=True), snap_seq, ids
         except (ArtifactError, ValueError) as exc:
             log.warning("collection %s: %s snapshot unusable (%s); rebuilding it", self.name, target, exc)
             return None
@@ -365,8 +366,13 @@ class FaissStore:
         """The state from every catalog row: the snapshot's graph where one is usable, the changes
         committed after it replayed onto it."""
         t0 = time.perf_counter()
+        tried: dict[str, Any] = {}  # the snapshots the fast start loaded (or found unusable), by target
+        if start and (fast := current_snapshot_state(self, tried)) is not None:
+            return fast  # every large target's snapshot is current: no vectors read from the catalog
         rows = self.catalog.rows()
         seq, uid, rebuild_seq = self.catalog.head()
+        if tried.get("head") != (rows.seq, rebuild_seq):
+            tried = {}
         if seq != rows.seq:  # a commit landed between the two reads: read again, in one piece
             return self._build_full(start)
         cap_offsets = _nonzero(rows.caption_offsets)
@@ -380,9 +386,11 @@ class FaissStore:
         n_img, n_cap = len(rows.image_ids), len(rows.caption_ids)
         snaps = {}
         if n_img > self.exact_max:
-            snaps["images"] = self._load_snapshot("images", rows.seq, rebuild_seq, img_offsets is not None)
+            snaps["images"] = tried["images"] if "images" in tried else \
+                self._load_snapshot("images", rows.seq, rebuild_seq, img_offsets is not None)
         if n_cap > self.exact_max:
-            snaps["captions"] = self._load_snapshot("captions", rows.seq, rebuild_seq, cap_offsets is not None)
+            snaps["captions"] = tried["captions"] if "captions" in tried else \
+                self._load_snapshot("captions", rows.seq, rebuild_seq, cap_offsets is not None)
         replayed = place_images(live, rows, snaps.get("images"), img_offsets)
         replayed += place_captions(live, rows, snaps.get("captions"), cap_offsets)
         for target, vecs, offs in (("images", rows.vectors, img_offsets),
