@@ -237,6 +237,8 @@ def embedding_phase(samples: list[dict[str, Any]], start_rows: int, total: int, 
             "rss_mb_max": round(max(s["rss_mb"] for s in phase), 1) if phase else None,
             "cpu_cores_used": round((cpu[-1]["cpu_s"] - cpu[0]["cpu_s"]) / (cpu[-1]["t"] - cpu[0]["t"]), 2)
             if len(cpu) > 1 and cpu[-1]["t"] > cpu[0]["t"] else None,
+            "core_ms_per_image": round((cpu[-1]["cpu_s"] - cpu[0]["cpu_s"]) * 1000 / (cpu[-1]["rows"] - cpu[0]["rows"]), 1)
+            if len(cpu) > 1 and cpu[-1]["rows"] > cpu[0]["rows"] else None,
             "load1_median": sorted(s["load1"] for s in phase)[len(phase) // 2] if phase else None,
             "windows": windows}
 
@@ -261,12 +263,14 @@ def pure_forward(args, n_images: int) -> tuple[Any, float]:
         p = target_path(args.folder, k)
         if p.is_file():
             paths.append(p)
+    c0 = time.process_time()
     pixels = torch.stack([loaded.preprocess(decode_image(p)) for p in paths])
+    decode_core_ms = (time.process_time() - c0) * 1000 / max(1, len(paths))  # CPU time, not wall: load-proof
     with torch.inference_mode():
         enc.encode_pixels(pixels[:args.batch])  # warm-up
 
     def timed(min_seconds: float) -> dict[str, Any]:
-        done, t0 = 0, time.perf_counter()
+        done, t0, c0 = 0, time.perf_counter(), time.process_time()
         rates = []
         with torch.inference_mode():
             while time.perf_counter() - t0 < min_seconds or done < len(pixels):
@@ -276,12 +280,15 @@ def pure_forward(args, n_images: int) -> tuple[Any, float]:
                     rates.append(args.batch / (time.perf_counter() - t))
                     done += args.batch
         secs = time.perf_counter() - t0
+        cores = (time.process_time() - c0) / secs
         return {"images": done, "seconds": round(secs, 2), "images_per_s": round(done / secs, 2),
+                "cpu_cores_used": round(cores, 2), "core_ms_per_image": round(cores * secs * 1000 / done, 1),
                 "batch_images_per_s_median": round(sorted(rates)[len(rates) // 2], 2), "load1": loadavg()[0]}
 
     info = {"model": loaded.identity.to_dict(), "image_tta": loaded.identity.image_tta, "threads": threads,
             "image_backend": type(enc.image_backend).__name__ if getattr(enc, "image_backend", None) is not None
-            else "torch", "pixels": list(pixels.shape)}
+            else "torch", "pixels": list(pixels.shape),
+            "decode_preprocess_core_ms_per_image": round(decode_core_ms, 2)}
     return info, timed
 
 
