@@ -57,6 +57,9 @@ class Resources:
         """The corrections `store` was built with, to give a new caption or image its offset."""
         if self.banks.captions is None and self.banks.images is None:
             return self.banks
+        # both stores name their corrections cheaply; describe() (counts, facets) is the fallback
+        if hasattr(store, "hubness_images"):
+            return self.banks.matching(store.hubness, store.hubness_images)  # type: ignore[attr-defined]
         info = store.describe()
         return self.banks.matching(info.get("hubness"), info.get("hubness_images"))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -174,10 +174,12 @@ def read_hubness(out: Path) -> dict[str, Any] | None:
 
 
 def offsets_for_split(out: Path, split: str, vectors: np.ndarray, model: dict[str, Any],
-                      gallery: str = "captions") -> tuple[np.ndarray | None, dict[str, Any] | None]:
+                      gallery: str = "captions", load_banks: Callable[[], Banks] | None = None
+                      ) -> tuple[np.ndarray | None, dict[str, Any] | None]:
     """The offsets the index stage stores for `split`'s captions (or images: `gallery="images"`), and what
     to record about them; (None, None) when there is no correction to apply (no stage run, β = 0,
-    another model, or the bank is this very split)."""
+    another model, or the bank is this very split). `load_banks`: what reads `Banks.load(out, model)`
+    (the index stage reads both banks once for both galleries)."""
     rec = read_hubness(out)
     if rec is None:
         return None, None
@@ -194,7 +196,7 @@ def offsets_for_split(out: Path, split: str, vectors: np.ndarray, model: dict[st
     if part["selected_on"] == split:
         log.warning("hubness: beta was chosen on split '%s' itself, so its recall there is "
                     "not a held-out estimate", split)
-    correction = getattr(Banks.load(out, model), gallery)
+    correction = getattr(load_banks() if load_banks is not None else Banks.load(out, model), gallery)
     if correction is None:
         return None, None
     return correction.offsets(vectors), correction_info(part)

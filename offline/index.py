@@ -11,6 +11,7 @@ indexes and the text → image correction (−β·r_i).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict
@@ -47,6 +48,7 @@ def _up_to_date(path: Path, emb_sha: str, params: IndexParams, hubness: dict[str
 def build_indexes(out: Path, split: str, params: IndexParams, force: bool = False,
                   sweep: bool = True, hubness: bool = True) -> dict[str, Any]:
     """`hubness=False` ignores the hubness stage's β and builds plain caption indexes."""
+    from clipsearch.hubness import Banks
     from offline.hubness import offsets_for_split
 
     t0 = time.perf_counter()
@@ -56,9 +58,12 @@ def build_indexes(out: Path, split: str, params: IndexParams, force: bool = Fals
              "embeddings_manifest_sha256": emb["manifest_sha256"],
              "data_sha256": emb["manifest"]["data_sha256"]}
     model = emb["manifest"]["model"]
-    corrections = {"texts": offsets_for_split(out, split, emb["texts"], model) if hubness else (None, None),
-                   "images": (offsets_for_split(out, split, emb["images"], model, gallery="images")
-                              if hubness else (None, None))}
+    corrections: dict[str, tuple[Any, Any]] = {"texts": (None, None), "images": (None, None)}
+    if hubness:
+        banks = functools.cache(lambda: Banks.load(out, model))  # read once, and only if a correction applies
+        corrections = {"texts": offsets_for_split(out, split, emb["texts"], model, load_banks=banks),
+                       "images": offsets_for_split(out, split, emb["images"], model, gallery="images",
+                                                   load_banks=banks)}
     built, timings = {}, {}
     for target in TARGETS:
         for kind in KINDS:

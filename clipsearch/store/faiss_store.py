@@ -187,6 +187,16 @@ class FaissStore:
             "metadata_fields": values,
         }
 
+    @property
+    def hubness(self) -> Mapping[str, Any] | None:
+        """How the caption offsets were made (image → caption searches), or None (as QdrantStore)."""
+        return self._current().hubness
+
+    @property
+    def hubness_images(self) -> Mapping[str, Any] | None:
+        """How the image offsets were made (text → image searches), or None."""
+        return self._current().hubness_images
+
     def stats(self) -> dict[str, Any]:
         """What a service exports as metrics (optional beyond the VectorStore contract)."""
         live = self._current()
