@@ -85,10 +85,11 @@ class Settings(BaseSettings):
         "onnx", description="Query text encoder: ONNX Runtime export of the text tower (open_clip CLIP, "
                             "truncated, or Hugging Face, e.g. lit-effnet-minilm's MiniLM), or torch. "
                             "Models without an exportable tower use torch either way.")
-    image_backend: Literal["onnx", "torch"] = Field(
-        "onnx", description="Query image encoder: ONNX Runtime export of a timm or ViT image tower "
-                            "(e.g. lit-effnet-minilm's EfficientNet, ViT-B-32), or torch. Other image towers "
-                            "use torch either way.")
+    image_backend: Literal["auto", "onnx", "bf16", "torch"] = Field(
+        "auto", description="Query image encoder: onnx = ONNX Runtime export of a timm or ViT image tower "
+                            "(e.g. lit-effnet-minilm's EfficientNet, ViT-B-32); bf16 = a bf16 copy of the "
+                            "image tower (self-checked against fp32, else onnx); auto = bf16 for a ViT tower "
+                            "on a CPU with AMX-BF16, else onnx; torch. Other image towers use torch either way.")
     onnx_cache_dir: Path = Field(Path(tempfile.gettempdir()) / "clipsearch-onnx",
                                  description="Where the ONNX exports are cached (must be writable).")
     text_batch_size: int = Field(16, ge=1, le=256,

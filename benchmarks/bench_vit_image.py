@@ -5,6 +5,8 @@ variant once) on the same real Flickr8k pixels (random ones when the folder is m
   torch           `model.encode_image(pixels)` then L2-normalise, eager, `--threads` intra-op threads
   onnx            what `clipsearch.onnx.image.build_onnx_image` picks (the service and ingest default)
   onnx:<file>     every other ViT variant file (`vit-attention[.fused]`, `vit-plain[.fused]`)
+  bf16            the bf16 copy of the tower (`clipsearch.bf16`, self-checked against fp32), what the
+                  default image backend ("auto") picks for a ViT on a CPU with AMX-BF16
 
 Each ONNX row reports its median ms, images/s, the ratio to torch (x torch = torch ms / its ms) and
 the min cosine to torch's embedding. Random weights: speed does not depend on them.
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import finish, log, machine_env  # noqa: E402
 from clipsearch.models import load_model  # noqa: E402
+from clipsearch.bf16 import maybe_bf16_image, pays_in_bf16  # noqa: E402
 from clipsearch.onnx.image import build_onnx_image  # noqa: E402
 
 FLICKR = Path("/work/shared/flickr8k")
@@ -86,6 +89,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             enc = build_onnx_image(loaded, cache, threads=args.threads, fuse=fuse, variants=(variant,))
             if enc.path != chosen.path:
                 sessions[f"onnx:{enc.path.name.split('.image.')[1][:-5]}"] = enc
+    bf16 = maybe_bf16_image(loaded, threads=args.threads)
+    if bf16 is not None:
+        sessions["bf16"] = bf16
+        log(f"bf16 tower: self-check cos {bf16.self_check_cos:.6f}")
+    default = "bf16" if bf16 is not None and pays_in_bf16(loaded) else "onnx"
     rows = []
     x_all = pixels(loaded, args.batch, args.data)
     for batch, reps in ((1, args.reps1), (args.batch, args.reps)):
@@ -110,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "images_per_s": round(batch / med, 2), "x_torch": round(base / med, 3),
                          "min_cos_vs_torch": round(cos, 6), "reps": reps})
     result = {"benchmark": "vit_image", "model": args.model, "weights": "random", "env": env,
-              "chosen": chosen.path.name, "export_and_check_s": round(export_s, 1), "rows": rows}
+              "chosen": chosen.path.name, "default": default,
+              "bf16_self_check_cos": None if bf16 is None else round(bf16.self_check_cos, 6), "export_and_check_s": round(export_s, 1), "rows": rows}
     lines = ["| batch | path | median ms | img/s | x torch | min cos |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['path']} | {r['median_ms']} | {r['images_per_s']} | {r['x_torch']} | "
               f"{r['min_cos_vs_torch']:.6f} |" for r in rows]

@@ -5,7 +5,8 @@ place that picks each tower's runtime.
 both L2-normalised, so a fake encoder with the same two methods can stand in for tests.
 
 `ClipEncoder` runs a loaded model in torch; a tower may instead run as an ONNX Runtime export
-(`clipsearch.onnx`), which must give the same embeddings. `build_encoder` (and `text_backend_for` /
+(`clipsearch.onnx`) or, for a ViT image tower on an AMX CPU, as a bf16 copy (`clipsearch.bf16`);
+either must give the same embeddings. `build_encoder` (and `text_backend_for` /
 `image_backend_for`, what the service and `offline embed` call per tower) decide that in one place,
 `tower_backend`. The torch text path runs only up to the longest real token of a batch
 (`clipsearch.towers`); `tests/test_encoder.py` checks equality with the full 77-token path.
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image
 
+from clipsearch.bf16 import maybe_bf16_image, pays_in_bf16
 from clipsearch.families import family_of
 from clipsearch.models import LoadedModel
 from clipsearch.onnx import OnnxTowerEncoder, maybe_onnx_image, maybe_onnx_text
@@ -53,12 +55,21 @@ class Encoder(Protocol):
 
 
 def tower_backend(loaded: LoadedModel, tower: Tower, runtime: Runtime,
-                  cache_dir: str | os.PathLike[str] | None, threads: int) -> OnnxTowerEncoder | None:
-    """What runs `tower` instead of torch: for "onnx" the ONNX Runtime export (cached in `cache_dir`,
-    self-checked against torch), else None, which is the torch path; None (logged) too where the
-    tower cannot be exported or its export fails."""
-    if runtime != "onnx":
+                  cache_dir: str | os.PathLike[str] | None, threads: int) -> TokenEncoder | PixelEncoder | None:
+    """What runs `tower` instead of fp32 eager torch (None = that torch path):
+    - "onnx": the ONNX Runtime export (cached in `cache_dir`, self-checked against torch);
+    - "bf16" (image only): the bf16 copy of the image tower (`clipsearch.bf16`, self-checked), and
+      where that fails or disagrees, the "onnx" path;
+    - "auto" (the default): "bf16" for a ViT image tower on a CPU with AMX-BF16 (`pays_in_bf16`),
+      otherwise "onnx";
+    - "torch": None.
+    A tower that cannot be exported, or whose export fails its check, falls back (logged) as above."""
+    if runtime == "torch":
         return None
+    if tower == "image" and (runtime == "bf16" or (runtime == "auto" and pays_in_bf16(loaded))):
+        fast = maybe_bf16_image(loaded, threads)
+        if fast is not None:
+            return fast
     if cache_dir is None:
         raise ValueError(f"the ONNX {tower} tower needs a cache_dir for its export")
     maybe = maybe_onnx_text if tower == "text" else maybe_onnx_image
@@ -73,9 +84,9 @@ def text_backend_for(loaded: LoadedModel, choice: Runtime, cache_dir: str | os.P
 
 def image_backend_for(loaded: LoadedModel, choice: Runtime, cache_dir: str | os.PathLike[str],
                       threads: int) -> PixelEncoder | None:
-    """The same for the image tower (`--image-backend` / `CLIPSEARCH_IMAGE_BACKEND`): ONNX Runtime
-    for timm towers such as lit-effnet-minilm's and ViT towers such as ViT-B-32's, torch (None) for
-    the rest."""
+    """The same for the image tower (`--image-backend` / `CLIPSEARCH_IMAGE_BACKEND`): by default
+    ("auto") the bf16 tower for a ViT such as ViT-B-32's on an AMX CPU, ONNX Runtime for timm towers
+    such as lit-effnet-minilm's and for ViTs elsewhere, torch for the rest."""
     return tower_backend(loaded, "image", choice, cache_dir, threads)
 
 

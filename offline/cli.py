@@ -74,10 +74,11 @@ def default_workers() -> int:
 
 
 def _add_backends(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-backend", choices=("onnx", "torch"), default="onnx",
-                   help="image encoder for embed: ONNX Runtime export of a timm or ViT image tower (self-checked "
-                        "against torch, cached in <out>/onnx; other towers use torch) or torch "
-                        "(default: %(default)s)")
+    p.add_argument("--image-backend", choices=("auto", "onnx", "bf16", "torch"), default="auto",
+                   help="image encoder: onnx = ONNX Runtime export of a timm or ViT image tower (self-checked "
+                        "against torch, cached in <out>/onnx; other towers use torch); bf16 = a bf16 copy of "
+                        "the image tower (self-checked, else onnx); auto = bf16 for a ViT tower on a CPU with "
+                        "AMX-BF16, else onnx; torch = eager fp32 (default: %(default)s)")
     p.add_argument("--text-backend", choices=("onnx", "torch"), default="onnx",
                    help="text encoder for embed: ONNX Runtime export of the text tower (self-checked "
                         "against torch, cached in <out>/onnx; torch when it cannot be exported) or torch "
@@ -308,7 +309,7 @@ def run_embed(args: argparse.Namespace, loaded=None) -> dict[str, Any]:
 
     loaded = loaded or _load(args)
     return embed(args.out, args.eval_split, loaded, batch_size=args.batch_size, workers=args.workers,
-                 force=args.force, image_backend=getattr(args, "image_backend", "onnx"),
+                 force=args.force, image_backend=getattr(args, "image_backend", "auto"),
                  text_backend=getattr(args, "text_backend", "onnx"))
 
 

@@ -118,7 +118,7 @@ def embed_texts(loaded: LoadedModel, captions: list[str], batch_size: int,
 
 
 def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, workers: int = 2,
-          force: bool = False, image_backend: str = "onnx", text_backend: str = "onnx",
+          force: bool = False, image_backend: str = "auto", text_backend: str = "onnx",
           captions: bool = True) -> dict[str, Any]:
     """Embed one split's images and captions; reuse what is already there for the same inputs.
 
@@ -126,8 +126,9 @@ def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, work
     refuses the split as incomplete and `load_image_embeddings` reads it.
 
     `image_backend` / `text_backend`: "onnx" runs the tower through ONNX Runtime when it exports and
-    passes its self-check (else torch), "torch" always uses torch. Both give the same vectors (cosine
-    >= 0.9999, checked at export), so the embeddings' key does not depend on the choice."""
+    passes its self-check (else torch), "bf16" / "auto" (image) as `clipsearch.encoder.tower_backend`
+    says, "torch" always uses torch. All give the same vectors (cosine >= 0.9999, checked when the
+    backend is built), so the embeddings' key does not depend on the choice."""
     t0 = time.perf_counter()
     out = Path(out)
     edir = embeddings_dir(out, split)

@@ -46,7 +46,7 @@ COMMIT_EVERY = 256  # images per catalog transaction: what an interrupted ingest
 
 
 def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedModel, *,
-           batch_size: int = 64, workers: int = 0, force: bool = False, image_backend: str = "onnx",
+           batch_size: int = 64, workers: int = 0, force: bool = False, image_backend: str = "auto",
            text_backend: str = "onnx", params: IndexParams | None = None,
            known: KnownVectors | None = None) -> dict[str, Any]:
     """`known`: vectors already made for some of the inputs (`offline/reuse.py`; `build` passes its

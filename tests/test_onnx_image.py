@@ -197,8 +197,8 @@ def test_service_uses_onnx_for_both_towers_by_default(lit, lit_onnx_dir, lit_art
 
     monkeypatch.setattr(resources, "load_model", lambda *a, **k: lit)
     settings = Settings(artifacts_dir=lit_artifacts, onnx_cache_dir=lit_onnx_dir, torch_threads=1, device="cpu")
-    assert settings.image_backend == "onnx" and settings.text_backend == "onnx"
-    res = resources.load_resources(settings)
+    assert settings.image_backend == "auto" and settings.text_backend == "onnx"
+    res = resources.load_resources(settings)  # auto: a timm tower (EfficientNet) goes to ONNX, never bf16
     assert isinstance(res.encoder.image_backend, OnnxImageEncoder)
     assert isinstance(res.encoder.text_backend, OnnxTextEncoder)
     assert res.encoder.image_backend.threads == settings.image_threads  # a lone image query: every core
@@ -221,7 +221,7 @@ def test_service_image_backend_torch_switch(lit, lit_onnx_dir, lit_artifacts, mo
 
 
 def test_offline_embed_uses_onnx_images(lit, tmp_path, monkeypatch):
-    """`offline embed` (default image backend onnx) encodes images through the ONNX tower, exported
+    """`offline embed` (default image backend auto: onnx for a timm tower) encodes images through the ONNX tower, exported
     into <out>/onnx, and gets what torch gets."""
     import json
 

@@ -35,7 +35,7 @@ from clipsearch.onnx.runtime import (INPUTS, OnnxTowerEncoder, cache_key, export
 from clipsearch.onnx.vit import VIT_VARIANTS, export_attention, vit_geometry
 from clipsearch.towers import image_size, l2_normalize
 
-__all__ = ["EXPORTABLE_IMAGE_TOWERS", "build_onnx_image", "export_image_tower", "has_timm_image_tower",
+__all__ = ["EXPORTABLE_IMAGE_TOWERS", "build_onnx_image", "check_pixels", "export_image_tower", "has_timm_image_tower",
            "image_tower_kind", "maybe_onnx_image", "onnx_module_runner"]
 
 log = tower_log("image")
@@ -82,7 +82,7 @@ def export_image_tower(model: torch.nn.Module, path: str | os.PathLike[str], var
     return path
 
 
-def _check_pixels(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+def check_pixels(model: torch.nn.Module) -> Iterator[torch.Tensor]:
     """Random pixel batches (sizes 1 and 3) for the self-check against torch's `encode_image`."""
     h, w = image_size(model)
     g = torch.Generator().manual_seed(1)
@@ -152,7 +152,7 @@ def build_onnx_image(loaded: LoadedModel, cache_dir: str | os.PathLike[str], thr
                     export_image_tower(model, path, variant)
                 log.info("onnx image: exported %s in %.1fs", path.name, time.perf_counter() - t)
             enc = OnnxTowerEncoder(path, "image", threads=threads, spinning=spinning)
-            enc.self_check_cos = self_check(enc, model.encode_image, _check_pixels(model))
+            enc.self_check_cos = self_check(enc, model.encode_image, check_pixels(model))
         except Exception as exc:  # a graph that fails or changes the result is not served
             if kind != "vit":
                 raise

@@ -31,7 +31,7 @@ from clipsearch.manifest import save_with, sha256_json
 from clipsearch.models import LoadedModel
 
 Tower = Literal["text", "image"]
-Runtime = Literal["onnx", "torch"]  # what runs a tower: an ONNX Runtime export, or the torch model
+Runtime = Literal["auto", "onnx", "bf16", "torch"]  # what runs a tower (`clipsearch.encoder.tower_backend`)
 
 EXPORT_FORMAT = 1  # bump when an exported graph changes, so stale cache files are not reused
 OPSET = 17
@@ -192,7 +192,8 @@ def self_check(enc: OnnxTowerEncoder, reference: Callable[[torch.Tensor], torch.
             ref = torch.nn.functional.normalize(reference(x).float(), dim=-1).numpy()
         worst = min(worst, float((enc.encode(x) * ref).sum(1).min()))
     if worst < min_cos:
-        raise RuntimeError(f"ONNX {enc.tower} tower disagrees with torch (min cosine {worst:.6f})")
+        raise RuntimeError(f"{getattr(enc, 'label', 'ONNX')} {enc.tower} tower disagrees with torch "
+                           f"(min cosine {worst:.6f})")
     return worst
 
 
