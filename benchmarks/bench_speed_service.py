@@ -16,7 +16,10 @@
            then `--clients` concurrent image clients for each server configuration:
              before   one image per forward pass, two inference workers of one thread each (the
                       service before this issue: CLIPSEARCH_IMAGE_BATCH_SIZE=1, IMAGE_THREADS=1)
-             default  micro-batched image queries on an image session with every core (defaults)
+             default  micro-batched image queries on an image session with every core (defaults;
+                      the image backend "auto": bf16 for a ViT tower on an AMX CPU, else ONNX)
+             onnx     the default before the bf16 tower (`--onnx-config`): the same, on the ONNX
+                      Runtime export (CLIPSEARCH_IMAGE_BACKEND=onnx)
 
     python benchmarks/bench_speed_service.py --text-artifacts A --image-artifacts B --out FILE
 """
@@ -150,12 +153,14 @@ def collection_model(artifacts: Path) -> dict:
 
 
 def bench_image(artifacts: Path, n1: int, nc: int, clients: int, threads: int, onnx_cache: Path,
-                phase: str = "separate") -> dict:
+                phase: str = "separate", onnx_config: bool = False) -> dict:
     coll = next(p for p in (artifacts / "collections").iterdir() if p.is_dir())
     images = sorted(Path("/work/shared/flickr8k/Images").glob("*.jpg"))[-(n1 + nc + 10):]
     data = [p.read_bytes() for p in images]
     out: dict = {"collection": coll.name}
     configs = {"default": {}, "before": {"CLIPSEARCH_IMAGE_BATCH_SIZE": "1", "CLIPSEARCH_IMAGE_THREADS": "1"}}
+    if onnx_config:
+        configs["onnx"] = {"CLIPSEARCH_IMAGE_BACKEND": "onnx"}
     naive: Naive | None = None
     out["naive_phase"] = phase
     for n, (name, extra) in enumerate(configs.items()):
@@ -195,6 +200,11 @@ def bench_image(artifacts: Path, n1: int, nc: int, clients: int, threads: int, o
                                                             / b[f"c{clients}"]["throughput_rps"], 2),
         f"p99_c{clients}_default_over_before": round(d[f"c{clients}"]["p99_ms"] / b[f"c{clients}"]["p99_ms"], 2),
     }
+    if "onnx" in out:
+        o = out["onnx"]
+        out["ratios"]["onnx_image_c1_p50_over_naive_p50"] = round(o["c1"]["p50_ms"] / o["naive_c1"]["p50_ms"], 3)
+        out["ratios"][f"throughput_c{clients}_default_over_onnx"] = round(
+            d[f"c{clients}"]["throughput_rps"] / o[f"c{clients}"]["throughput_rps"], 2)
     return out
 
 
@@ -210,6 +220,8 @@ def main() -> int:
     ap.add_argument("--naive-phase", choices=("separate", "interleaved"), default="separate",
                     help="time the naive encode_image baseline alone before each server (default) or "
                          "interleaved with the uploads")
+    ap.add_argument("--onnx-config", action="store_true",
+                    help="also run the server with CLIPSEARCH_IMAGE_BACKEND=onnx (the default before bf16)")
     ap.add_argument("--onnx-cache", type=Path, default=Path("/tmp/clipsearch-onnx-bench"))
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -223,15 +235,17 @@ def main() -> int:
         lines.append(json.dumps(c["ratios"]))
     if args.image_artifacts:
         im = result["image"] = bench_image(args.image_artifacts, args.image_requests, args.concurrent_requests,
-                                           args.clients, args.threads, args.onnx_cache, args.naive_phase)
+                                           args.clients, args.threads, args.onnx_cache, args.naive_phase,
+                                           args.onnx_config)
         k = f"c{args.clients}"
         lines += ["| image config | c=1 p50 ms | c=1 p99 | c=%d req/s | c=%d p50 | c=%d p99 |"
                   % (args.clients, args.clients, args.clients), "|---|---|---|---|---|---|"]
-        for name in ("before", "default"):
+        names = [n for n in ("before", "onnx", "default") if n in im]
+        for name in names:
             r1, rc = im[name]["c1"], im[name][k]
             lines.append(f"| {name} | {r1.get('p50_ms')} | {r1.get('p99_ms')} | {rc['throughput_rps']} | "
                          f"{rc.get('p50_ms')} | {rc.get('p99_ms')} |")
-        for name in ("before", "default"):
+        for name in names:
             nv = im[name]["naive_c1"]
             lines.append(f"| naive encode_image b1, {args.threads} threads ({im['naive_phase']}, {name}) | {nv['p50_ms']} | "
                          f"{nv['p99_ms']} | | | |")
