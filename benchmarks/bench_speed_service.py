@@ -153,12 +153,13 @@ def collection_model(artifacts: Path) -> dict:
 
 
 def bench_image(artifacts: Path, n1: int, nc: int, clients: int, threads: int, onnx_cache: Path,
-                phase: str = "separate", onnx_config: bool = False) -> dict:
+                phase: str = "separate", onnx_config: bool = False,
+                default_env: dict[str, str] | None = None) -> dict:
     coll = next(p for p in (artifacts / "collections").iterdir() if p.is_dir())
     images = sorted(Path("/work/shared/flickr8k/Images").glob("*.jpg"))[-(n1 + nc + 10):]
     data = [p.read_bytes() for p in images]
-    out: dict = {"collection": coll.name}
-    configs = {"default": {}, "before": {"CLIPSEARCH_IMAGE_BATCH_SIZE": "1", "CLIPSEARCH_IMAGE_THREADS": "1"}}
+    out: dict = {"collection": coll.name, "default_env": dict(default_env or {})}
+    configs = {"default": dict(default_env or {}), "before": {"CLIPSEARCH_IMAGE_BATCH_SIZE": "1", "CLIPSEARCH_IMAGE_THREADS": "1"}}
     if onnx_config:
         configs["onnx"] = {"CLIPSEARCH_IMAGE_BACKEND": "onnx"}
     naive: Naive | None = None
@@ -220,6 +221,8 @@ def main() -> int:
     ap.add_argument("--naive-phase", choices=("separate", "interleaved"), default="separate",
                     help="time the naive encode_image baseline alone before each server (default) or "
                          "interleaved with the uploads")
+    ap.add_argument("--default-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment of the default server (e.g. CLIPSEARCH_IMAGE_BATCH_SIZE=16)")
     ap.add_argument("--onnx-config", action="store_true",
                     help="also run the server with CLIPSEARCH_IMAGE_BACKEND=onnx (the default before bf16)")
     ap.add_argument("--onnx-cache", type=Path, default=Path("/tmp/clipsearch-onnx-bench"))
@@ -236,7 +239,7 @@ def main() -> int:
     if args.image_artifacts:
         im = result["image"] = bench_image(args.image_artifacts, args.image_requests, args.concurrent_requests,
                                            args.clients, args.threads, args.onnx_cache, args.naive_phase,
-                                           args.onnx_config)
+                                           args.onnx_config, dict(kv.split("=", 1) for kv in args.default_env))
         k = f"c{args.clients}"
         lines += ["| image config | c=1 p50 ms | c=1 p99 | c=%d req/s | c=%d p50 | c=%d p99 |"
                   % (args.clients, args.clients, args.clients), "|---|---|---|---|---|---|"]

@@ -292,7 +292,9 @@ def test_checkpoint_at_recorded_path(checkpoint_artifacts, fakes, tmp_path, data
     store = res.store()
     vecs = res.encoder.encode_images([Image.open(r["image_path"]).convert("RGB") for r in images])
     stored = np.stack([store.vector(r["image_id"]) for r in images])
-    assert np.abs(vecs - stored).max() < 1e-4
+    # every image backend (torch, ONNX, the bf16 tower on an AMX CPU) is held to cosine >= 0.9999
+    # against fp32 torch, whichever one embedded the collection
+    assert (vecs * stored).sum(1).min() >= 0.9999
     # so an image of the collection finds itself first (image -> image), with cosine 1
     for i, row in enumerate(images):
         hits = store.search(vecs[i], 2)
