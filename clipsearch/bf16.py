@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -116,7 +118,11 @@ class Bf16ImageTower:
     """A bf16 copy of the model's image tower: pixels [n, 3, H, W] -> float32 (n, d), L2-normalised.
 
     The copy is the model's `visual` (open_clip's `encode_image` is `visual(pixels)`), so the fp32 model
-    stays as it was. `threads`: torch intra-op threads for its calls (set in the calling thread)."""
+    stays as it was. Forwards run on threads of its own, `cores // threads` of them (one with the
+    default `threads` = every core), each with `threads` torch intra-op threads: each calling thread
+    would otherwise get its own OpenMP team, and in the service, where successive image batches land
+    on different worker threads, an idle team's spinning threads took the cores from the busy one
+    (a lone query at 112-147 ms instead of 48-58 ms, in 2 of 4 runs)."""
 
     tower = "image"
     label = "bf16"
@@ -128,20 +134,28 @@ class Bf16ImageTower:
         self.threads = max(1, int(threads))
         self.dim: int | None = None
         self.self_check_cos: float | None = None
+        runners = max(1, (os.cpu_count() or 1) // self.threads)
+        self._runner = ThreadPoolExecutor(runners, thread_name_prefix="bf16-image",
+                                          initializer=torch.set_num_threads, initargs=(self.threads,))
 
-    @torch.inference_mode()
     def encode(self, pixels: torch.Tensor | np.ndarray) -> NDArray[np.float32]:
         x = torch.as_tensor(pixels)
         if x.ndim != 4:
             raise ValueError(f"expected pixels [batch, 3, H, W], got shape {tuple(x.shape)}")
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
-        out = l2_normalize(self.visual(x.to(torch.bfloat16)).float()).numpy()
+        out = self._runner.submit(self._forward, x).result()
         self.dim = out.shape[1]
+        return out
+
+    @torch.inference_mode()
+    def _forward(self, x: torch.Tensor) -> NDArray[np.float32]:
+        out = l2_normalize(self.visual(x.to(torch.bfloat16)).float()).numpy()
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def encode_pixels(self, pixels: torch.Tensor | np.ndarray) -> NDArray[np.float32]:
         return self.encode(pixels)
+
+    def close(self) -> None:
+        self._runner.shutdown(wait=False)
 
 
 def build_bf16_image(loaded: LoadedModel, threads: int = 1) -> Bf16ImageTower:
