@@ -97,3 +97,28 @@ def test_efficientnet_in_bf16_fails_its_check_and_goes_to_onnx(lit_loaded, tmp_p
     pytest.importorskip("onnxruntime")
     assert maybe_bf16_image(lit_loaded) is None
     assert type(tower_backend(lit_loaded, "image", "bf16", tmp_path, 1)).__name__ == "OnnxTowerEncoder"
+
+
+def test_concurrent_callers_share_the_towers_own_threads(tiny_vit):
+    """Service worker threads call in at once; every forward runs on the tower's own threads
+    (`cores // threads` of them) and each caller gets its own batch's embeddings."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    enc = build_bf16_image(tiny_vit, threads=1)
+    batches = [_pixels(n) for n in (1, 2, 3, 4, 5, 6)]
+    alone = [enc.encode_pixels(b) for b in batches]
+    names: set[str] = set()
+    real = enc._forward
+
+    def spy(x):
+        names.add(threading.current_thread().name)
+        return real(x)
+
+    enc._forward = spy
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(enc.encode_pixels, batches))
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert names and all(n.startswith("bf16-image") for n in names)
+    enc.close()
