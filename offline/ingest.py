@@ -90,8 +90,9 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
             loaded, batch_size=batch_size,
             image_backend=(image_backend_for(loaded, image_backend, layout.onnx_dir, threads)
                            if plan.to_embed else None),
+            # a folder without captions never encodes a text: no text session to build and check
             text_backend=(text_backend_for(loaded, text_backend, layout.onnx_dir, threads)
-                          if plan.to_embed or plan.recaptioned else None))
+                          if plan.recaptioned or any(item.captions for item, _ in plan.to_embed) else None))
         t_embed = time.perf_counter()
         embedded, bad = _embed_items(catalog, encoder, loaded, plan.to_embed, batch_size, workers, banks,
                                      known or KnownVectors())

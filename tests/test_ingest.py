@@ -59,6 +59,25 @@ def test_plain_folder_without_captions_nested(tmp_path, tiny_model):
         assert store.search(store.vector(image_id), 1)[0].image_id == image_id
 
 
+def test_text_session_only_built_when_there_are_captions(tmp_path, tiny_model, monkeypatch):
+    """A caption-less folder never encodes a text, so ingest builds no text backend for it; a folder
+    with sidecar captions does."""
+    import offline.ingest as ing
+
+    asked = []
+    monkeypatch.setattr(ing, "text_backend_for", lambda *a, **k: asked.append(a[1]))
+    plain = tmp_path / "plain"
+    for i in range(3):
+        _photo(plain / f"p{i}.jpg", i)
+    assert _run(plain, tmp_path / "art", tiny_model, name="plain")["images"] == 3
+    assert asked == []
+    captioned = tmp_path / "captioned"
+    _photo(captioned / "c0.jpg", 7)
+    (captioned / "c0.txt").write_text("a red square\n")
+    assert _run(captioned, tmp_path / "art", tiny_model, name="captioned")["captions"] == 1
+    assert asked == ["torch"]
+
+
 def test_sidecar_captions_and_bad_files_reported(tmp_path, tiny_model):
     src = tmp_path / "photos"
     _photo(src / "a.jpg", 1)
