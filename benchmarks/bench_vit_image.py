@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "min_cos_vs_torch": round(cos, 6), "reps": reps})
     result = {"benchmark": "vit_image", "model": args.model, "weights": "random", "env": env,
               "chosen": chosen.path.name, "default": default,
-              "bf16_self_check_cos": None if bf16 is None else round(bf16.self_check_cos, 6), "export_and_check_s": round(export_s, 1), "rows": rows}
+              "bf16_self_check_cos": None if bf16 is None else round(bf16.self_check_cos, 6),
+              "export_and_check_s": round(export_s, 1), "rows": rows}
     lines = ["| batch | path | median ms | img/s | x torch | min cos |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['path']} | {r['median_ms']} | {r['images_per_s']} | {r['x_torch']} | "
               f"{r['min_cos_vs_torch']:.6f} |" for r in rows]

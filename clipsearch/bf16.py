@@ -32,7 +32,8 @@ from clipsearch.onnx.image import check_pixels
 from clipsearch.onnx.runtime import self_check
 from clipsearch.towers import l2_normalize
 
-__all__ = ["Bf16ImageTower", "PackedLinear", "PackedSelfAttention", "amx_bf16", "pack_vit", "build_bf16_image", "maybe_bf16_image", "pays_in_bf16"]
+__all__ = ["Bf16ImageTower", "PackedLinear", "PackedSelfAttention", "amx_bf16", "build_bf16_image",
+           "maybe_bf16_image", "pack_vit", "pays_in_bf16"]
 
 log = logging.getLogger("clipsearch.bf16_image")
 
@@ -132,7 +133,6 @@ class Bf16ImageTower:
         if family_of(model).image_tower(model) == "vit":
             pack_vit(self.visual)
         self.threads = max(1, int(threads))
-        self.dim: int | None = None
         self.self_check_cos: float | None = None
         runners = max(1, (os.cpu_count() or 1) // self.threads)
         self._runner = ThreadPoolExecutor(runners, thread_name_prefix="bf16-image",
@@ -142,9 +142,7 @@ class Bf16ImageTower:
         x = torch.as_tensor(pixels)
         if x.ndim != 4:
             raise ValueError(f"expected pixels [batch, 3, H, W], got shape {tuple(x.shape)}")
-        out = self._runner.submit(self._forward, x).result()
-        self.dim = out.shape[1]
-        return out
+        return self._runner.submit(self._forward, x).result()
 
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor) -> NDArray[np.float32]:
@@ -153,9 +151,6 @@ class Bf16ImageTower:
 
     def encode_pixels(self, pixels: torch.Tensor | np.ndarray) -> NDArray[np.float32]:
         return self.encode(pixels)
-
-    def close(self) -> None:
-        self._runner.shutdown(wait=False)
 
 
 def build_bf16_image(loaded: LoadedModel, threads: int = 1) -> Bf16ImageTower:

@@ -121,4 +121,3 @@ def test_concurrent_callers_share_the_towers_own_threads(tiny_vit):
     for a, b in zip(alone, together):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert names and all(n.startswith("bf16-image") for n in names)
-    enc.close()
