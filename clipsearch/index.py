@@ -10,6 +10,9 @@ On disk an index is two files in one folder:
   `<name>.json`           the manifest sidecar, pointing at that file.
 Both are written atomically and the manifest goes last, so its rename is the single commit point: a
 process killed mid-write leaves the previous manifest pointing at the previous, whole index file.
+
+An HNSW graph can leave a few rows unreachable (`clipsearch/unreachable.py`); they are listed in the
+manifest (`unreachable`) and every search scores them exactly beside the graph, so none is lost.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from clipsearch.manifest import ArtifactError, now_iso, read_json, save_with, sha256_file, write_json_atomic
+from clipsearch.unreachable import unreachable_rows
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,30 @@ class VectorIndex:
         self.index = index
         self.params = params
         self.manifest = manifest
+        self.unreachable = self._unreachable()
+        self._unreachable_x: NDArray[np.float32] | None = None  # their stored vectors, read at first search
+
+    def _unreachable(self) -> NDArray[np.int64]:
+        """The manifest's list where it holds a valid one, else found in the graph (and recorded)."""
+        if self.params.kind != "hnsw":
+            return np.zeros(0, np.int64)
+        listed = self.manifest.get("unreachable")
+        if isinstance(listed, list) and all(isinstance(i, int) and 0 <= i < self.ntotal for i in listed):
+            return np.array(sorted(set(listed)), np.int64)
+        rows = unreachable_rows(self.index)
+        if rows.size:
+            log.info("HNSW graph of %d rows leaves %d unreachable; they are searched exactly", self.ntotal, rows.size)
+        self.manifest["unreachable"] = rows.tolist()
+        return rows
+
+    def unreachable_vectors(self) -> NDArray[np.float32]:
+        """The stored vectors (with the offset column, if any) of the unreachable rows."""
+        if self._unreachable_x is None:
+            x = np.zeros((self.unreachable.size, int(self.index.d)), np.float32)
+            for j, row in enumerate(self.unreachable):
+                x[j] = self.index.reconstruct(int(row))
+            self._unreachable_x = x
+        return self._unreachable_x
 
     @property
     def ntotal(self) -> int:
@@ -135,9 +163,24 @@ class VectorIndex:
             # per-call parameters keep concurrent searches with different efSearch thread-safe
             sp = faiss.SearchParametersHNSW(efSearch=max(ef_search or self.params.ef_search, k))
             scores, ids = self.index.search(q, k, params=sp)
+            if self.unreachable.size:
+                scores, ids = self._with_unreachable(q, k, scores, ids)
         else:
             scores, ids = self.index.search(q, k)
         return scores, ids
+
+    def _with_unreachable(self, q: NDArray[np.float32], k: int, scores: NDArray[np.float32],
+                          ids: NDArray[np.int64]) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        """Merge the exact scores of the unreachable rows into the graph's top k (per query)."""
+        extra = q @ self.unreachable_vectors().T
+        all_scores = np.hstack([scores, extra])
+        all_ids = np.hstack([ids, np.broadcast_to(self.unreachable, extra.shape)])
+        all_scores = np.where(all_ids >= 0, all_scores, -np.inf)  # FAISS pads short results with -1
+        order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
+        top_ids = np.take_along_axis(all_ids, order, 1)
+        top_scores = np.take_along_axis(all_scores, order, 1)
+        pad = ~np.isfinite(top_scores)
+        return np.where(pad, -np.inf, top_scores).astype(np.float32), np.where(pad, -1, top_ids).astype(np.int64)
 
     def save(self, folder: str | Path, name: str) -> Path:
         """Write `<name>.<sha12>.faiss` then `<name>.json`; remove this name's older index files."""

@@ -43,7 +43,7 @@ def exact_top(vectors: NDArray[np.float32], offsets: NDArray[np.float32] | None,
 
 def hnsw_and_delta(view: View, q: NDArray[np.float32], need: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
     """The graph over its positions (tombstones and filtered rows left out by an ID selector), the
-    delta after it exactly, merged by score."""
+    rows the graph cannot reach and the delta after it exactly, merged by score."""
     index = view.index
     assert index is not None
     m = index.ntotal
@@ -65,13 +65,25 @@ def hnsw_and_delta(view: View, q: NDArray[np.float32], need: int) -> tuple[NDArr
         s, ids = index.index.search(query, k, params=sp)
         keep = ids[0] >= 0
         rows, scores = ids[0][keep].astype(np.int64), s[0][keep]
+        cut_off = index.unreachable  # rows the graph never returns (clipsearch/unreachable.py): exactly
+        if cut_off.size:
+            ok = head[cut_off] if head is not None else None
+            u_rows, u_scores = exact_top(view.vectors[cut_off], view.offsets[cut_off] if view.offsets is not None
+                                         else None, q[0], need, ok)
+            rows, scores = _merge(rows, scores, cut_off[u_rows], u_scores, need)
     n = view.vectors.shape[0]
     if n > m:
         tail = allowed[m:] if allowed is not None else None
         if tail is None or tail.any():
             d_rows, d_scores = exact_top(view.vectors[m:], view.offsets[m:] if view.offsets is not None else None,
                                       q[0], need, tail, base=m)
-            rows, scores = np.concatenate([rows, d_rows]), np.concatenate([scores, d_scores])
-            order = np.lexsort((rows, -scores))[:need]
-            rows, scores = rows[order], scores[order]
+            rows, scores = _merge(rows, scores, d_rows, d_scores, need)
     return rows, scores
+
+
+def _merge(rows: NDArray[np.int64], scores: NDArray[np.float32], more_rows: NDArray[np.int64],
+           more_scores: NDArray[np.float32], need: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """The top `need` of two disjoint ranked lists, ties by row."""
+    rows, scores = np.concatenate([rows, more_rows]), np.concatenate([scores, more_scores])
+    order = np.lexsort((rows, -scores))[:need]
+    return rows[order], scores[order]
