@@ -178,9 +178,8 @@ class VectorIndex:
         all_scores = np.where(all_ids >= 0, all_scores, -np.inf)  # FAISS pads short results with -1
         order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
         top_ids = np.take_along_axis(all_ids, order, 1)
-        top_scores = np.take_along_axis(all_scores, order, 1)
-        pad = ~np.isfinite(top_scores)
-        return np.where(pad, -np.inf, top_scores).astype(np.float32), np.where(pad, -1, top_ids).astype(np.int64)
+        top_scores = np.take_along_axis(all_scores, order, 1).astype(np.float32)
+        return top_scores, np.where(np.isfinite(top_scores), top_ids, -1).astype(np.int64)
 
     def save(self, folder: str | Path, name: str) -> Path:
         """Write `<name>.<sha12>.faiss` then `<name>.json`; remove this name's older index files."""

@@ -15,6 +15,8 @@ at the load of a snapshot saved before this existed) and kept in the index's man
 
 from __future__ import annotations
 
+from typing import Any
+
 import faiss
 import numpy as np
 from numpy.typing import NDArray
@@ -22,12 +24,11 @@ from numpy.typing import NDArray
 __all__ = ["unreachable_rows"]
 
 
-def _int_view(vec: faiss.Int32Vector | faiss.UInt64Vector | faiss.Int64Vector, dtype: type) -> NDArray:
-    """A numpy view of a FAISS std::vector without copying it (the graph can be ~128 MB at 1M rows)."""
+def _int_view(vec: Any, dtype: type) -> NDArray:
+    """A numpy view of a FAISS integer vector (of `dtype`) without copying it (the graph can be ~128 MB
+    at 1M rows)."""
     n = int(vec.size())
-    if n == 0:
-        return np.zeros(0, dtype)
-    return np.asarray(faiss.rev_swig_ptr(vec.data(), n)).view(dtype)
+    return np.asarray(faiss.rev_swig_ptr(vec.data(), n)) if n else np.zeros(0, dtype)
 
 
 def unreachable_rows(index: faiss.Index) -> NDArray[np.int64]:
