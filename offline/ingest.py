@@ -125,8 +125,11 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
                     item.get("detail", ""))
     if len(skipped) > 8:
         log.warning("... %d more skipped items in %s", len(skipped) - 8, coll.report)
+    reused = known.reused_images if known is not None else 0
+    # vectors copied from the split embeddings were not encoded here: the summary says which is which
+    added = f"{embedded - reused} embedded, {reused} reused" if reused else f"{embedded} embedded"
     print(f"ingest {collection}: {n_items} images, {n_captions} captions "
-          f"({embedded} embedded, {removed} removed, {len(skipped)} skipped) in "
+          f"({added}, {removed} removed, {len(skipped)} skipped) in "
           f"{time.perf_counter() - t0:.1f} s; index: {info['index']['images']}", flush=True)
     return {"collection": collection, "dir": str(coll.dir), "source": str(src.root), "kind": src.kind,
             **report["changes"], "embedded": embedded, "images": n_items, "captions": n_captions,

@@ -98,14 +98,17 @@ def test_new_rows_get_offsets_and_only_a_new_correction_recomputes_all(tmp_path,
     assert not rows4.image_offsets.any() and not rows4.caption_offsets.any()
 
 
-def test_known_vectors_are_copied_not_embedded(tmp_path, tiny_model):
+def test_known_vectors_are_copied_not_embedded(tmp_path, tiny_model, capsys):
     out, src = tmp_path / "art", tmp_path / "photos"
     paths = _photos(src, range(3))
     dim = tiny_model.identity.embed_dim
     marker = _unit(np.random.default_rng(5).normal(size=(2, dim)))
     later = time.time() + 60
     known = KnownVectors({os.path.realpath(paths[0]): (marker[0], later)}, {"photo number 1": marker[1]})
-    _run(src, out, tiny_model, known=known)
+    summary = _run(src, out, tiny_model, known=known)
+    assert summary["embedded"] == 3
+    # the summary line tells copied vectors from encoded ones
+    assert "(2 embedded, 1 reused, 0 removed" in capsys.readouterr().out
     rows, *_ = _rows(out)
     i = rows.image_ids.index(next(x for x in rows.image_ids if "img0" in x))
     np.testing.assert_array_equal(rows.vectors[i], marker[0])  # copied, not the model's vector
