@@ -87,41 +87,35 @@ def test_recall_with_text_offsets_matches_manual_ranks():
     assert all(m[f"text_to_image_R@{k}"] == plain[f"text_to_image_R@{k}"] for k in KS)
 
 
-def test_beta_chosen_on_one_split_lifts_recall_on_a_held_out_one():
-    rng = np.random.default_rng(3)
-    bank, _ = _hub_world(rng, 300)
-    val_img, val_txt = _hub_world(rng, 300)
-    test_img, test_txt = _hub_world(rng, 300)
+@pytest.mark.parametrize("direction, seed", [("image_to_text", 3), ("text_to_image", 5)])
+def test_beta_chosen_on_one_split_lifts_recall_on_a_held_out_one(direction, seed):
+    """Image -> text: hub captions penalised by their mean cosine to another split's images. Text ->
+    image, the mirror correction: the same world with the roles swapped, so the hubs are images,
+    penalised by their mean cosine to another split's captions."""
+    rng = np.random.default_rng(seed)
+    i2t = direction == "image_to_text"
+    other = "text_to_image" if i2t else "image_to_text"
+
+    def world(n):  # (images, texts): for text -> image the hubs are the images
+        pair = _hub_world(rng, n)
+        return pair if i2t else pair[::-1]
+
+    bank_img, bank_txt = world(300)
+    bank = bank_img if i2t else bank_txt  # the bank: the other modality, from another split
+    val_img, val_txt = world(300)
+    test_img, test_txt = world(300)
+    gallery_val, gallery_test = (val_txt, test_txt) if i2t else (val_img, test_img)
     ids = np.arange(300)
-    beta, table = sweep_beta(val_img, val_txt, ids, bank_similarity(val_txt, bank))
-    assert table[0]["beta"] == 0.0 and beta > 0
-    score = {t["beta"]: np.mean([t[f"image_to_text_R@{k}"] for k in KS]) for t in table}
+    beta, table = sweep_beta(val_img, val_txt, ids, bank_similarity(gallery_val, bank), direction=direction)
+    assert table[0]["beta"] == 0.0 and beta > 0 and f"{other}_R@1" not in table[0]
+    score = {t["beta"]: np.mean([t[f"{direction}_R@{k}"] for k in KS]) for t in table}
     assert score[beta] == max(score.values())
     before = retrieval_metrics(test_img, test_txt, ids, KS)
+    offsets = caption_offsets(gallery_test, bank, beta)
     after = retrieval_metrics(test_img, test_txt, ids, KS,
-                              text_offsets=caption_offsets(test_txt, bank, beta))
-    assert after["image_to_text_R@1"] > before["image_to_text_R@1"] + 20
-    assert after["text_to_image_R@1"] == before["text_to_image_R@1"]
-
-
-def test_text_to_image_beta_chosen_on_one_split_lifts_recall_on_a_held_out_one():
-    """The mirror correction: hub *images* (close to every caption) penalised by their mean cosine to a
-    bank of captions from another split."""
-    rng = np.random.default_rng(5)
-    _hub_world_t2i = lambda n: _hub_world(rng, n)[::-1]  # noqa: E731 - the hubs are now the images
-    _, bank = _hub_world_t2i(300)  # the bank: another split's captions
-    val_img, val_txt = _hub_world_t2i(300)
-    test_img, test_txt = _hub_world_t2i(300)
-    ids = np.arange(300)
-    beta, table = sweep_beta(val_img, val_txt, ids, bank_similarity(val_img, bank), direction="text_to_image")
-    assert table[0]["beta"] == 0.0 and beta > 0 and "image_to_text_R@1" not in table[0]
-    score = {t["beta"]: np.mean([t[f"text_to_image_R@{k}"] for k in KS]) for t in table}
-    assert score[beta] == max(score.values())
-    before = retrieval_metrics(test_img, test_txt, ids, KS)
-    after = retrieval_metrics(test_img, test_txt, ids, KS,
-                              image_offsets=caption_offsets(test_img, bank, beta))
-    assert after["text_to_image_R@1"] > before["text_to_image_R@1"] + 20
-    assert after["image_to_text_R@1"] == before["image_to_text_R@1"]
+                              **({"text_offsets": offsets} if i2t else {"image_offsets": offsets}))
+    assert after[f"{direction}_R@1"] > before[f"{direction}_R@1"] + 20
+    assert after[f"{other}_R@1"] == before[f"{other}_R@1"]  # the other direction is not touched
 
 
 def test_build_chooses_beta_on_val_and_index_and_evaluate_apply_it(tiny_dataset, tiny_checkpoint, tmp_path):
