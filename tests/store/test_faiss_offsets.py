@@ -10,15 +10,10 @@ import pytest
 
 from clipsearch.artifacts import ArtifactLayout
 from clipsearch.store import Catalog, FaissStore, NewItem
+from tests.store.conftest import DIM, unit
 
-DIM = 8
 MODEL = {"model": "fake-offsets", "embed_dim": DIM}
 EXACT_MAX = 4  # above this many rows a target gets an HNSW graph
-
-
-def unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    v = rng.standard_normal((n, DIM)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 class Truth:

@@ -13,33 +13,10 @@ import pytest
 from clipsearch.artifacts import ArtifactLayout
 from clipsearch.store import Catalog, FaissStore, NewItem
 from clipsearch.store.startup import current_snapshot_state, storage_vectors
+from tests.store.conftest import DIM, make_items, unit  # the contract tests' collection
 
 EXACT_MAX = 5  # every target of these small collections gets an HNSW snapshot
-DIM = 8
 MODEL = {"model": "fake-startup", "pretrained": None, "checkpoint_sha256": None, "embed_dim": DIM}
-
-
-def unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    v = rng.standard_normal((n, DIM)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def make_items(seed: int) -> list[NewItem]:
-    """8 items, 0-3 captions each; metadata of every kind a filter can name, a list no filter can
-    name, 1 and 1.0 (one filter key, the first one seen kept as the original), 1 beside True."""
-    rng = np.random.default_rng(seed)
-    kinds = ["cat", "dog", "cat", "bird", "dog", "cat", "bird", "dog"]
-    items = []
-    for i in range(8):
-        n_caps = i % 4
-        meta = {"kind": kinds[i], "year": 2020 + i % 3, "score": [1, 1.0, 2.5][i % 3], "flag": i % 2 == 0,
-                "tags": ["x", "y"], "uid": f"u{i}"}
-        if i == 7:
-            meta["flag"] = 1
-        items.append(NewItem(f"img{i}.jpg", f"/data/img{i}.jpg", unit(rng, 1)[0],
-                             captions=tuple(f"caption {j} of image {i}" for j in range(n_caps)),
-                             caption_vectors=unit(rng, n_caps) if n_caps else None, metadata=meta))
-    return items
 
 
 def _collection(tmp_path, n_extra: int = 40, seed: int = 0) -> tuple[ArtifactLayout, FaissStore]:
