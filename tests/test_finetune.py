@@ -303,6 +303,62 @@ def test_feature_path_matches_the_full_model(tmp_path):
     assert torch.equal(again["val"]["texts"][2].flat, f["texts"][2].flat)
 
 
+def test_mirror_features_match_the_mirrored_encoder_and_train_on_both(tmp_path):
+    """With mirror=True the cache holds each image's mirror too: the backend's val images equal what
+    the served encoder gives with image_tta "mirror", the plain embedding (for CCA) equals the
+    unmirrored encoder, and training batches mix images and mirrors."""
+    write_splits(tmp_path, {"train": 1, "val": 1})
+    torch.manual_seed(0)
+    model, preprocess_train, preprocess, tokenizer = lit.build_lit_model("cpu", load_towers=False)
+    from clipsearch.models import LoadedModel, ModelIdentity
+
+    def loaded_with(tta):
+        return LoadedModel(model, preprocess, preprocess_train, tokenizer,
+                           ModelIdentity(lit.LIT_MODEL_NAME, None, None, lit.LIT_EMBED_DIM, image_tta=tta),
+                           torch.device("cpu"))
+
+    splits = {s: ft.read_split_data(tmp_path, s) for s in ("train", "val")}
+    feats = ft.extract_features(tmp_path, loaded_with(None), splits, image_cut=1, text_cut=0, workers=0,
+                                batch_size=8, mirror=True)
+    assert feats["val"]["images_mirror"][1].shape == feats["val"]["images"][1].shape
+    assert not torch.allclose(feats["val"]["images_mirror"][0], feats["val"]["images"][0])
+    val_images = [Image.open(p).convert("RGB") for p in splits["val"].image_paths]
+    for unlocked in ((0, 0), (1, 0)):
+        backend = ft.FeatureBackend(model, feats, splits, *unlocked, device=torch.device("cpu"), mirror=True)
+        img, _ = backend.embed("val")
+        np.testing.assert_allclose(img, ClipEncoder(loaded_with("mirror"), batch_size=16).encode_images(val_images),
+                                   atol=2e-4, err_msg=str(unlocked))
+        plain, _ = backend.embed_plain("val")
+        np.testing.assert_allclose(plain, ClipEncoder(loaded_with(None), batch_size=16).encode_images(val_images),
+                                   atol=2e-4, err_msg=str(unlocked))
+    train = splits["train"]
+    rows = np.arange(train.n_images)
+    torch.manual_seed(1)
+    (images, _), = backend.inputs([(rows, rows[:len(rows)])])
+    orig, mirrored = feats["train"]["images"][1], feats["train"]["images_mirror"][1]
+    is_orig = [torch.equal(images[i], orig[i]) for i in rows]
+    is_mirror = [torch.equal(images[i], mirrored[i]) for i in rows]
+    assert all(a != b for a, b in zip(is_orig, is_mirror))  # each row is exactly one of the two
+    assert 0 < sum(is_mirror) < len(rows)
+    with pytest.raises(ft.FinetuneError, match="mirror"):
+        ft.FeatureBackend(model, ft.extract_features(tmp_path, loaded_with(None), splits, 1, 0, workers=0),
+                          splits, 0, 0, device=torch.device("cpu"), mirror=True)
+
+
+def test_mirror_on_the_pixel_path_is_refused(shapes_out):
+    with pytest.raises(ft.FinetuneError, match="--mirror needs the cached-feature path"):
+        ft.finetune(shapes_out, TINY, None, [("finetune", tiny_cfg(mirror=True))], "tiny-mirror", device="cpu",
+                    workers=0)
+    assert not (shapes_out / "models" / "tiny-mirror.pt").exists()
+
+
+def test_mirror_option_leaves_earlier_run_keys_alone():
+    """Runs from before --mirror existed keep their key (and so their checkpoint) when it is off."""
+    cfg = ft.FinetuneConfig(epochs=3, seed=2)
+    assert "mirror" not in ft.config_dict(cfg)
+    assert ft.config_dict(ft.FinetuneConfig(epochs=3, seed=2, mirror=True))["mirror"] is True
+
+
 def test_token_states_round_trip():
     torch.manual_seed(0)
     lengths = torch.tensor([3, 1, 4, 2])

@@ -32,7 +32,7 @@ def head_inputs(model: nn.Module, parts: TowerParts, backend: Backend,
         handles.append(mod.register_forward_pre_hook(
             lambda m, inputs, name=name: captured[name].append(inputs[0].detach().float().cpu())))
     try:
-        backend.embed(split)
+        getattr(backend, "embed_plain", backend.embed)(split)  # one (unmirrored) row per image
     finally:
         for h in handles:
             h.remove()

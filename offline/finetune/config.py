@@ -53,6 +53,7 @@ class FinetuneConfig:
     cca_power: float = 1.0             # directions weighted by canonical correlation ** (power / 2)
     collapse_cosine: float = DEFAULT_COLLAPSE_COSINE
     eval_test: bool = True
+    mirror: bool = False               # train on images or their mirrors, select on mirror-averaged images
 
     def image_unlocked(self) -> int | None:
         """Trailing image blocks that train: None = all (tower unlocked), 0 = none."""
@@ -127,6 +128,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CCA ridge, relative to each covariance's mean eigenvalue (default: %(default)s)")
     g.add_argument("--cca-power", type=float, default=d.cca_power,
                    help="weight CCA directions by correlation ** (power / 2) (default: %(default)s)")
+    g.add_argument("--mirror", action="store_true",
+                   help="train on each image or its horizontal mirror (a coin per image and step) and "
+                        "score val with each image averaged with its mirror, as a model served with "
+                        "--image-tta mirror embeds it (cached-feature path only)")
     g.add_argument("--seed", type=int, default=d.seed, help="training seed (default: %(default)s)")
     g.add_argument("--no-feature-cache", dest="feature_cache", action="store_false",
                    help="always run the whole model on pixels, even when the frozen towers could be cached")
@@ -145,7 +150,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         grad_clip=args.grad_clip, patience=args.patience, wise_alphas=tuple(args.wise_alphas),
         seed=args.seed, feature_cache=args.feature_cache, init_logit_scale=args.init_logit_scale,
         head_init=args.head_init, cca_reg=args.cca_reg, cca_power=args.cca_power, soup=args.soup,
-        collapse_cosine=args.collapse_cosine, eval_test=args.eval_test,
+        collapse_cosine=args.collapse_cosine, eval_test=args.eval_test, mirror=args.mirror,
     )
     validate_config(cfg)
     return cfg
@@ -175,7 +180,11 @@ def validate_config(cfg: FinetuneConfig) -> None:
 
 
 def config_dict(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The config as JSON, the run key's part. Options added after the first format are left out
+    while at their default, so runs made before them keep their keys (and checkpoints)."""
     d = asdict(cfg)
     d["wise_alphas"] = list(cfg.wise_alphas)
+    if not cfg.mirror:
+        del d["mirror"]
     return d
 

@@ -109,31 +109,43 @@ class FeatureBackend:
     c BERT layers (c = 0: MiniLM's mean-pooled 384-d output). Training with `image_unlocked` /
     `text_unlocked` trailing blocks runs the frozen blocks between the cache and those once, then
     only the unlocked blocks and the heads per step — the model's own modules throughout.
+
+    With `mirror` (the cache then also holds `"images_mirror"`, the same of each horizontally
+    flipped image): training sees each image or its mirror, a fair coin per image and step, and
+    `embed` gives each image as the normalised mean of its and its mirror's embeddings, which is what
+    a model served with `image_tta: mirror` computes.
     """
 
     kind = "features"
 
     def __init__(self, model: nn.Module, feats: dict[str, dict[str, dict[int, Any]]],
                  splits: dict[str, SplitData], image_unlocked: int, text_unlocked: int,
-                 device: torch.device, chunk: int = 256):
-        self.model, self.splits, self.device, self.chunk = model, splits, device, chunk
+                 device: torch.device, chunk: int = 256, mirror: bool = False):
+        self.model, self.splits, self.device, self.chunk, self.mirror = model, splits, device, chunk, mirror
         groups = family_of(model).unlock_groups(model)
         vblocks, tlayers = groups.image, groups.text
         self.image_unlocked, self.text_unlocked = image_unlocked, text_unlocked
         self.image_blocks = vblocks[len(vblocks) - image_unlocked:] if image_unlocked else []
         self.text_layers = tlayers[len(tlayers) - text_unlocked:] if text_unlocked else []
         self.feats: dict[str, dict[str, Any]] = {}
+        image_parts = ("images", "images_mirror") if mirror else ("images",)
         for split, f in feats.items():
-            img_cut = _source_cut(f["images"], image_unlocked, "image")
+            self.feats[split] = {}
+            for part in image_parts:
+                if part not in f:
+                    raise FinetuneError(f"the {split} feature cache has no mirrored images; extract with mirror=True")
+                img_cut = _source_cut(f[part], image_unlocked, "image")
+                img = f[part][img_cut]
+                if img_cut > image_unlocked:
+                    img = _run_frozen_image(model, vblocks[len(vblocks) - img_cut:len(vblocks) - image_unlocked],
+                                            img, pool=image_unlocked == 0, chunk=chunk)
+                self.feats[split][part] = img
             txt_cut = _source_cut(f["texts"], text_unlocked, "text")
-            img, txt = f["images"][img_cut], f["texts"][txt_cut]
-            if img_cut > image_unlocked:
-                img = _run_frozen_image(model, vblocks[len(vblocks) - img_cut:len(vblocks) - image_unlocked], img,
-                                        pool=image_unlocked == 0, chunk=chunk)
+            txt = f["texts"][txt_cut]
             if txt_cut > text_unlocked:
                 txt = _run_frozen_text(model, tlayers[len(tlayers) - txt_cut:len(tlayers) - text_unlocked], txt,
                                        pool=text_unlocked == 0, chunk=chunk)
-            self.feats[split] = {"images": img, "texts": txt}
+            self.feats[split]["texts"] = txt
 
     def _image(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -155,21 +167,39 @@ class FeatureBackend:
         return t.batch(rows) if isinstance(t, TokenStates) else t[rows]
 
     def inputs(self, batches: list[PlannedBatch]) -> Iterator[tuple[Any, Any]]:
+        train = self.feats["train"]
         for img_rows, cap_rows in batches:
-            yield self.feats["train"]["images"][torch.from_numpy(img_rows)], self._texts_at("train", cap_rows)
+            rows = torch.from_numpy(img_rows)
+            images = train["images"][rows]
+            if self.mirror:  # the global RNG, seeded per epoch by the loop: reproducible on resume
+                flip = torch.rand(len(rows)) < 0.5
+                images[flip] = train["images_mirror"][rows[flip]]
+            yield images, self._texts_at("train", cap_rows)
 
     def forward(self, batch: tuple[Any, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return self._image(batch[0]), self._text(batch[1])
 
     @torch.no_grad()
-    def embed(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    def embed(self, split: str, mirror: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every image and caption of a split; images mirror-averaged when the backend mirrors
+        (`mirror=False`: the unmirrored images alone)."""
         self.model.eval()
-        n_img, n_txt = len(self.feats[split]["images"]), len(self.feats[split]["texts"])
-        imgs = [self._image(self.feats[split]["images"][i:i + self.chunk]).float().cpu()
-                for i in range(0, n_img, self.chunk)]
+        mirror = self.mirror if mirror is None else mirror
+        f = self.feats[split]
+        n_img, n_txt = len(f["images"]), len(f["texts"])
+        imgs = []
+        for i in range(0, n_img, self.chunk):
+            emb = self._image(f["images"][i:i + self.chunk]).float().cpu()
+            if mirror:
+                emb = F.normalize(emb + self._image(f["images_mirror"][i:i + self.chunk]).float().cpu(), dim=-1)
+            imgs.append(emb)
         txts = [self._text(self._texts_at(split, slice(i, i + self.chunk))).float().cpu()
                 for i in range(0, n_txt, self.chunk)]
         return torch.cat(imgs).numpy(), torch.cat(txts).numpy()
+
+    def embed_plain(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """`embed` without the mirror: one image row per image, for the CCA start of the heads."""
+        return self.embed(split, mirror=False)
 
 
 def _source_cut(available: dict[int, Any], unlocked: int, tower: str) -> int:
@@ -250,11 +280,12 @@ def feature_cache_dir(out: Path, loaded: LoadedModel) -> Path:
 
 def extract_features(out: Path, loaded: LoadedModel, splits: dict[str, SplitData], image_cut: int,
                      text_cut: int, workers: int, batch_size: int = 64,
-                     force: bool = False) -> dict[str, dict[str, dict[int, Any]]]:
+                     force: bool = False, mirror: bool = False) -> dict[str, dict[str, dict[int, Any]]]:
     """Frozen-tower features of every split, cached per split and part (resumable, idempotent).
 
     Returns `{split: {"images": {0: pooled, image_cut: activations}, "texts": {0: pooled,
-    text_cut: TokenStates}}}`, all fp32. One pass per part computes both of its cuts; captions run in
+    text_cut: TokenStates}}}`, all fp32, and with `mirror` also `"images_mirror"`: the same for
+    each image flipped left to right. One pass per part computes both of its cuts; captions run in
     length-sorted batches (less padding, same result).
     """
     cdir = feature_cache_dir(out, loaded)
@@ -270,14 +301,15 @@ def extract_features(out: Path, loaded: LoadedModel, splits: dict[str, SplitData
     result: dict[str, dict[str, dict[int, Any]]] = {}
     for split, data in splits.items():
         result[split] = {}
-        for part, cut in (("images", image_cut), ("texts", text_cut)):
+        parts = [("images", image_cut), ("texts", text_cut)] + ([("images_mirror", image_cut)] if mirror else [])
+        for part, cut in parts:
             names = [f"{split}.{part}.c{c}" for c in sorted({0, cut})]
             if all(manifest["parts"].get(n) == data.sha256 and (cdir / f"{n}.npy").is_file() for n in names):
                 result[split][part] = {c: _load_feature(cdir, f"{split}.{part}.c{c}") for c in sorted({0, cut})}
                 continue
             t = time.perf_counter()
-            arrays = (_extract_images(loaded, data, cut, workers, batch_size) if part == "images"
-                      else _extract_texts(loaded, data, cut, max(batch_size, 128)))
+            arrays = (_extract_texts(loaded, data, cut, max(batch_size, 128)) if part == "texts"
+                      else _extract_images(loaded, data, cut, workers, batch_size, flip=part == "images_mirror"))
             for c, value in arrays.items():
                 _save_feature(cdir, f"{split}.{part}.c{c}", value)
                 manifest["parts"][f"{split}.{part}.c{c}"] = data.sha256
@@ -350,7 +382,7 @@ def _image_runner(module: _ImageFront, example: torch.Tensor, device: torch.devi
 
 @torch.inference_mode()
 def _extract_images(loaded: LoadedModel, data: SplitData, cut: int, workers: int,
-                    batch_size: int) -> dict[int, torch.Tensor]:
+                    batch_size: int, flip: bool = False) -> dict[int, torch.Tensor]:
     from torch.utils.data import DataLoader
 
     from offline.embed import ImageFiles, collate_images
@@ -362,12 +394,15 @@ def _extract_images(loaded: LoadedModel, data: SplitData, cut: int, workers: int
     at_cut: list[torch.Tensor] = []
     pooled: list[torch.Tensor] = []
     run = None
-    with tqdm(total=data.n_images, desc=f"{data.name} image features", unit="img") as bar:
+    desc = f"{data.name} {'mirrored ' if flip else ''}image features"
+    with tqdm(total=data.n_images, desc=desc, unit="img") as bar:
         for idx, pixels, bad in loader:
             if bad:
                 raise FinetuneError(f"{data.name} image {data.image_ids[bad[0][0]]} could not be decoded "
                                     f"({bad[0][1]}); run prepare again.")
             pixels = pixels.to(loaded.device)
+            if flip:  # the preprocessed mirror image, as the encoder's image_tta "mirror" makes it
+                pixels = pixels.flip(-1)
             if run is None:
                 run, how = _image_runner(module, pixels[:4], loaded.device)
                 log.info("image features via %s", how)

@@ -52,6 +52,10 @@ def _check_stage_order(loaded: LoadedModel, stages: list[tuple[str, FinetuneConf
             raise FinetuneError(f"stage '{label}' unlocks fewer blocks than the stage before it; order the "
                                 "stages from the most locked to the least.")
         prev = cur
+    for label, c in stages:
+        if c.mirror and not _use_features(loaded, c):
+            raise FinetuneError(f"stage '{label}': --mirror needs the cached-feature path (a model with "
+                                "feature_cache whose towers are locked but for their last blocks).")
 
 
 def _run_key(model_name: str, pretrained: str | None, start_sha: str | None, splits: dict[str, SplitData],
@@ -115,16 +119,16 @@ def finetune(out: Path, model_name: str, pretrained: str | None, stages: list[tu
         wanted = {s: d for s, d in splits.items() if s != "test" or any(c.eval_test for _, c in stages)}
         feats = extract_features(out, loaded, wanted, max(c.image_unlocked() or 0 for c in feature_stages),
                                  max(c.text_unlocked() or 0 for c in feature_stages), workers, eval_batch,
-                                 force=force)
+                                 force=force, mirror=any(c.mirror for c in feature_stages))
         timings["features"] = round(time.perf_counter() - t, 2)
-    backends: dict[tuple[int, int], FeatureBackend] = {}
+    backends: dict[tuple[int, int, bool], FeatureBackend] = {}
 
     def backend_for(c: FinetuneConfig) -> Backend:
         if not _use_features(loaded, c):
             return PixelBackend(loaded, splits, workers, eval_batch)
-        k = (c.image_unlocked() or 0, c.text_unlocked() or 0)
+        k = (c.image_unlocked() or 0, c.text_unlocked() or 0, c.mirror)
         if k not in backends:  # the frozen middle blocks run once per backend
-            backends[k] = FeatureBackend(model, feats, splits, *k, loaded.device)
+            backends[k] = FeatureBackend(model, feats, splits, *k[:2], loaded.device, mirror=c.mirror)
         return backends[k]
 
     eval_test = any(c.eval_test for _, c in stages)
