@@ -73,6 +73,12 @@ def main() -> int:
     for ckpt in a.checkpoints:
         rows.append(evaluate(a.out, ckpt, a.threads))
         print(json.dumps(rows[-1]), flush=True)
+    print_table(rows)
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    """The markdown table of `evaluate` rows: plain and mirror-averaged images per checkpoint."""
     print("\n| checkpoint | images | val T→I corrected | val I→T corrected | score |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -81,7 +87,6 @@ def main() -> int:
             cells = [" / ".join(f"{v:.2f}" for v in c[d]["recall"]) + f" (β {c[d]['beta']}, k {c[d]['k']})"
                      for d in DIRECTIONS]
             print(f"| {Path(r['checkpoint']).name} | {tag} | {cells[0]} | {cells[1]} | {r[tag]['corrected_score']} |")
-    return 0
 
 
 if __name__ == "__main__":

@@ -131,7 +131,9 @@ def _flat_to_stage_index(depths: tuple[int, ...] = EFFNET_LITE0_STAGE_DEPTHS) ->
     return out
 
 
-def map_efficientnet_lite0_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def map_efficientnet_lite0_state_dict(sd: dict[str, torch.Tensor],
+                                      depths: tuple[int, ...] = EFFNET_LITE0_STAGE_DEPTHS,
+                                      ) -> dict[str, torch.Tensor]:
     """Rename a lukemelas-style EfficientNet-Lite0 state dict to timm `tf_efficientnet_lite0` keys.
 
     The mapping is 1:1 (every input tensor becomes exactly one output tensor, values untouched;
@@ -153,9 +155,11 @@ def map_efficientnet_lite0_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, 
 
     BatchNorm parameter names (`weight`, `bias`, `running_mean`, `running_var`,
     `num_batches_tracked`) are the same on both sides. Raises ValueError on a key it does not know,
-    so a different checkpoint cannot be half-mapped silently.
+    so a different checkpoint cannot be half-mapped silently. `depths` are the blocks per stage of the
+    timm model (`[len(s) for s in model.blocks]`): the other Lite sizes map the same way (Lite2: 21
+    blocks; `benchmarks/lite_tower_swap.py`).
     """
-    flat_to_stage = _flat_to_stage_index()
+    flat_to_stage = _flat_to_stage_index(tuple(depths))
     expanded_blocks = {int(k.split(".")[1]) for k in sd if k.startswith("_blocks.") and "._expand_conv." in k}
     out: dict[str, torch.Tensor] = OrderedDict()
     for key, tensor in sd.items():
@@ -165,7 +169,7 @@ def map_efficientnet_lite0_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, 
                 raise ValueError(f"Unexpected EfficientNet key {key!r}")
             n, layer, param = int(parts[1]), parts[2], parts[3]
             if n not in flat_to_stage:
-                raise ValueError(f"Block {n} in {key!r} is beyond Lite0's 16 blocks")
+                raise ValueError(f"Block {n} in {key!r} is beyond the {len(flat_to_stage)} blocks of {tuple(depths)}")
             stage, j = flat_to_stage[n]
             table = _IR_BLOCK if n in expanded_blocks else _DS_BLOCK
             if layer not in table:
