@@ -268,7 +268,9 @@ def test_broken_catalog_stays_up_unready_then_sighup_recovers(start_server, tiny
 
 def test_sighup_swaps_new_artifacts_without_downtime(start_server, tiny_artifacts, tmp_path, dataset, fakes):
     artifacts = Path(shutil.copytree(tiny_artifacts, tmp_path / "artifacts"))
-    server = start_server("--real", env=_real_env(artifacts))
+    # SIGHUP alone swaps here: the 1 s commit poll would otherwise pick up the rebuild below half-way
+    # (its first commit holds no images yet) and change the version before the SIGHUP that is tested
+    server = start_server("--real", env=_real_env(artifacts, CLIPSEARCH_REFRESH_INTERVAL_MS="0"))
     old_version = server.wait_ready()["index_version"]
     statuses: Counter = Counter()
     failures: list[str] = []
