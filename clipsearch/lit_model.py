@@ -156,7 +156,7 @@ def map_efficientnet_lite0_state_dict(sd: dict[str, torch.Tensor],
     BatchNorm parameter names (`weight`, `bias`, `running_mean`, `running_var`,
     `num_batches_tracked`) are the same on both sides. Raises ValueError on a key it does not know,
     so a different checkpoint cannot be half-mapped silently. `depths` are the blocks per stage of the
-    timm model (`[len(s) for s in model.blocks]`): the other Lite sizes map the same way (Lite2: 21
+    timm model (`[len(s) for s in model.blocks]`): the other Lite sizes map the same way (Lite1 and Lite2: 21
     blocks; `benchmarks/lite_tower_swap.py`).
     """
     flat_to_stage = _flat_to_stage_index(tuple(depths))
