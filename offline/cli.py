@@ -46,15 +46,16 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     from clipsearch.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="open_clip model name, or lit-effnet-minilm (offline model) (default: %(default)s)")
+                   help="open_clip model name, or lit-effnet1-minilm (the offline model; lit-effnet-minilm, its "
+                        "Lite0 predecessor, still builds) (default: %(default)s)")
     p.add_argument("--pretrained", default=None,
                    help="open_clip pretrained tag (downloads), a local checkpoint file, or 'none' for "
-                        f"random weights (default: {DEFAULT_PRETRAINED}; for lit-effnet-minilm, the "
+                        f"random weights (default: {DEFAULT_PRETRAINED}; for an offline model, the "
                         "checkpoint that build trains into <out>/models/)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
     p.add_argument("--image-tta", choices=("auto", "none", "mirror"), default="auto",
                    help="embed every image as the mean of it and its horizontal mirror ('mirror', twice the "
-                        "image compute), or not ('none'); 'auto' = mirror for lit-effnet-minilm, where it was "
+                        "image compute), or not ('none'); 'auto' = mirror for the offline models, where it was "
                         "chosen on val (docs/offline_model.md), none otherwise (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: %(default)s)")
     p.add_argument("--workers", type=int, default=default_workers(),
@@ -252,27 +253,27 @@ def _ratios(text: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def offline_checkpoint(out: Path) -> Path:
-    """Where `build` trains lit-effnet-minilm's checkpoint (`offline.finetune.train_offline_model`)."""
+def offline_checkpoint(out: Path, model: str | None = None) -> Path:
+    """Where `build` trains an offline model's checkpoint (`offline.finetune.train_offline_model`)."""
     from offline.finetune import offline_run_name
 
-    return Path(out) / "models" / f"{offline_run_name()}.pt"
+    return Path(out) / "models" / f"{offline_run_name(model=model)}.pt"
 
 
 def _pretrained(args: argparse.Namespace) -> str | None:
     """The weights a stage uses when --pretrained is not given."""
-    from clipsearch.models import DEFAULT_PRETRAINED, OFFLINE_MODEL
+    from clipsearch.models import DEFAULT_PRETRAINED, is_offline_model
 
     if args.pretrained is not None:
         return args.pretrained
-    if args.model == OFFLINE_MODEL:
-        ckpt = offline_checkpoint(args.out)
+    if is_offline_model(args.model):
+        ckpt = offline_checkpoint(args.out, args.model)
         if args.command == "finetune":
             return None  # start from the pretrained towers and fresh heads
         if ckpt.is_file():
             return str(ckpt)
         log.warning("no trained %s checkpoint in %s: using untrained projection heads "
-                    "(run `python -m offline build` to train them)", OFFLINE_MODEL, ckpt.parent)
+                    "(run `python -m offline build` to train them)", args.model, ckpt.parent)
         return None
     return DEFAULT_PRETRAINED
 
@@ -375,11 +376,11 @@ def _ingest_model(args: argparse.Namespace):
     """--model/--pretrained when given, else the model the project built (<out>/model.json)."""
     from clipsearch.artifacts import ArtifactLayout
     from clipsearch.manifest import read_json
-    from clipsearch.models import DEFAULT_PRETRAINED, ModelLoadError, load_model
+    from clipsearch.models import DEFAULT_PRETRAINED, ModelLoadError, is_offline_model, load_model
 
     if args.model is not None or args.pretrained is not None:
         args.model = args.model or "ViT-B-32"
-        args.pretrained = args.pretrained or (None if args.model == "lit-effnet-minilm" else DEFAULT_PRETRAINED)
+        args.pretrained = args.pretrained or (None if is_offline_model(args.model) else DEFAULT_PRETRAINED)
         return _load(args)
     layout = ArtifactLayout(args.out)
     if not layout.model_record.is_file():
@@ -452,13 +453,14 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
         args.dest = args.data
         stage("download", run_download, args)
     stage("prepare", run_prepare, args)
-    from clipsearch.models import OFFLINE_MODEL
+    from clipsearch.models import is_offline_model
 
-    if args.model == OFFLINE_MODEL and args.pretrained is None:
+    if is_offline_model(args.model) and args.pretrained is None:
         from offline.finetune import train_offline_model
 
         def train(a: argparse.Namespace) -> dict[str, Any]:
-            ckpt = train_offline_model(a.out, threads=a.threads or os.cpu_count() or 1, device=a.device)
+            ckpt = train_offline_model(a.out, threads=a.threads or os.cpu_count() or 1, device=a.device,
+                                       model=a.model)
             return {"checkpoint": str(ckpt)}
 
         stage("finetune", train, args)

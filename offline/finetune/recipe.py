@@ -1,4 +1,5 @@
-"""The offline model's recipe: how `build --model lit-effnet-minilm` trains its checkpoint."""
+"""The offline model's recipe: how `build --model lit-effnet1-minilm` (or the older lit-effnet-minilm)
+trains its checkpoint."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from offline.finetune.runner import finetune
 
 
 def offline_recipe(seed: int = 0) -> list[tuple[str, FinetuneConfig]]:
-    """LiT for lit-effnet-minilm: heads on the locked towers, started from regularised CCA of the train
+    """LiT for the offline models: heads on the locked towers, started from regularised CCA of the train
     pairs and averaged over 4 seeds (a soup), then the last two MiniLM layers unlocked. Both stages
     train on each image or its mirror and select on mirror-averaged val images, as the model is served
     (image_tta mirror). Unlocking the last image block instead never beat its starting point on val
@@ -26,16 +27,19 @@ def offline_recipe(seed: int = 0) -> list[tuple[str, FinetuneConfig]]:
     return [("heads", heads), ("unlock_text_last2", text)]
 
 
-def offline_run_name(seed: int = 0) -> str:
+def offline_run_name(seed: int = 0, model: str | None = None) -> str:
     """The name `train_offline_model` gives its run: the checkpoint is `<out>/models/<name>.pt`."""
-    return f"{OFFLINE_MODEL}-ft" if seed == 0 else f"{OFFLINE_MODEL}-ft-s{seed}"
+    model = model or OFFLINE_MODEL
+    return f"{model}-ft" if seed == 0 else f"{model}-ft-s{seed}"
 
 
-def train_offline_model(out: Path, threads: int, device: str, seed: int = 0) -> Path:
-    """Train lit-effnet-minilm's heads (then its last two MiniLM layers) on train, select on val; returns the
-    checkpoint path. Idempotent: the same splits and recipe reuse the existing checkpoint."""
-    name = offline_run_name(seed)
-    summary = finetune(out, OFFLINE_MODEL, None, offline_recipe(seed), name, device=device,
+def train_offline_model(out: Path, threads: int, device: str, seed: int = 0, model: str | None = None) -> Path:
+    """Train an offline model's heads (then its last two MiniLM layers) on train, select on val; returns the
+    checkpoint path. `model`: one of `clipsearch.lit_model.LIT_MODELS` (default the offline model,
+    lit-effnet1-minilm). Idempotent: the same splits and recipe reuse the existing checkpoint."""
+    model = model or OFFLINE_MODEL
+    name = offline_run_name(seed, model)
+    summary = finetune(out, model, None, offline_recipe(seed), name, device=device,
                        workers=min(2, max(1, threads or 1)), threads=threads)
     return Path(summary["checkpoint"])
 
