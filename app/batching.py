@@ -54,10 +54,14 @@ def text_batch_job(res: Any, queries: list[str], finishes: list[Finish]
 
 @dataclass(frozen=True)
 class ImageQuery:
-    """One image to embed: the uploaded bytes and the decoder's pixel cap."""
+    """One image to embed: the uploaded bytes and the decoder's pixel cap. `stored`: the vector goes
+    into a collection (a write) or to a client as the collection would store it (/embed/image), so it
+    is embedded as ingest embeds it, with the model's test-time augmentation; a search embeds it plain,
+    once (`ClipEncoder.encode_pixels` tta)."""
 
     data: bytes
     max_pixels: int
+    stored: bool = False
 
 
 @dataclass
@@ -68,6 +72,7 @@ class PreparedImage:
     image: Any = None  # the PIL image, for encoders without `preprocess_image`
     pixels: Any = None  # the preprocessed tensor [3, H, W]
     decode_s: float = 0.0
+    stored: bool = False  # `ImageQuery.stored`
 
 
 def prepare_image(encoder: Any, query: ImageQuery) -> PreparedImage:
@@ -77,18 +82,29 @@ def prepare_image(encoder: Any, query: ImageQuery) -> PreparedImage:
     image = decode_image(query.data, max_pixels=query.max_pixels)
     preprocess = getattr(encoder, "preprocess_image", None)
     if preprocess is None or not hasattr(encoder, "encode_pixels"):
-        return PreparedImage(image=image, decode_s=time.perf_counter() - t0)
+        return PreparedImage(image=image, decode_s=time.perf_counter() - t0, stored=query.stored)
     try:
-        return PreparedImage(pixels=preprocess(image), decode_s=time.perf_counter() - t0)
+        return PreparedImage(pixels=preprocess(image), decode_s=time.perf_counter() - t0, stored=query.stored)
     finally:
         image.close()
 
 
+def _encode(encoder: Any, items: list[PreparedImage], tta: bool) -> Any:
+    """One encoder call for `items`: preprocessed pixels through `encode_pixels` together, else images."""
+    if all(p.pixels is not None for p in items):
+        import torch
+
+        vecs = encoder.encode_pixels(torch.stack([p.pixels for p in items]), tta=tta)
+        return vecs.cpu().numpy() if hasattr(vecs, "cpu") else np.asarray(vecs)
+    return encoder.encode_images([p.image if p.image is not None else p.pixels for p in items], tta=tta)
+
+
 def image_batch_job(res: Any, queries: list[ImageQuery | PreparedImage], finishes: list[Finish]
                     ) -> tuple[list[tuple[bool, Any]], dict[str, float]]:
-    """Encode a batch of images in one call, then run each query's `finish` on its vector; like
-    `text_batch_job`. An `ImageQuery` is decoded here first (one that fails is that query's error);
-    a `PreparedImage` already was. Preprocessed pixels go through `encode_pixels` together."""
+    """Encode a batch of images, then run each query's `finish` on its vector; like `text_batch_job`.
+    An `ImageQuery` is decoded here first (one that fails is that query's error); a `PreparedImage`
+    already was. Searches and stored images (`ImageQuery.stored`) are encoded in one call each, so a
+    batch of searches is one forward of plain images."""
     prepared: list[PreparedImage | None] = []
     out: list[tuple[bool, Any] | None] = []
     for q in queries:
@@ -102,15 +118,12 @@ def image_batch_job(res: Any, queries: list[ImageQuery | PreparedImage], finishe
     decode = sum(p.decode_s for p in good)  # on the pool before the batch, or here just now
     t1 = time.perf_counter()
     try:
-        if not good:
-            vecs: Any = []
-        elif all(p.pixels is not None for p in good):
-            import torch
-
-            vecs = res.encoder.encode_pixels(torch.stack([p.pixels for p in good]))
-            vecs = vecs.cpu().numpy() if hasattr(vecs, "cpu") else np.asarray(vecs)
-        else:
-            vecs = res.encoder.encode_images([p.image if p.image is not None else p.pixels for p in good])
+        vecs: list[Any] = [None] * len(good)
+        for stored in (False, True):
+            idx = [i for i, p in enumerate(good) if bool(p.stored) is stored]
+            if idx:
+                for i, v in zip(idx, _encode(res.encoder, [good[i] for i in idx], tta=stored)):
+                    vecs[i] = v
     finally:
         for p in good:
             if p.image is not None:

@@ -102,7 +102,7 @@ def image_search_job(res: Resources, store: VectorStore, spec: SearchSpec, data:
     image = decode_image(data, max_pixels=max_pixels)
     t1 = time.perf_counter()
     try:
-        vec = res.encoder.encode_images([image])[0]
+        vec = res.encoder.encode_images([image], tta=False)[0]  # a query: one plain forward
     finally:
         image.close()
     t2 = time.perf_counter()
@@ -173,7 +173,7 @@ def terms_job(res: Resources, store: VectorStore, spec: SearchSpec, terms: Seque
                     raise ImageDecodeError(f"terms[{i}].image: {exc}") from None
         t1 = time.perf_counter()
         if images:
-            for (i, _), vec in zip(images, res.encoder.encode_images([im for _, im in images])):
+            for (i, _), vec in zip(images, res.encoder.encode_images([im for _, im in images], tta=False)):
                 vectors[i] = vec
     finally:
         for _, im in images:

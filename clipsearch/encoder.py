@@ -51,7 +51,7 @@ class Encoder(Protocol):
         """One image's model input [3, H, W] (the model's own preprocess), for `encode_pixels`."""
         return self.loaded.preprocess(image)
 
-    def encode_images(self, images: Sequence[Image.Image]) -> NDArray[np.float32]: ...
+    def encode_images(self, images: Sequence[Image.Image], tta: bool = True) -> NDArray[np.float32]: ...
 
 
 def tower_backend(loaded: LoadedModel, tower: Tower, runtime: Runtime,
@@ -150,13 +150,17 @@ class ClipEncoder:
         return result
 
     @torch.inference_mode()
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_pixels(self, pixels: torch.Tensor, tta: bool = True) -> torch.Tensor:
         """Normalised image embeddings of preprocessed pixels [n, 3, H, W]. With the model's
         `image_tta` "mirror", each is the normalised mean of the image's and its horizontal mirror's
         embeddings (one forward of 2n). The mirror is the flipped preprocessed tensor, which is the
         preprocessed mirror image: resize and normalisation are symmetric, and so is the centre crop
-        except that an odd number of cropped columns shifts it by one pixel."""
-        if self.loaded.identity.image_tta == "mirror":
+        except that an odd number of cropped columns shifts it by one pixel.
+
+        `tta=False` embeds each image once, plain, whatever the model's `image_tta`: what an image
+        *query* does (test-time augmentation belongs to the images a collection stores, paid once at
+        ingest; a query that paid it would cost two forwards for every search)."""
+        if tta and self.loaded.identity.image_tta == "mirror":
             n = len(pixels)
             both = self._forward_pixels(torch.cat([pixels, pixels.flip(-1)]))
             return F.normalize(both[:n] + both[n:], dim=-1)
@@ -172,11 +176,12 @@ class ClipEncoder:
         """One image's model input [3, H, W] (the model's own preprocess), for `encode_pixels`."""
         return self.loaded.preprocess(image)
 
-    def encode_images(self, images: Sequence[Image.Image]) -> NDArray[np.float32]:
+    def encode_images(self, images: Sequence[Image.Image], tta: bool = True) -> NDArray[np.float32]:
+        """Like `encode_pixels` (`tta` too), from PIL images, in batches of `batch_size`."""
         out = []
         for i in range(0, len(images), self.batch_size):
             pixels = torch.stack([self.loaded.preprocess(im) for im in images[i:i + self.batch_size]])
-            out.append(self.encode_pixels(pixels).cpu().numpy())
+            out.append(self.encode_pixels(pixels, tta=tta).cpu().numpy())
         return _concat(out, self.dim)
 
 

@@ -46,6 +46,16 @@ def test_mirror_is_the_normalised_mean_of_the_image_and_its_mirror(pair):
     assert float(plain_pair[0] @ plain_pair[1]) < 0.9999
 
 
+def test_tta_false_embeds_plain_as_a_query_does(pair):
+    plain, mirrored = pair
+    images = [_asymmetric((60, 48)), make_image(COLORS["green"], "circle")]
+    np.testing.assert_allclose(ClipEncoder(mirrored).encode_images(images, tta=False),
+                               ClipEncoder(plain).encode_images(images), atol=1e-6)
+    pixels = torch.stack([mirrored.preprocess(im) for im in images])
+    np.testing.assert_allclose(ClipEncoder(mirrored).encode_pixels(pixels, tta=False).numpy(),
+                               ClipEncoder(plain).encode_pixels(pixels).numpy(), atol=1e-6)
+
+
 def test_the_identity_records_the_augmentation_and_keeps_old_manifests_matching(pair):
     plain, mirrored = pair
     assert "image_tta" not in plain.identity.to_dict()  # manifests written before it still compare equal

@@ -33,8 +33,9 @@ def _encode_texts(res: Resources, texts: list[str], batch: int) -> tuple[np.ndar
 async def _embed_image(state: ServiceState, res: Resources, data: bytes, max_pixels: int
                        ) -> tuple[np.ndarray, dict[str, float]]:
     """One image through the image micro-batcher (decoded with every check /search/image makes,
-    embedded beside image queries and uploads)."""
-    vec, stages = await state.image_batcher.upload(res, ImageQuery(data, max_pixels), lambda v: np.asarray(v))
+    embedded beside image queries and uploads), as a collection stores it (with the model's image_tta)."""
+    vec, stages = await state.image_batcher.upload(res, ImageQuery(data, max_pixels, stored=True),
+                                                   lambda v: np.asarray(v))
     return vec[None, :], {"decode": stages["decode"], "encode": stages["encode"]}
 
 

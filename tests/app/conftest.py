@@ -98,6 +98,7 @@ class ColorEncoder:
     def __init__(self) -> None:
         self.text_calls = 0
         self.image_calls = 0
+        self.tta_calls: list[bool] = []
 
     def _finish(self, concept: NDArray[np.float32], key: bytes) -> NDArray[np.float32]:
         v = concept + self.NOISE * _hash_unit(key, self.dim)
@@ -123,8 +124,9 @@ class ColorEncoder:
         self.text_calls += 1
         return np.stack([self.text_vector(t) for t in texts]).reshape(len(texts), self.dim)
 
-    def encode_images(self, images: Sequence[Image.Image]) -> NDArray[np.float32]:
+    def encode_images(self, images: Sequence[Image.Image], tta: bool = True) -> NDArray[np.float32]:
         self.image_calls += 1
+        self.tta_calls.append(tta)  # queries embed plain (tta False), stored images as ingest does
         return np.stack([self.image_vector(im) for im in images]).reshape(len(images), self.dim)
 
 

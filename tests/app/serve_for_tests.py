@@ -33,9 +33,9 @@ def _fake_app(data_dir: Path, delay: float, overrides: dict[str, Any]):
             time.sleep(delay)
             return super().encode_texts(texts)
 
-        def encode_images(self, images):
+        def encode_images(self, images, tta=True):
             time.sleep(delay)
-            return super().encode_images(images)
+            return super().encode_images(images, tta)
 
     dataset = make_dataset(data_dir / "images")
     encoder = SlowEncoder() if delay else ColorEncoder()

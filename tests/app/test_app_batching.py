@@ -159,7 +159,7 @@ class RecordingImageEncoder:
         self.delay = delay
         self.lock = threading.Lock()
 
-    def encode_images(self, images):
+    def encode_images(self, images, tta=True):
         with self.lock:
             self.batches.append(len(images))
         time.sleep(self.delay)
@@ -247,7 +247,7 @@ class PixelImageEncoder(RecordingImageEncoder):
 
         return torch.from_numpy(np.asarray(image.convert("RGB"), np.float32).copy()).permute(2, 0, 1)
 
-    def encode_pixels(self, pixels):
+    def encode_pixels(self, pixels, tta=True):
         import torch
 
         with self.lock:

@@ -9,6 +9,7 @@ read-only.
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 import struct
@@ -301,6 +302,22 @@ def test_bad_fields_are_422_or_415(start):
     assert count(client) == 12
 
 
+def test_searches_embed_plain_and_stored_images_as_ingest_does(start, fakes):
+    """Test-time augmentation is the stored images' (paid at ingest); a search pays one plain forward."""
+    enc = fakes.ColorEncoder()
+    client = start(encoder=enc)
+    image_search(client, _noise_png(31))
+    assert enc.tta_calls == [False]
+    assert upload(client, _noise_png(32)).status_code == 201
+    assert enc.tta_calls[-1] is True
+    r = client.post("/embed/image", files={"file": ("e.png", _noise_png(33), "image/png")})
+    assert r.status_code == 200, r.text
+    assert enc.tta_calls[-1] is True  # /embed/image gives the vector as the collection would store it
+    r = client.post("/search", json={"terms": [{"image": base64.b64encode(_noise_png(34)).decode()}], "k": 2})
+    assert r.status_code == 200, r.text
+    assert enc.tta_calls[-1] is False
+
+
 # --- admission, metrics, compaction --------------------------------------------------------------
 
 def test_writes_beyond_their_bound_get_429(start, fakes):
@@ -309,10 +326,10 @@ def test_writes_beyond_their_bound_get_429(start, fakes):
             super().__init__()
             self.entered, self.release = threading.Event(), threading.Event()
 
-        def encode_images(self, images):
+        def encode_images(self, images, tta=True):
             self.entered.set()
             assert self.release.wait(10)
-            return super().encode_images(images)
+            return super().encode_images(images, tta)
 
     enc = GatedImages()
     client = start(encoder=enc, write_max_in_flight=1)
