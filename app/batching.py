@@ -54,14 +54,14 @@ def text_batch_job(res: Any, queries: list[str], finishes: list[Finish]
 
 @dataclass(frozen=True)
 class ImageQuery:
-    """One image to embed: the uploaded bytes and the decoder's pixel cap. `stored`: the vector goes
-    into a collection (a write) or to a client as the collection would store it (/embed/image), so it
-    is embedded as ingest embeds it, with the model's test-time augmentation; a search embeds it plain,
-    once (`ClipEncoder.encode_pixels` tta)."""
+    """One image to embed: the uploaded bytes and the decoder's pixel cap. `tta`: embed it with the
+    model's test-time augmentation (`ClipEncoder.encode_pixels`), as ingest embeds the images a
+    collection stores: writes and /embed/image do; a search embeds its image plain, once, unless the
+    service is told otherwise (`Settings.query_image_tta`)."""
 
     data: bytes
     max_pixels: int
-    stored: bool = False
+    tta: bool = False
 
 
 @dataclass
@@ -72,7 +72,7 @@ class PreparedImage:
     image: Any = None  # the PIL image, for encoders without `preprocess_image`
     pixels: Any = None  # the preprocessed tensor [3, H, W]
     decode_s: float = 0.0
-    stored: bool = False  # `ImageQuery.stored`
+    tta: bool = False  # `ImageQuery.tta`
 
 
 def prepare_image(encoder: Any, query: ImageQuery) -> PreparedImage:
@@ -82,9 +82,9 @@ def prepare_image(encoder: Any, query: ImageQuery) -> PreparedImage:
     image = decode_image(query.data, max_pixels=query.max_pixels)
     preprocess = getattr(encoder, "preprocess_image", None)
     if preprocess is None or not hasattr(encoder, "encode_pixels"):
-        return PreparedImage(image=image, decode_s=time.perf_counter() - t0, stored=query.stored)
+        return PreparedImage(image=image, decode_s=time.perf_counter() - t0, tta=query.tta)
     try:
-        return PreparedImage(pixels=preprocess(image), decode_s=time.perf_counter() - t0, stored=query.stored)
+        return PreparedImage(pixels=preprocess(image), decode_s=time.perf_counter() - t0, tta=query.tta)
     finally:
         image.close()
 
@@ -103,8 +103,8 @@ def image_batch_job(res: Any, queries: list[ImageQuery | PreparedImage], finishe
                     ) -> tuple[list[tuple[bool, Any]], dict[str, float]]:
     """Encode a batch of images, then run each query's `finish` on its vector; like `text_batch_job`.
     An `ImageQuery` is decoded here first (one that fails is that query's error); a `PreparedImage`
-    already was. Searches and stored images (`ImageQuery.stored`) are encoded in one call each, so a
-    batch of searches is one forward of plain images."""
+    already was. Images with and without test-time augmentation (`ImageQuery.tta`) are encoded in one
+    call each, so a batch of searches is one forward of plain images."""
     prepared: list[PreparedImage | None] = []
     out: list[tuple[bool, Any] | None] = []
     for q in queries:
@@ -119,10 +119,10 @@ def image_batch_job(res: Any, queries: list[ImageQuery | PreparedImage], finishe
     t1 = time.perf_counter()
     try:
         vecs: list[Any] = [None] * len(good)
-        for stored in (False, True):
-            idx = [i for i, p in enumerate(good) if bool(p.stored) is stored]
+        for tta in (False, True):
+            idx = [i for i, p in enumerate(good) if bool(p.tta) is tta]
             if idx:
-                for i, v in zip(idx, _encode(res.encoder, [good[i] for i in idx], tta=stored)):
+                for i, v in zip(idx, _encode(res.encoder, [good[i] for i in idx], tta=tta)):
                     vecs[i] = v
     finally:
         for p in good:

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     max_query_chars: int = Field(1000, ge=1, le=100_000)
     max_upload_bytes: int = Field(10 * MiB, ge=1024)
     max_image_pixels: int = Field(25_000_000, ge=1)
+    query_image_tta: bool = Field(
+        False, description="Embed an image *query* with the model's test-time augmentation too (the "
+                           "offline model's mirror average: twice the image compute per search). Off: a "
+                           "search embeds its image plain, once; stored images always get it. On val, "
+                           "plain queries cost image → caption about 1 point R@1 (docs/offline_model.md).")
     max_offset: int = Field(10_000, ge=0, description="Deepest result a page may start at (pagination).")
     thumbnail_px: int = Field(256, ge=32, le=1024, description="Longest side of GET /thumbnails images.")
     thumbnail_cache_size: int = Field(2048, ge=0, description="Thumbnails kept in memory (LRU entries).")

@@ -96,13 +96,13 @@ def search_vector(res: Resources, store: VectorStore, spec: SearchSpec, vec: np.
     return to_models(res, store, spec, hits)
 
 
-def image_search_job(res: Resources, store: VectorStore, spec: SearchSpec, data: bytes, max_pixels: int
-                     ) -> tuple[tuple[Any, ...], dict[str, float]]:
+def image_search_job(res: Resources, store: VectorStore, spec: SearchSpec, data: bytes, max_pixels: int,
+                     tta: bool = False) -> tuple[tuple[Any, ...], dict[str, float]]:
     t0 = time.perf_counter()
     image = decode_image(data, max_pixels=max_pixels)
     t1 = time.perf_counter()
     try:
-        vec = res.encoder.encode_images([image], tta=False)[0]  # a query: one plain forward
+        vec = res.encoder.encode_images([image], tta=tta)[0]  # a query: one plain forward by default
     finally:
         image.close()
     t2 = time.perf_counter()
@@ -115,7 +115,8 @@ async def image_search(state: Any, res: Resources, store: VectorStore, spec: Sea
     """An image query through the service's image micro-batcher (`ServiceState.image_batcher`): the
     upload is decoded on the pool, encoded with whatever other image queries wait, then searched; the hits
     and its batch's stage timings (what `image_search_job` gives for one image alone)."""
-    hits, stages = await state.image_batcher.upload(res, ImageQuery(data, max_pixels),
+    query = ImageQuery(data, max_pixels, tta=state.settings.query_image_tta)
+    hits, stages = await state.image_batcher.upload(res, query,
                                                     lambda vec: search_vector(res, store, spec, vec, query="image"))
     return hits, {s: v for s, v in stages.items() if s != "batch_size"}
 
@@ -151,8 +152,8 @@ class Term:
         return (self.kind, value, self.weight)
 
 
-def terms_job(res: Resources, store: VectorStore, spec: SearchSpec, terms: Sequence[Term], max_pixels: int
-              ) -> tuple[tuple[Any, ...], dict[str, float]]:
+def terms_job(res: Resources, store: VectorStore, spec: SearchSpec, terms: Sequence[Term], max_pixels: int,
+              tta: bool = False) -> tuple[tuple[Any, ...], dict[str, float]]:
     """Encode every term (texts in one batch, images in one batch, item vectors from the store),
     search with their normalised weighted sum; items named by `image_id` are left out of the hits."""
     t0 = time.perf_counter()
@@ -173,7 +174,7 @@ def terms_job(res: Resources, store: VectorStore, spec: SearchSpec, terms: Seque
                     raise ImageDecodeError(f"terms[{i}].image: {exc}") from None
         t1 = time.perf_counter()
         if images:
-            for (i, _), vec in zip(images, res.encoder.encode_images([im for _, im in images], tta=False)):
+            for (i, _), vec in zip(images, res.encoder.encode_images([im for _, im in images], tta=tta)):
                 vectors[i] = vec
     finally:
         for _, im in images:

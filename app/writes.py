@@ -120,7 +120,7 @@ class WriteService:
             return WriteResult(existing, False, store.version)
         # decoded (every check /search/image makes) and embedded in the image batcher, beside queries
         vec, batch_stages = await self.state.image_batcher.upload(
-            res, ImageQuery(data, self.settings.max_image_pixels, stored=True), lambda v: np.asarray(v, np.float32))
+            res, ImageQuery(data, self.settings.max_image_pixels, tta=True), lambda v: np.asarray(v, np.float32))
         t0 = time.perf_counter()
         fmt, cap_vecs = await self.state.run(probe_upload_job, res, data, final_captions, vec.shape[0])
         stages = {"decode": batch_stages["decode"],

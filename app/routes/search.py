@@ -278,7 +278,7 @@ def build_router(settings: Settings) -> APIRouter:
         key = spec.cache_key("terms", tuple(t.cache_part() for t in terms), res.version)
         results, stages = await _cached(state, "terms", key, body.target,
                                         lambda: state.run(terms_job, res, store, spec, terms,
-                                                          settings.max_image_pixels))
+                                                          settings.max_image_pixels, settings.query_image_tta))
         took = time.perf_counter() - t0
         state.metrics.observe_stages("terms", {"total": took})
         return _search_response(results, spec, took, stages, with_target=True)

@@ -316,6 +316,13 @@ def test_searches_embed_plain_and_stored_images_as_ingest_does(start, fakes):
     r = client.post("/search", json={"terms": [{"image": base64.b64encode(_noise_png(34)).decode()}], "k": 2})
     assert r.status_code == 200, r.text
     assert enc.tta_calls[-1] is False
+    # told to, a search embeds its image as the collection stores it
+    enc2 = fakes.ColorEncoder()
+    client2 = start(encoder=enc2, query_image_tta=True)
+    image_search(client2, _noise_png(35))
+    r = client2.post("/search", json={"terms": [{"image": base64.b64encode(_noise_png(36)).decode()}], "k": 2})
+    assert r.status_code == 200, r.text
+    assert enc2.tta_calls == [True, True]
 
 
 # --- admission, metrics, compaction --------------------------------------------------------------
