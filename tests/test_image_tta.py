@@ -76,6 +76,7 @@ def test_auto_means_mirror_for_the_offline_model_only():
         return argparse.Namespace(model=model, image_tta=choice)
 
     assert image_tta(ns("lit-effnet-minilm", "auto")) == "mirror"
+    assert image_tta(ns("lit-effnet1-minilm", "auto")) == "mirror"
     assert image_tta(ns("ViT-B-32", "auto")) is None
     assert image_tta(ns("lit-effnet-minilm", "none")) is None
     assert image_tta(ns("ViT-B-32", "mirror")) == "mirror"

