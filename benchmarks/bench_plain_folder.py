@@ -5,7 +5,8 @@
 Copies the split's images into a plain folder (no captions, no split lists), times `offline ingest`
 on it, a re-ingest with nothing changed, and one after adding 10 / touching 10 / removing 10 files;
 then measures, through the served path (decode + encode the file, search the collection):
-image → image rank-1 self-retrieval, and text → image R@1/5/10 with the split's real captions as
+image → image rank-1 self-retrieval (the query embedded plain, as a search does, and, for a model
+with image_tta, also as the collection stores it), and text → image R@1/5/10 with the split's real captions as
 queries (which `offline evaluate` also measures on the same images: the two should agree). Prints
 JSON and a table.
 """
@@ -94,10 +95,14 @@ def main() -> None:
                       image_backend=image_backend_for(loaded, "onnx", art / "onnx", threads))
     store = open_store(ArtifactLayout(art), "plain")
     t = time.perf_counter()
-    self_hits = 0
+    self_hits, self_hits_tta = 0, 0
+    tta = bool(rec.get("image_tta"))
     for i in ids:
-        vec = enc.encode_images([decode_image(folder / i)])[0]
+        image = decode_image(folder / i)
+        vec = enc.encode_images([image], tta=False)[0]  # as /search/image embeds a query: plain, once
         self_hits += store.search(vec, 1)[0].image_id == i
+        if tta:  # and as CLIPSEARCH_QUERY_IMAGE_TTA=1 would: the way the collection stores it
+            self_hits_tta += store.search(enc.encode_images([image])[0], 1)[0].image_id == i
     i2i_s = time.perf_counter() - t
     queries = [(i, c) for i in ids for c in captions.get(i, [])]
     vecs = np.concatenate([enc.encode_texts([c for _, c in queries[j:j + 64]]) for j in range(0, len(queries), 64)])
@@ -113,6 +118,7 @@ def main() -> None:
         "reingest_after_change_seconds": round(change_s, 1),
         "reingest_after_change": {k: change[k] for k in ("new", "changed", "removed", "unchanged", "embedded")},
         "image_to_image_self_rank1": round(100 * self_hits / len(ids), 2),
+        **({"image_to_image_self_rank1_query_tta": round(100 * self_hits_tta / len(ids), 2)} if tta else {}),
         "text_queries": len(queries),
         **{f"text_to_image_R@{k}": round(100 * float((ranks <= k).mean()), 2) for k in (1, 5, 10)},
         "model": rec, "machine": f"{os.cpu_count()} cores",

@@ -98,7 +98,7 @@ def print_table(rows: list[dict]) -> None:
             cells = [" / ".join(f"{v:.2f}" for v in c[d]["recall"]) + f" (β {c[d]['beta']}, k {c[d]['k']})"
                      for d in DIRECTIONS]
             print(f"| {Path(r['checkpoint']).name} | {tag} | {cells[0]} | {cells[1]} | {r[tag]['corrected_score']} |")
-        if "uploaded_query_i2t" in r:
+        if "uploaded_query_i2t" in r:  # once per checkpoint, after both rows
             up = " / ".join(f"{v:.2f}" for v in r["uploaded_query_i2t"])
             print(f"| {Path(r['checkpoint']).name} | uploaded query (plain) vs mirror gallery | | {up} | |")
 
