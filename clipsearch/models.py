@@ -206,13 +206,45 @@ def load_model(
         log.debug("model load failed", exc_info=True)
         if tag:
             raise _hub_error(model_name, pretrained) from exc
-        raise ModelLoadError(
-            f"Could not load {model_name} from {pretrained or 'random init'}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
+        raise ModelLoadError(_load_failure(model_name, pretrained, exc)) from exc
     model.eval()
     identity = ModelIdentity(model_name, pretrained, sha, _embed_dim(model), image_tta)
     return LoadedModel(model, preprocess, preprocess_train, tokenizer, identity, dev)
+
+
+def _load_failure(model_name: str, pretrained: str | None, exc: Exception) -> str:
+    """The whole error (a state_dict mismatch lists every key on its own line), with the likely fix."""
+    text = str(exc).strip()
+    lines = text.splitlines()
+    if len(lines) > 40:  # thousands of keys would bury the fix
+        lines = lines[:40] + [f"... ({len(lines) - 40} more lines)"]
+    message = f"Could not load {model_name} from {pretrained or 'random init'}: {type(exc).__name__}: " + \
+        "\n".join(lines)
+    if pretrained and is_local_checkpoint(pretrained):
+        named = checkpoint_model(pretrained)
+        if named and named != model_name:
+            hint = f"its {Path(pretrained).with_suffix('.json').name} names {named}: pass --model {named}"
+        elif named:
+            hint = ("the .json beside it names this model, so the file may be damaged or from another version: "
+                    "run the `finetune`/`build` that wrote it again")
+        else:
+            hint = ("pass the --model the checkpoint was trained as (a checkpoint that `finetune` or `build` "
+                    "wrote names it in the .json beside it, and then needs no --model)")
+        message += f"\nThe checkpoint does not load as {model_name}; {hint}."
+    return message
+
+
+def checkpoint_model(checkpoint: str | os.PathLike[str]) -> str | None:
+    """The model a checkpoint was trained as, from the NAME.json that `finetune` and `build` write
+    beside NAME.pt (`offline.finetune.runner`); None when there is none or it names none."""
+    import json
+
+    try:
+        rec = json.loads(Path(checkpoint).expanduser().with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = rec.get("model") if isinstance(rec, dict) else None
+    return name if isinstance(name, str) and name else None
 
 
 HUB_HOST = ("huggingface.co", 443)

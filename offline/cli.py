@@ -17,6 +17,11 @@ from typing import Any, Sequence
 
 log = logging.getLogger("offline")
 
+DESCRIPTION = """\
+Build, measure and fill the search engine, one stage a subcommand (`build` runs them in order).
+Every stage reuses what an earlier run with the same inputs made (--force: make it again), and an
+interrupted stage resumes where it stopped. Run `STAGE --help` for a stage's options.
+"""
 DEFAULT_OUT = Path("artifacts")
 DEFAULT_DATA = Path("data/flickr8k")
 
@@ -133,8 +138,8 @@ def _add_store(p: argparse.ArgumentParser, flag: str, help: str, required: bool 
                    help="Qdrant API key (default: $CLIPSEARCH_QDRANT_API_KEY)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m offline", description=__doc__,
+def build_parser(prog: str = "python -m offline") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
 
@@ -187,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_eval_split(p)
 
-    p = sub.add_parser("hubness", help="choose the image→caption hubness correction on val (bank: train images)")
+    p = sub.add_parser("hubness", help="choose both hubness corrections on val: image → caption (bank: train "
+                                       "images) and text → image (bank: train captions)")
     _add_common(p)
     _add_model(p)
     _add_backends(p)
@@ -379,6 +385,10 @@ def _ingest_model(args: argparse.Namespace):
     from clipsearch.models import DEFAULT_PRETRAINED, ModelLoadError, is_offline_model, load_model
 
     if args.model is not None or args.pretrained is not None:
+        if args.model is None and args.pretrained and Path(args.pretrained).expanduser().is_file():
+            from clipsearch.models import checkpoint_model
+
+            args.model = checkpoint_model(args.pretrained)  # the NAME.json beside a checkpoint we wrote
         args.model = args.model or "ViT-B-32"
         args.pretrained = args.pretrained or (None if is_offline_model(args.model) else DEFAULT_PRETRAINED)
         return _load(args)
@@ -484,14 +494,15 @@ COMMANDS = {"prepare": run_prepare, "download": run_download, "ingest": run_inge
             "evaluate": run_evaluate, "hubness": run_hubness, "finetune": run_finetune, "build": run_build}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """`parser`: a superset of `build_parser()` (the `clipsearch` command's)."""
     from clipsearch.manifest import ArtifactError
     from clipsearch.models import ModelLoadError
     from offline.data import DataError
     from offline.download import DownloadError
     from offline.finetune import FinetuneError
 
-    args = build_parser().parse_args(argv)
+    args = (parser or build_parser()).parse_args(argv)
     _setup(args)
     t0 = time.perf_counter()
     try:
