@@ -15,6 +15,25 @@ from pathlib import Path
 from typing import Any
 
 
+REPO = Path(__file__).resolve().parents[1]
+FLICKR8K_ENV = "CLIPSEARCH_FLICKR8K"
+FLICKR8K_HELP = ("a Flickr8k copy (original or Kaggle layout; default: $CLIPSEARCH_FLICKR8K, else ../shared/flickr8k "
+                 "beside the repository)")
+
+
+def flickr8k_dir() -> Path:
+    """Where the Flickr8k copy is: $CLIPSEARCH_FLICKR8K, else ../shared/flickr8k next to the repository."""
+    return Path(os.environ.get(FLICKR8K_ENV) or REPO.parent / "shared" / "flickr8k")
+
+
+def flickr8k_images(data: Path) -> Path:
+    """The folder of JPEGs inside a Flickr8k copy (Images/ or the original Flicker8k_Dataset/)."""
+    for name in ("Images", "Flicker8k_Dataset"):
+        if (data / name).is_dir():
+            return data / name
+    return data
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

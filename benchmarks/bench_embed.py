@@ -30,13 +30,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import finish, log, machine_env, write_json  # noqa: E402
+from benchmarks._common import FLICKR8K_HELP, finish, flickr8k_dir, log, machine_env, write_json  # noqa: E402
 from clipsearch.encoder import ClipEncoder  # noqa: E402
 from clipsearch.images import decode_image  # noqa: E402
 from clipsearch.models import load_model  # noqa: E402
 from offline.embed import embed_images  # noqa: E402
 
-FLICKR = Path("/work/shared/flickr8k")
 
 
 def image_paths(data: Path, n: int) -> list[str]:
@@ -122,7 +121,7 @@ def bench_model(name: str, paths: list[str], args) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["ViT-B-32", "lit-effnet-minilm"])
-    ap.add_argument("--data", type=Path, default=FLICKR)
+    ap.add_argument("--data", type=Path, default=flickr8k_dir(), help=FLICKR8K_HELP)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import finish, log, machine_env  # noqa: E402
+from benchmarks._common import FLICKR8K_HELP, finish, flickr8k_dir, log, machine_env  # noqa: E402
 from clipsearch.encoder import ClipEncoder  # noqa: E402
 from clipsearch.models import load_model  # noqa: E402
 
@@ -47,7 +47,6 @@ FALLBACK_CAPTIONS = [
     "A black dog and a spotted dog are fighting", "A man in a red shirt is climbing a rock wall .",
     "two children play football in a park", "a dog", "A surfer rides a large wave .",
 ]
-FLICKR = Path("/work/shared/flickr8k")
 
 
 def captions(n: int, data: Path) -> list[str]:
@@ -215,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--query", default=QUERY)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--inner", type=int, default=4, help="calls per variant per rep at batch 1")
-    ap.add_argument("--data", type=Path, default=FLICKR, help="Flickr8k folder (captions.txt)")
+    ap.add_argument("--data", type=Path, default=flickr8k_dir(), help=FLICKR8K_HELP + "; its captions are the batch")
     ap.add_argument("--cache", type=Path, help="ONNX cache folder (default: a temporary one)")
     ap.add_argument("--int8", action="store_true", help="also time onnxruntime dynamic int8 (informational)")
     ap.add_argument("--no-onnx", action="store_true")

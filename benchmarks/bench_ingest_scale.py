@@ -53,9 +53,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import finish, loadavg, log, machine_env, write_json  # noqa: E402
+from benchmarks._common import FLICKR8K_HELP, finish, flickr8k_dir, flickr8k_images, loadavg, log, machine_env, write_json  # noqa: E402
 
-FLICKR_IMAGES = Path("/work/shared/flickr8k/Images")
 SIDES = (160, 320, 480, 640)
 PER_FOLDER = 1000
 
@@ -94,6 +93,7 @@ def make_one(src: Path, dst: Path, seed: int, k: int) -> int:
 
 
 def generate(args) -> dict[str, Any]:
+    args.source = args.source or flickr8k_images(args.data)
     sources = sorted(p.name for p in args.source.glob("*.jpg"))  # the 8,091 source names, not the N outputs
     if not sources:
         raise SystemExit(f"no .jpg under {args.source}")
@@ -365,7 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     g = sub.add_parser("generate", help="write N re-encoded Flickr8k JPEGs (resumable)")
     g.add_argument("--folder", type=Path, required=True)
     g.add_argument("--n", type=int, required=True)
-    g.add_argument("--source", type=Path, default=FLICKR_IMAGES)
+    g.add_argument("--source", type=Path, default=None,
+                   help="folder of photos the generated ones are made from (default: the Images/ of --data)")
+    g.add_argument("--data", type=Path, default=flickr8k_dir(), help=FLICKR8K_HELP)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=2)
     g.add_argument("--out", type=Path)

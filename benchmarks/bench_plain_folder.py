@@ -41,7 +41,8 @@ def _ingest(folder: Path, art: Path) -> tuple[float, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifacts", type=Path, required=True, help="a built ARTIFACTS_DIR (model.json)")
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "flickr8k")
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("CLIPSEARCH_FLICKR8K") or REPO.parent / "shared" / "flickr8k"),
+                    help="a Flickr8k copy (default: $CLIPSEARCH_FLICKR8K, else ../shared/flickr8k beside the repository)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--work", type=Path, default=Path("/tmp/clipsearch-plain"))
     args = ap.parse_args()

@@ -1,7 +1,7 @@
 """Does a collection served from Qdrant answer like the same collection served from FAISS?
 
-    PYTHONPATH=. python benchmarks/bench_qdrant_parity.py --artifacts /work/runs/art --collection flickr8k \
-        --work /work/runs/qdrant/parity --out benchmarks/results/qdrant_parity.json
+    PYTHONPATH=. python benchmarks/bench_qdrant_parity.py --artifacts artifacts --collection flickr8k \
+        --work /tmp/qdrant-parity --out benchmarks/results/qdrant_parity.json
 
 Copies the collection's folder (catalog + FAISS snapshot) under --work (the source stays untouched),
 migrates it to a Qdrant local-mode store there with `offline migrate` (timed: the honest local-mode

@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import finish, log, machine_env  # noqa: E402
+from benchmarks._common import FLICKR8K_HELP, finish, flickr8k_dir, flickr8k_images, log, machine_env  # noqa: E402
 from benchmarks.bench_service import drive, start_server, stop  # noqa: E402
 
 QUERY = "a dog runs on the beach with a ball"
@@ -154,9 +154,9 @@ def collection_model(artifacts: Path) -> dict:
 
 def bench_image(artifacts: Path, n1: int, nc: int, clients: int, threads: int, onnx_cache: Path,
                 phase: str = "separate", onnx_config: bool = False,
-                default_env: dict[str, str] | None = None) -> dict:
+                default_env: dict[str, str] | None = None, data: Path | None = None) -> dict:
     coll = next(p for p in (artifacts / "collections").iterdir() if p.is_dir())
-    images = sorted(Path("/work/shared/flickr8k/Images").glob("*.jpg"))[-(n1 + nc + 10):]
+    images = sorted(flickr8k_images(data or flickr8k_dir()).glob("*.jpg"))[-(n1 + nc + 10):]
     data = [p.read_bytes() for p in images]
     out: dict = {"collection": coll.name, "default_env": dict(default_env or {})}
     configs = {"default": dict(default_env or {}), "before": {"CLIPSEARCH_IMAGE_BATCH_SIZE": "1", "CLIPSEARCH_IMAGE_THREADS": "1"}}
@@ -226,6 +226,7 @@ def main() -> int:
     ap.add_argument("--onnx-config", action="store_true",
                     help="also run the server with CLIPSEARCH_IMAGE_BACKEND=onnx (the default before bf16)")
     ap.add_argument("--onnx-cache", type=Path, default=Path("/tmp/clipsearch-onnx-bench"))
+    ap.add_argument("--data", type=Path, default=flickr8k_dir(), help=FLICKR8K_HELP + "; its photos are the uploads")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     result: dict = {"benchmark": "speed_service", "env": machine_env(args.threads)}
@@ -239,7 +240,8 @@ def main() -> int:
     if args.image_artifacts:
         im = result["image"] = bench_image(args.image_artifacts, args.image_requests, args.concurrent_requests,
                                            args.clients, args.threads, args.onnx_cache, args.naive_phase,
-                                           args.onnx_config, dict(kv.split("=", 1) for kv in args.default_env))
+                                           args.onnx_config, dict(kv.split("=", 1) for kv in args.default_env),
+                                           data=args.data)
         k = f"c{args.clients}"
         lines += ["| image config | c=1 p50 ms | c=1 p99 | c=%d req/s | c=%d p50 | c=%d p99 |"
                   % (args.clients, args.clients, args.clients), "|---|---|---|---|---|---|"]

@@ -286,8 +286,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--captions-max", type=int, default=100_000,
                     help="collections up to this many items get one caption per item; larger ones none")
     ap.add_argument("--exact-max", type=int, default=5000)
-    ap.add_argument("--model-record", type=Path, default=Path("/work/runs/art/model.json"),
-                    help="model.json of the model the collections name (its checkpoint must be readable)")
+    ap.add_argument("--model-record", type=Path, default=Path("artifacts/model.json"),
+                    help="model.json of the model the collections name (its checkpoint must be readable; "
+                         "default: %(default)s, what `clipsearch serve --data ../shared/flickr8k` builds)")
     ap.add_argument("--build-threads", type=int, default=2)
     ap.add_argument("--large", type=int, default=1_000_000,
                     help="collections of at least this many items are built with --large-ef-construction")

@@ -31,12 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import finish, log, machine_env  # noqa: E402
+from benchmarks._common import FLICKR8K_HELP, finish, flickr8k_dir, log, machine_env  # noqa: E402
 from clipsearch.models import load_model  # noqa: E402
 from clipsearch.bf16 import maybe_bf16_image, pays_in_bf16  # noqa: E402
 from clipsearch.onnx.image import build_onnx_image  # noqa: E402
 
-FLICKR = Path("/work/shared/flickr8k")
 
 
 def pixels(loaded, n: int, data: Path) -> torch.Tensor:
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--reps1", type=int, default=15, help="repetitions at batch 1")
     ap.add_argument("--reps", type=int, default=4, help="repetitions at --batch")
-    ap.add_argument("--data", type=Path, default=FLICKR)
+    ap.add_argument("--data", type=Path, default=flickr8k_dir(), help=FLICKR8K_HELP)
     ap.add_argument("--cache", type=Path, help="ONNX cache folder (default: a temporary one)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)

@@ -26,7 +26,7 @@ for a in "$@"; do
     --data|--data=*) HAS_DATA=1; ARGS+=("$a") ;;
     --download) DOWNLOAD=1; ARGS+=("$a") ;;
     --) REST=1; ARGS+=("$a") ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; echo; ARGS+=("$a") ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; echo; ARGS+=("$a") ;;
     *) ARGS+=("$a") ;;
   esac
 done
