@@ -91,11 +91,13 @@ def bind_is_loopback(host: str) -> bool:
 
 
 def auth_configured(env: Mapping[str, str]) -> bool:
+    """Some API key source is set (clipsearch.keys.auth_configured, once that exists, says the same)."""
     return any((env.get(v) or "").strip() for v in AUTH_VARS)
 
 
 def check_bind(host: str, insecure: bool, env: Mapping[str, str]) -> None:
-    if bind_is_loopback(host) or auth_configured(env) or insecure or env.get("CLIPSEARCH_AUTH", "").lower() == "off":
+    auth_off = (env.get("CLIPSEARCH_AUTH") or "").strip().lower() in ("off", "0", "false", "no")
+    if bind_is_loopback(host) or auth_configured(env) or insecure or auth_off:
         return
     raise ServeError(
         f"refusing to listen on {host} without API keys: make one with `clipsearch keys add NAME --scope admin "
