@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
+
+# The slow tests (`pytest -m "not slow"`, `bash scripts/test.sh --quick`, leaves them out; CI runs them):
+# whole files, and tests whose name says what they are. Marked here rather than in each file.
+SLOW_FILES = (
+    "tests/browser/",                  # headless Chromium
+    "tests/app/test_app_fuzz.py",      # schemathesis fuzzing of every route
+    "tests/app/test_app_crash.py",     # SIGKILL during writes and compactions
+    "tests/app/test_app_loopback.py",  # real servers over loopback: soak, overload, SIGHUP swaps
+    "tests/test_store_durability.py",  # SIGKILL against the stores
+    "tests/test_lit_model.py",         # the offline model's towers, built and exported
+    "tests/test_onnx_image.py",        # ONNX exports of the image towers
+    "tests/test_bf16_image.py",        # bf16 copies of the image towers
+    "tests/test_deploy.py",            # compose's build command: a whole build in a subprocess
+)
+SLOW_NAMES = re.compile(r"sigkill|killed|soak|fuzz|(^|_)lit(_|$)|mirror_features")
+
+
+def pytest_collection_modifyitems(config, items):
+    root = Path(__file__).resolve().parents[1]
+    for item in items:
+        rel = Path(str(item.fspath)).resolve().relative_to(root).as_posix()
+        if rel.startswith(SLOW_FILES) or SLOW_NAMES.search(item.name):
+            item.add_marker(pytest.mark.slow)
+
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20),
           "purple": (140, 30, 160), "orange": (240, 140, 20)}
