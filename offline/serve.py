@@ -189,8 +189,13 @@ def watch_available() -> bool:
     return "watch" in sub.choices
 
 
-def watch_command(media: Path, collection: str, art: Path) -> list[str]:
-    return [sys.executable, "-m", "offline", "watch", str(media), "--collection", collection, "--out", str(art)]
+def watch_command(media: Path, collection: str, art: Path, model: str | None = None,
+                  pretrained: str | None = None) -> list[str]:
+    """`offline watch` on the folder, embedding with the model the start-up ingest used."""
+    cmd = [sys.executable, "-m", "offline", "watch", str(media), "--collection", collection, "--out", str(art)]
+    cmd += ["--model", model] if model else []
+    cmd += ["--pretrained", pretrained] if pretrained else []
+    return cmd
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -270,7 +275,7 @@ def _run(args: argparse.Namespace) -> int:
     child = None
     if media and name and args.watch:
         if watch_available():
-            child = watch_command(media, name, art)
+            child = watch_command(media, name, art, model, pretrained)
         else:
             print("==> not watching the folder: this version has no `offline watch` (restart to pick up changes)",
                   flush=True)

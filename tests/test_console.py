@@ -166,6 +166,8 @@ def test_watch_command_is_the_offline_watch_stage(tmp_path):
     cmd = serve.watch_command(tmp_path / "photos", "photos", tmp_path / "art")
     assert cmd[:4] == [sys.executable, "-m", "offline", "watch"]
     assert cmd[4:] == [str(tmp_path / "photos"), "--collection", "photos", "--out", str(tmp_path / "art")]
+    with_model = serve.watch_command(tmp_path / "photos", "photos", tmp_path / "art", "lit-effnet1-minilm", "/m/x.pt")
+    assert with_model[-4:] == ["--model", "lit-effnet1-minilm", "--pretrained", "/m/x.pt"]
 
 
 def test_watcher_stops_with_the_server(tmp_path):
