@@ -17,6 +17,7 @@ SLOW_FILES = (
     "tests/app/test_app_fuzz.py",      # schemathesis fuzzing of every route
     "tests/app/test_app_crash.py",     # SIGKILL during writes and compactions
     "tests/app/test_app_loopback.py",  # real servers over loopback: soak, overload, SIGHUP swaps
+    "tests/app/test_serve_cli.py",     # `clipsearch serve` as a real server, stopped with SIGTERM
     "tests/test_store_durability.py",  # SIGKILL against the stores
     "tests/test_lit_model.py",         # the offline model's towers, built and exported
     "tests/test_onnx_image.py",        # ONNX exports of the image towers

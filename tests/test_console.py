@@ -239,6 +239,7 @@ def test_env_installs_only_when_the_project_changed(tmp_path):
         #!/bin/sh
         if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then echo "$*" >> {log}; exit 0; fi
         if [ "$1" = "-I" ] && [ -n "$FAKE_NOT_INSTALLED" ]; then exit 1; fi
+        if [ "$1" = "-c" ] && [ "$2" = "import torch" ]; then exit 0; fi  # torch is there: no CPU-wheel step
         exec {sys.executable} "$@"
         """))
     fake.chmod(0o755)
