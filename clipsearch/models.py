@@ -218,6 +218,7 @@ def _load_failure(model_name: str, pretrained: str | None, exc: Exception) -> st
     lines = text.splitlines()
     if len(lines) > 40:  # thousands of keys would bury the fix
         lines = lines[:40] + [f"... ({len(lines) - 40} more lines)"]
+    lines = [ln if len(ln) <= 3000 else f"{ln[:3000]} ... ({len(ln) - 3000} more characters)" for ln in lines]
     message = f"Could not load {model_name} from {pretrained or 'random init'}: {type(exc).__name__}: " + \
         "\n".join(lines)
     if pretrained and is_local_checkpoint(pretrained):
