@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.state import ServiceState
@@ -37,8 +38,10 @@ _DROP = {b"content-length", b"server-timing"}
 
 class CachedAnswerMiddleware:
     def __init__(self, app: ASGIApp, state: ServiceState, paths: Iterable[str] = ("/search/text",),
-                 max_body: int = 16 * 1024, endpoint_of: dict[str, str] | None = None):
+                 max_body: int = 16 * 1024, endpoint_of: dict[str, str] | None = None,
+                 allow: Callable[[HTTPConnection], bool] | None = None):
         self.app = app
+        self.allow = allow  # access control (app.auth.cache_gate): a request it refuses is never a hit
         self.state = state
         self.paths = frozenset(paths)
         self.max_body = max_body
@@ -51,7 +54,8 @@ class CachedAnswerMiddleware:
             return
         res = self.state.resources
         declared, ctype = _headers(scope)
-        if res is None or declared is None or declared > self.max_body:
+        if (res is None or declared is None or declared > self.max_body
+                or (self.allow is not None and not self.allow(HTTPConnection(scope)))):
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
