@@ -54,8 +54,7 @@ class CachedAnswerMiddleware:
             return
         res = self.state.resources
         declared, ctype = _headers(scope)
-        if (res is None or declared is None or declared > self.max_body
-                or (self.allow is not None and not self.allow(HTTPConnection(scope)))):
+        if res is None or declared is None or declared > self.max_body:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
@@ -71,7 +70,7 @@ class CachedAnswerMiddleware:
                 break
         key = ("raw", scope["path"], ctype, body, res.version)
         stored = self.state.cache.get(key)
-        if stored is not None:
+        if stored is not None and (self.allow is None or self.allow(HTTPConnection(scope))):
             await self._answer(stored, scope, send, t0)
             return
 

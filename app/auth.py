@@ -332,7 +332,7 @@ class Authenticator:
         return found, now + self.settings.session_hours * 3600
 
     def set_cookie(self, response: Response, conn: HTTPConnection, key: ApiKey, expires: float) -> None:
-        response.set_cookie(COOKIE, self.signer.issue(key, expires), max_age=int(expires - self.clock()),
+        response.set_cookie(COOKIE, self.signer.issue(key, expires), max_age=round(expires - self.clock()),
                             path="/", httponly=True, samesite="strict",
                             secure=self.settings.cookie_secure or conn.url.scheme == "https")
 
