@@ -13,6 +13,8 @@ What is and is not looked up here:
   anything else, chunked bodies included, goes straight on, and the body caps stay where they are);
 - entries live in the service's own `ResponseCache` (same LRU, same size, cleared on every reload,
   none when `CLIPSEARCH_CACHE_SIZE=0`), under keys that start with "raw";
+- a hit is answered only to a request that may read (`allow`, app.auth.cache_gate); any other goes
+  on to the route, whose access check answers it;
 - two spellings of one query (" red" and "red") are two entries here and one in the handler's
   cache; the handler's normalisation still decides what is the same query.
 

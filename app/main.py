@@ -4,8 +4,10 @@
 at import: the lifespan starts a background thread that loads the model and indexes, so /healthz and
 /readyz answer during a slow load, and a failed load leaves the app running un-ready with one log line
 saying why (an orchestrator sees 503 on /readyz rather than a crash loop). SIGHUP (and
-POST /admin/reload when an admin token is set) runs the same load again and swaps the new model and
-indexes in without downtime; a failed reload keeps the old ones serving.
+POST /admin/reload, scope admin) runs the same load again and swaps the new model and indexes in
+without downtime; a failed reload keeps the old ones serving. SIGHUP also re-reads the keys file.
+Access (app/auth.py, docs/security.md) is decided per router below; a malformed keys file stops
+`create_app` with its line number.
 """
 
 from __future__ import annotations

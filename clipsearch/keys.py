@@ -283,7 +283,7 @@ def auth_configured(env: Mapping[str, str | None] | None = None) -> bool:
 
 def auth_disabled(env: Mapping[str, str | None] | None = None) -> bool:
     env = os.environ if env is None else env
-    return (env.get("CLIPSEARCH_AUTH") or "").strip().lower() in ("off", "0", "false", "no")
+    return (env.get("CLIPSEARCH_AUTH") or "").strip().lower() == "off"  # as app.config.Settings.auth
 
 
 def bind_is_loopback(host: str) -> bool:
