@@ -249,12 +249,15 @@ class KeyRing:
         with self._lock:
             return self._load(strict=False)
 
-    def maybe_reload(self, now: float) -> None:
+    def maybe_reload(self, now: float) -> bool | None:
+        """Re-read the file if it changed (checked at most every `check_interval_s`): None when it was
+        not re-read, else whether the new file was taken."""
         if self.path is None or now - self._checked < self.check_interval_s:
-            return
+            return None
         self._checked = now
-        if self._file_stamp() != self._stamp:
-            self.reload()
+        if self._file_stamp() == self._stamp:
+            return None
+        return self.reload()
 
     def find(self, presented: str) -> ApiKey | None:
         return lookup(self._keys, presented)

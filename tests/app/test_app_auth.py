@@ -385,3 +385,28 @@ def test_old_token_variables_are_keys_of_their_scope(make_client, dataset, fakes
         assert client.delete("/collections/test/media/nope", headers=h).status_code == 404  # past auth
     text = client.get("/metrics", headers={"Authorization": f"Bearer {admin}"}).text
     assert 'key="env:write",scope="write"' in text and 'key="env:admin-token",scope="admin"' in text
+
+
+def test_a_running_server_takes_new_keys_on_sighup(start_server, tmp_path, keys_file):
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    server = start_server("--fake", str(tmp_path / "data"), "--set", f"api_keys_file={keys_file}")
+    assert server.wait_ready() == {"ready": True}  # no key: no details
+    new = "a-key-added-while-running-0123456"
+    SECRETS.append(new)
+    url = server.url + "/collections"
+    assert httpx.get(url, headers={"X-API-Key": new}).status_code == 401
+    assert httpx.get(url, headers=_auth("read")).status_code == 200
+    write_keys_file(keys_file, [ApiKey("added", "read", hash_key(new))])
+    os.kill(server.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while httpx.get(url, headers={"X-API-Key": new}).status_code != 200:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    assert httpx.get(url, headers=_auth("read")).status_code == 401  # revoked
+    log = server.log()
+    assert not [s for s in SECRETS if s in log]
