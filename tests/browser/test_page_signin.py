@@ -25,11 +25,9 @@ def keyed_server(serve, app_fakes, page_data, tmp_path):
     return serve(create_app(app_fakes.settings_for(tmp_path, api_keys_file=keys), resources))
 
 
-def test_sign_in_search_and_sign_out(driver, keyed_server):
-    from tests.browser.conftest import Page
-
+def test_sign_in_search_and_sign_out(driver, page, keyed_server):
     driver.get_log("browser")
-    page = Page(driver, keyed_server.url)
+    page = type(page)(driver, keyed_server.url)  # conftest's Page helper, on the keyed server
     page.open("/", state="signin")
     assert page.one("#signin").is_displayed() and not page.one("#signout").is_displayed()
 
