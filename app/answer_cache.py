@@ -13,6 +13,8 @@ What is and is not looked up here:
   anything else, chunked bodies included, goes straight on, and the body caps stay where they are);
 - entries live in the service's own `ResponseCache` (same LRU, same size, cleared on every reload,
   none when `CLIPSEARCH_CACHE_SIZE=0`), under keys that start with "raw";
+- a hit is answered only to a request that may read (`allow`, app.auth.cache_gate); any other goes
+  on to the route, whose access check answers it;
 - two spellings of one query (" red" and "red") are two entries here and one in the handler's
   cache; the handler's normalisation still decides what is the same query.
 
@@ -24,8 +26,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.state import ServiceState
@@ -37,8 +40,10 @@ _DROP = {b"content-length", b"server-timing"}
 
 class CachedAnswerMiddleware:
     def __init__(self, app: ASGIApp, state: ServiceState, paths: Iterable[str] = ("/search/text",),
-                 max_body: int = 16 * 1024, endpoint_of: dict[str, str] | None = None):
+                 max_body: int = 16 * 1024, endpoint_of: dict[str, str] | None = None,
+                 allow: Callable[[HTTPConnection], bool] | None = None):
         self.app = app
+        self.allow = allow  # access control (app.auth.cache_gate): a request it refuses is never a hit
         self.state = state
         self.paths = frozenset(paths)
         self.max_body = max_body
@@ -67,7 +72,7 @@ class CachedAnswerMiddleware:
                 break
         key = ("raw", scope["path"], ctype, body, res.version)
         stored = self.state.cache.get(key)
-        if stored is not None:
+        if stored is not None and (self.allow is None or self.allow(HTTPConnection(scope))):
             await self._answer(stored, scope, send, t0)
             return
 

@@ -141,6 +141,31 @@ class Settings(BaseSettings):
         5000, ge=0, description="Rows added after an HNSW graph was built that start a background compaction "
                                 "(they are searched exactly until then); 0: never automatic.")
 
+    # -- access (app/auth.py, clipsearch/keys.py, docs/security.md) -------------------------------
+    api_key: SecretStr | None = Field(None, min_length=16, description="One admin API key from the environment.")
+    api_keys_file: Path | None = Field(
+        None, description="Keys file (name:scope:sha256 a line; `python -m offline keys add`), re-read "
+                          "when it changes and on SIGHUP.")
+    auth: Literal["on", "off"] = Field(
+        "on", description="off: no keys asked of anyone (a trusted network only; logged loudly). on: with "
+                          "no key configured only loopback clients are answered.")
+    writes: bool = Field(False, description="Open the collections writable and mount the write routes "
+                                            "(scope write); CLIPSEARCH_WRITE_TOKEN set implies it.")
+    metrics_public: bool = Field(False, description="Serve /metrics without a key (e.g. to a Prometheus "
+                                                    "on a private network); otherwise it needs scope read.")
+    session_secret: SecretStr | None = Field(
+        None, min_length=32, description="Signs the search page's session cookies; default: random per "
+                                         "process (a restart signs everyone out).")
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, description="How long a page sign-in lasts.")
+    cookie_secure: bool = Field(False, description="Mark the session cookie Secure even when the request "
+                                                   "reached the app over plain http (TLS ends at a proxy).")
+    auth_failures_per_minute: int = Field(
+        10, ge=1, description="Wrong keys one client may send a minute before it gets 429 + Retry-After.")
+
+    @property
+    def writes_enabled(self) -> bool:
+        return self.writes or self.write_token is not None
+
     @field_validator("cors_origins", "collections", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:

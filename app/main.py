@@ -4,8 +4,10 @@
 at import: the lifespan starts a background thread that loads the model and indexes, so /healthz and
 /readyz answer during a slow load, and a failed load leaves the app running un-ready with one log line
 saying why (an orchestrator sees 503 on /readyz rather than a crash loop). SIGHUP (and
-POST /admin/reload when an admin token is set) runs the same load again and swaps the new model and
-indexes in without downtime; a failed reload keeps the old ones serving.
+POST /admin/reload, scope admin) runs the same load again and swaps the new model and indexes in
+without downtime; a failed reload keeps the old ones serving. SIGHUP also re-reads the keys file.
+Access (app/auth.py, docs/security.md) is decided per router below; a malformed keys file stops
+`create_app` with its line number.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from clipsearch import __version__
 from clipsearch.manifest import ArtifactError
 from clipsearch.models import ModelLoadError
 
+from app import auth
 from app.answer_cache import CachedAnswerMiddleware
 from app.config import Settings
 from app.errors import install_error_handlers, public_reason
@@ -81,13 +84,14 @@ def load_in_background(state: ServiceState, loader: Loader) -> threading.Thread 
     return thread
 
 
-def _install_sighup(state: ServiceState, loader: Loader) -> bool:
-    """SIGHUP -> reload in the background. Only possible on the main thread's loop (uvicorn's, not a
-    test client's portal thread) and where the platform has SIGHUP."""
+def _install_sighup(state: ServiceState, loader: Loader, also: Callable[[], None] = lambda: None) -> bool:
+    """SIGHUP -> reload in the background (and `also`: re-read the keys file). Only possible on the
+    main thread's loop (uvicorn's, not a test client's portal thread) and where the platform has SIGHUP."""
     if not hasattr(signal, "SIGHUP"):
         return False
 
     def on_sighup() -> None:
+        also()
         started = load_in_background(state, loader) is not None
         log.info("SIGHUP: %s", "reloading model and indexes" if started else "a load is already running")
 
@@ -137,10 +141,11 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         _configure_logging()
+        authenticator.announce()
         configure_threads(settings)
         if state.resources is None:
             load_in_background(state, load)
-        sighup = settings.reload_on_sighup and _install_sighup(state, load)
+        sighup = settings.reload_on_sighup and _install_sighup(state, load, authenticator.reload_keys)
         poll = (asyncio.get_running_loop().create_task(refresh_loop(state, settings.refresh_interval_ms / 1000))
                 if settings.refresh_interval_ms else None)
         try:
@@ -154,27 +159,35 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
                 writer.close()
             state.close_pool()
 
+    # the API docs and schema are served by app.auth's router, behind scope read
     app = FastAPI(title="clipsearch", version=__version__, lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None,
                   description="CLIP search over image collections: text → images, image → images, "
                               "image → captions, more like this.")
     app.state.service = state
     state.metrics.store_source = lambda: state.resources
-    writer = WriteService(state, settings) if settings.write_token is not None else None
+    writer = WriteService(state, settings) if settings.writes_enabled else None
     app.state.writes = writer
+    authenticator = app.state.auth = auth.Authenticator(settings, state.metrics)  # a bad keys file stops here
     install_error_handlers(app)
-    app.include_router(search.build_router(settings))
-    app.include_router(embed.build_router(settings))
-    app.include_router(collections.router)
-    app.include_router(media.router)
-    app.include_router(ops.router)
-    app.include_router(ui.build_router())  # GET /: the search page (app/static/)
-    if settings.admin_token is not None:
-        app.include_router(admin.build_router(settings, lambda: load_in_background(state, load)))
+    # Every router's scope is decided here, in one place (docs/security.md; tests/app/test_app_auth.py).
+    read, deny = [Depends(auth.require("read"))], auth.AUTH_RESPONSES
+    app.include_router(search.build_router(settings), dependencies=read, responses=deny)
+    app.include_router(embed.build_router(settings), dependencies=read, responses=deny)
+    app.include_router(collections.router, dependencies=read, responses=deny)
+    app.include_router(media.router, dependencies=read, responses=deny)
+    app.include_router(ops.router)  # /healthz, /readyz open (details for scope read); /metrics: metrics_access
+    app.include_router(ui.build_router())  # GET /: the search page (app/static/), its sign-in when refused
+    app.include_router(auth.build_router(app))  # /auth/login|logout|session; /docs, /openapi.json (read)
+    if authenticator.configured:
+        app.include_router(admin.build_router(settings, lambda: load_in_background(state, load)),
+                           dependencies=[Depends(auth.require("admin"))], responses=deny)
     if writer is not None:
-        app.include_router(writes.build_router(settings, writer))
+        app.include_router(writes.build_router(settings, writer),
+                           dependencies=[Depends(auth.require("write"))], responses=deny)
     # Added innermost first: CORS (if any) > request metrics > admission > body caps > raw-body answer
-    # cache (repeated text searches, before routing and validation) > routes.
-    app.add_middleware(CachedAnswerMiddleware, state=state)
+    # cache (repeated text searches, before routing and validation: hits only for scope read) > routes.
+    app.add_middleware(CachedAnswerMiddleware, state=state, allow=auth.cache_gate)
     app.add_middleware(BodyLimitMiddleware, limits=search.body_limits(settings),
                        default=search.DEFAULT_BODY_LIMIT,
                        patterns=writes.body_limit_patterns(settings) if writer is not None else ())

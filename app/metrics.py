@@ -98,6 +98,11 @@ class Metrics:
         self.compactions = Counter("clipsearch_compactions", "Compactions run", ["collection"], registry=r)
         self.compaction_seconds = Histogram("clipsearch_compaction_seconds", "Time per compaction",
                                             ["collection"], buckets=COMPACTION_BUCKETS, registry=r)
+        # access control (app/auth.py): key *names* and scopes only, never a key
+        self.key_requests = Counter("clipsearch_key_requests", "Authorised requests by key name and scope "
+                                    "(loopback / anonymous without keys)", ["key", "scope"], registry=r)
+        self.auth_failures = Counter("clipsearch_auth_failures", "Requests refused by access control, by "
+                                     "reason", ["reason"], registry=r)
         self.store_source: Callable[[], Any] | None = None  # -> the served Resources, or None
         r.register(_StoreCollector(lambda: self.store_source))
         for op, results in WRITE_RESULTS.items():

@@ -271,7 +271,7 @@ def _open_collection(layout: ArtifactLayout, name: str, params: IndexParams, set
     can fail is one ArtifactError that names the collection."""
     prefix = f"collection {name!r}"
     store: VectorStore | None = None
-    writable = settings.write_token is not None
+    writable = settings.writes_enabled
     coll_dir = layout.collection(name).dir
     if writable and coll_dir.is_dir() and not os.access(coll_dir, os.W_OK):
         raise ArtifactError(f"{prefix}: writes are enabled (CLIPSEARCH_WRITE_TOKEN) but its folder "

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat,
                       StrictInt, StringConstraints, create_model, model_validator)
 
 from clipsearch.artifacts import COLLECTION_NAME
+from clipsearch.models import is_local_checkpoint
 
 from app.cache import WHITESPACE, normalize_query
 from app.config import Settings
@@ -27,6 +29,19 @@ MetadataFilter = Annotated[
                                                     "or {\"folder\": [\"2019\", \"2020\"]}",
           examples=[{"split": "test"}])]
 Target = Literal["images", "captions"]
+
+
+def _public_model(model: dict[str, Any]) -> dict[str, Any]:
+    """A model identity fit for a client: a local checkpoint named by its file, never by where this
+    server keeps it (the sha256 still identifies it)."""
+    pretrained = model.get("pretrained")
+    if isinstance(pretrained, str) and is_local_checkpoint(pretrained):
+        return {**model, "pretrained": Path(pretrained).name}
+    return model
+
+
+# A model identity in an answer (/readyz, /collections, /embed/*)
+PublicModel = Annotated[dict[str, Any], AfterValidator(_public_model)]
 
 
 class ImageHit(BaseModel):
@@ -79,7 +94,7 @@ class CollectionInfo(BaseModel):
     default: bool
     images: int
     captions: int
-    model: dict[str, Any]
+    model: PublicModel
     index: dict[str, str] = Field(description="Search kind per target: exact (small) or hnsw")
     version: str
     hubness: dict[str, Any] | None = Field(None, description="The image→caption hubness correction (beta, k, "
@@ -131,7 +146,7 @@ class ReadyResponse(BaseModel):
     reloading: bool | None = Field(None, description="A reload (SIGHUP or POST /admin/reload) is running")
     reload_error: str | None = Field(None, description="Why the last reload failed; the resources "
                                                        "loaded before it are still being served")
-    model: dict[str, Any] | None = None
+    model: PublicModel | None = None
     index_version: str | None = None
     default_collection: str | None = None
     collections: dict[str, dict[str, int]] | None = Field(
@@ -336,7 +351,7 @@ def embed_text_request(settings: Settings) -> type[BaseModel]:
 class EmbeddingsResponse(BaseModel):
     embeddings: list[list[float]] = Field(description="One L2-normalised vector per input, in order")
     dim: int
-    model: dict[str, Any] = Field(description="The model identity the vectors come from (as GET /readyz)")
+    model: PublicModel = Field(description="The model identity the vectors come from (as GET /readyz)")
     took_ms: float
 
 

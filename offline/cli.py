@@ -172,6 +172,9 @@ def build_parser(prog: str = "python -m offline") -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=None,
                    help="replication_factor of a new collection on a cluster (2: one node may die)")
 
+    from offline import keys
+    keys.add_parser(sub)  # keys add|list|revoke: the service's API keys
+
     p = sub.add_parser("download", help="download and unpack the public Flickr8k archives")
     p.add_argument("--dest", type=Path, default=DEFAULT_DATA, help="where to put the data (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="download again even if present")
@@ -488,10 +491,17 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _keys_run(args: argparse.Namespace) -> dict[str, Any]:
+    from offline import keys
+
+    return keys.run(args)
+
+
 COMMANDS = {"prepare": run_prepare, "download": run_download, "ingest": run_ingest, "migrate": run_migrate,
             "embed": run_embed,
             "index": run_index,
-            "evaluate": run_evaluate, "hubness": run_hubness, "finetune": run_finetune, "build": run_build}
+            "evaluate": run_evaluate, "hubness": run_hubness, "finetune": run_finetune, "build": run_build,
+            "keys": _keys_run}
 
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:

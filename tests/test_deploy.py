@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -68,3 +70,36 @@ def test_build_command_then_api_load(tmp_path, tiny_checkpoint):
     assert res.store("flickr8k").count() == 12 and res.store("flickr8k").count("captions") == 24
     assert res.store("media").count() == 3
     assert res.store("flickr8k").get("0000_x.jpg").metadata == {"split": "train"}
+
+
+def test_compose_api_needs_a_key_and_publishes_on_loopback():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    for name, port in (("api", "8000"), ("api-qdrant", "8001")):
+        service = compose["services"][name]
+        assert service["ports"] == [f"${{BIND:-127.0.0.1}}:{port}:8000"]
+        assert service["environment"]["CLIPSEARCH_API_KEY"].startswith("${CLIPSEARCH_API_KEY:?")
+
+
+def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose is not installed")
+    clean = {k: v for k, v in os.environ.items() if k not in ("CLIPSEARCH_API_KEY", "BIND")}
+    return subprocess.run([exe, "-f", str(REPO / "docker-compose.yml"), "config"], cwd=REPO,
+                          env={**clean, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_compose_config_refuses_to_start_without_a_key():
+    run = _compose_config({})
+    assert run.returncode != 0 and "set CLIPSEARCH_API_KEY" in run.stderr
+    key = "compose-test-key-0123456789"
+    run = _compose_config({"CLIPSEARCH_API_KEY": key})
+    assert run.returncode == 0, run.stderr
+    config = yaml.safe_load(run.stdout)
+    api = config["services"]["api"]
+    assert api["environment"]["CLIPSEARCH_API_KEY"] == key
+    ports = api["ports"]
+    published = [p if isinstance(p, str) else f"{p.get('host_ip')}:{p['published']}:{p['target']}" for p in ports]
+    assert any(p.startswith("127.0.0.1:8000:8000") for p in published), published
+    wide = yaml.safe_load(_compose_config({"CLIPSEARCH_API_KEY": key, "BIND": "0.0.0.0"}).stdout)
+    assert any(str(p).startswith("0.0.0.0:8000") for p in wide["services"]["api"]["ports"]), wide["services"]["api"]

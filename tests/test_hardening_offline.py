@@ -169,7 +169,7 @@ def test_app_serves_a_collection_whose_ingest_was_killed(tiny_dataset, tiny_chec
     assert not (out / "collections" / "tiny" / "report.json").exists()
     settings = Settings(artifacts_dir=out, device="cpu", torch_threads=1, text_backend="torch",
                         image_backend="torch")
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), client=("127.0.0.1", 50000)) as client:  # loopback: no key needed
         deadline = time.monotonic() + 60
         while (r := client.get("/readyz")).status_code != 200:
             assert r.json()["reason"].startswith("loading"), r.json()

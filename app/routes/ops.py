@@ -1,10 +1,14 @@
-"""GET /healthz (process up), GET /readyz (model and collections loaded), GET /metrics (Prometheus)."""
+"""GET /healthz (process up), GET /readyz (model and collections loaded), GET /metrics (Prometheus).
+
+/healthz and /readyz need no key; /readyz shows the model and collections only to a caller that may
+read. /metrics needs scope read unless CLIPSEARCH_METRICS_PUBLIC=1 (app.auth.metrics_access)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from app.auth import AUTH_RESPONSES, may, metrics_access
 from app.schemas import HealthResponse, ReadyResponse
 from app.state import get_state
 
@@ -21,6 +25,10 @@ async def healthz() -> HealthResponse:
 async def readyz(request: Request) -> Response:
     state = get_state(request)
     res = state.resources
+    if not may(request, "read"):  # ready or not, and nothing about what is served
+        body = {"ready": res is not None}
+        return JSONResponse(body, status_code=200 if res is not None else 503,
+                            headers={} if res is not None else {"Retry-After": str(max(state.settings.retry_after_s, 1))})
     if res is None:
         body = ReadyResponse(ready=False, reason=state.reason).model_dump(exclude_none=True)
         return JSONResponse(body, status_code=503,
@@ -40,8 +48,9 @@ async def readyz(request: Request) -> Response:
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)",
+            dependencies=[Depends(metrics_access)],
             responses={200: {"description": "Prometheus text exposition format",
-                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}, **AUTH_RESPONSES})
 async def metrics(request: Request) -> Response:
     m = get_state(request).metrics
     return Response(m.render(), media_type=m.content_type)

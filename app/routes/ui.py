@@ -7,6 +7,9 @@ asset fetched with the current version may be cached for a year; the HTML itself
 (always revalidated), which is how a new release reaches browsers. A strict Content-Security-Policy
 (scripts and styles only from this origin, nothing inline) limits what injected markup could do;
 the page itself inserts captions and metadata as text, never as HTML.
+
+The page needs scope read (app/auth.py); a caller without a key still gets it, with status 401, so a
+browser shows its sign-in form. Its script and style (no data) need no key.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.errors import NotFound
+from app.auth import get_auth
+from app.errors import NotFound, Unauthorized
 from app.routes.media import etag_matches
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -74,6 +78,11 @@ def build_router(static_dir: Path = STATIC_DIR) -> APIRouter:
 
     @router.get("/")
     async def index(request: Request) -> Response:
+        try:
+            get_auth(request).check(request, "read")
+        except Unauthorized:
+            return Response(page.data, status_code=401, media_type=page.media_type,
+                            headers={**PAGE_HEADERS, "WWW-Authenticate": "Bearer"})
         return _answer(request, page, PAGE_HEADERS)
 
     @router.get("/static/{name}")

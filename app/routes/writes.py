@@ -5,13 +5,13 @@
     PUT    /collections/{name}/media/{image_id}/captions   {"captions": [...]}
     POST   /collections/{name}/compact
 
-Mounted only when CLIPSEARCH_WRITE_TOKEN is set (otherwise these paths answer 404), and then only
-for `Authorization: Bearer <token>` (401 otherwise). The work itself is in `app.writes`. Like
+Mounted only when writes are enabled (CLIPSEARCH_WRITES=1 or CLIPSEARCH_WRITE_TOKEN; otherwise these
+paths answer 404), behind scope write (app/main.py; compact needs admin). The work itself is in
+`app.writes`. Like
 app/routes/search.py, no `from __future__ import annotations`: FastAPI resolves the signatures.
 """
 
 import asyncio
-import hmac
 import json
 import re
 import time
@@ -24,7 +24,8 @@ from pydantic import StringConstraints
 from clipsearch.images import ImageDecodeError
 
 from app.config import Settings
-from app.errors import InvalidSearch, NotFound, PayloadTooLarge, Unauthorized
+from app.auth import require
+from app.errors import InvalidSearch, NotFound, PayloadTooLarge
 from app.routes.search import MULTIPART_OVERHEAD, read_upload, require_content_type, server_timing
 from app.schemas import CaptionsRequest, CompactResponse, ErrorResponse, WriteItemResponse
 from app.search import image_url, resolve
@@ -34,7 +35,7 @@ from app.writes import WriteResult, WriteService
 MEDIA_PATH = re.compile(r"/collections/[^/]+/media")
 ImageId = Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f]+$")]
 ERRORS = {status: {"model": ErrorResponse, "description": desc} for status, desc in {
-    401: "Missing or wrong bearer token", 404: "Unknown collection or image id",
+    404: "Unknown collection or image id",
     409: "The collection is open read-only", 413: "Upload too large", 415: "Wrong Content-Type",
     422: "Invalid image, captions or metadata", 429: "Too many writes in flight; retry after Retry-After",
     503: "Not ready"}.items()}
@@ -47,17 +48,10 @@ def body_limit_patterns(settings: Settings) -> list[tuple[re.Pattern[str], int]]
 
 
 def build_router(settings: Settings, service: WriteService) -> APIRouter:
-    assert settings.write_token is not None
-    expected = settings.write_token.get_secret_value().encode()
     upload_cap = settings.max_upload_bytes
     metrics = service.state.metrics
 
-    def authorize(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-            raise Unauthorized("a valid write bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-
-    router = APIRouter(tags=["writes"], dependencies=[Depends(authorize)], responses=ERRORS)
+    router = APIRouter(tags=["writes"], responses=ERRORS)
 
     def item_body(res: Any, store: Any, result: WriteResult) -> dict[str, Any]:
         item = result.item
@@ -155,6 +149,7 @@ def build_router(settings: Settings, service: WriteService) -> APIRouter:
         return JSONResponse(item_body(res, store, result))
 
     @router.post("/collections/{name}/compact", response_model=CompactResponse,
+                 dependencies=[Depends(require("admin"))],
                  summary="Rebuild the collection's index without its tombstones and swap it in (it also "
                          "runs by itself past CLIPSEARCH_COMPACT_TOMBSTONES / _DELTA)")
     async def compact(name: str, request: Request) -> CompactResponse:

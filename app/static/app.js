@@ -20,6 +20,7 @@
     viewer: $("viewer"), viewerTitle: $("viewer-title"), viewerClose: $("viewer-close"),
     viewerImg: $("viewer-img"), viewerCaptions: $("viewer-captions"), viewerMeta: $("viewer-meta"),
     viewerLike: $("viewer-like"), viewerOpen: $("viewer-open"),
+    signin: $("signin"), signinKey: $("signin-key"), signinError: $("signin-error"), signout: $("signout"),
   };
 
   // What is being searched; `offset` is the next page's.
@@ -108,6 +109,8 @@
       return `The server is busy (too many searches at once).${wait} (${err.message})`;
     }
     if (err.status === 503) return `The service is not ready yet: ${err.message}`;
+    if (err.status === 401) return "Please sign in.";
+    if (err.status === 403) return `Not allowed: ${err.message}`;
     if (err.code === "invalid_image") return `That file cannot be searched: ${err.message}`;
     if (err.status === 413) return `That file is too large: ${err.message}`;
     if (err.status === 0) return `No answer: ${err.message}`;
@@ -124,6 +127,7 @@
       state.collections = body.collections;
       state.defaultCollection = body.default;
     } catch (err) {
+      if (err.status === 401) { showSignIn(); return; }
       if (err.status === 503) {
         setState("not-ready");
         showError("");
@@ -138,6 +142,8 @@
     }
     state.ready = true;
     showError("");
+    ui.signin.hidden = true;
+    checkSession();
     fromUrl();
     buildCollectionPicker();
     buildFilters();
@@ -295,8 +301,57 @@
       setState("error");
       finished(seq);
       if (err.status === 503) { state.ready = false; setTimeout(boot, READY_POLL_MS); }
+      if (err.status === 401) showSignIn(); // the session expired or its key was revoked
     }
   }
+
+  // --- signing in (only where the service has API keys) -----------------------------------------
+  // The key is sent once to POST /auth/login, which answers an HttpOnly session cookie; the page
+  // never stores the key. Thumbnails and images then load with the cookie.
+
+  function showSignIn() {
+    state.ready = false;
+    setState("signin");
+    showError("");
+    notice("");
+    ui.signout.hidden = true;
+    ui.signin.hidden = false;
+    ui.signinKey.focus();
+  }
+
+  async function checkSession() {
+    try {
+      const { body } = await api("/auth/session");
+      ui.signout.hidden = !body.signed_in;
+      ui.signout.title = body.signed_in ? `Signed in as ${body.name} (${body.scope})` : "";
+    } catch (err) {
+      ui.signout.hidden = true;
+    }
+  }
+
+  ui.signin.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    ui.signinError.hidden = true;
+    try {
+      await api("/auth/login", { method: "POST", headers: { "Content-Type": "application/json", Accept: "application/json" },
+                                 body: JSON.stringify({ key: ui.signinKey.value }) });
+    } catch (err) {
+      ui.signinError.textContent = err.status === 401 ? "That key is not valid."
+        : err.status === 429 ? `Too many wrong keys; try again in ${err.retryAfter || 60} s.` : describeError(err);
+      ui.signinError.hidden = false;
+      return;
+    }
+    ui.signinKey.value = "";
+    boot();
+  });
+
+  ui.signout.addEventListener("click", async () => {
+    try { await api("/auth/logout", { method: "POST" }); } catch (err) { /* signed out either way */ }
+    clearResults();
+    ui.queryBox.hidden = true;
+    state.mode = null;
+    showSignIn();
+  });
 
   function summary(body, timing, roundTrip) {
     const what = body.target === "captions" ? "caption" : "image";

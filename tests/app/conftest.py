@@ -49,6 +49,7 @@ SOLID = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 PATTERNS = [("stripes", "gray", "pink"), ("checkerboard", "brown", "teal"),
             ("stripes", "red", "white"), ("checkerboard", "black", "yellow")]
 SIZE = 32
+LOOPBACK = ("127.0.0.1", 50000)  # TestClient(client=LOOPBACK): a peer on this machine
 
 
 def _image(kind: str, a: str, b: str | None = None) -> Image.Image:
@@ -253,18 +254,21 @@ def encoder() -> ColorEncoder:
 
 @pytest.fixture
 def make_client(tmp_path: Path, dataset) -> Iterator[Callable[..., TestClient]]:
-    """`make_client(resources=..., loader=..., encoder=..., **settings_overrides)` -> a started
-    TestClient (lifespan run). By default it serves fake resources over `encoder`; pass
+    """`make_client(resources=..., loader=..., encoder=..., headers=..., **settings_overrides)` -> a
+    started TestClient (lifespan run) on a loopback peer, sending `headers` (e.g. a key) with every request. By default it serves fake resources over `encoder`; pass
     `resources=None` to load from `artifacts_dir` (or with `loader`) in the background."""
     with ExitStack() as stack:
         def make(resources: Resources | None | str = "fake", loader: Callable | None = None,
                  encoder: ColorEncoder | None = None, raise_server_exceptions: bool = True,
-                 **overrides: Any) -> TestClient:
+                 headers: dict[str, str] | None = None, **overrides: Any) -> TestClient:
             settings = settings_for(tmp_path, **overrides)
             if resources == "fake":
                 resources = None if loader else fake_resources(dataset, encoder)
             app = create_app(settings, resources, loader=loader)
-            return stack.enter_context(TestClient(app, raise_server_exceptions=raise_server_exceptions))
+            # a loopback peer, as a browser on this machine: with no key configured the app answers
+            # only loopback clients (app/auth.py), and TestClient's default peer is "testclient"
+            return stack.enter_context(TestClient(app, raise_server_exceptions=raise_server_exceptions,
+                                                  client=LOOPBACK, headers=headers))
         yield make
 
 

@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 WRITE_TOKEN = "test-write-token-0123456789"
+ADMIN_TOKEN = "test-admin-token-0123456789"  # compaction needs scope admin
 
 
 def build_collection(artifacts: Path, name: str = "test") -> Path:
@@ -68,7 +69,8 @@ def main() -> None:
     from app.main import create_app
 
     build_collection(args.artifacts)
-    values: dict[str, Any] = {"artifacts_dir": args.artifacts, "write_token": WRITE_TOKEN, "torch_threads": 1,
+    values: dict[str, Any] = {"artifacts_dir": args.artifacts, "write_token": WRITE_TOKEN,
+                              "admin_token": ADMIN_TOKEN, "torch_threads": 1,
                               "inference_threads": 2, "device": "cpu"}
     values.update(dict(item.split("=", 1) for item in args.set))
     app = create_app(Settings(**values), loader=fake_loader())

@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 SCRIPT = Path(__file__).with_name("serve_writable.py")
-TOKEN = "test-write-token-0123456789"  # serve_writable.WRITE_TOKEN
+TOKEN = "test-admin-token-0123456789"  # serve_writable.ADMIN_TOKEN: writes and compactions
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # HNSW graphs from 5 rows up, and a compaction after every few writes, so kills land inside them.
 # efSearch above any row count reached here: the walk covers all the graph reaches, so rank 1 depends
@@ -152,7 +152,7 @@ def _compact_once(url: str) -> None:
 
 
 def _verify(url: str, ledger: Ledger) -> None:
-    with httpx.Client(base_url=url, timeout=30) as client:
+    with httpx.Client(base_url=url, timeout=30, headers=AUTH) as client:
         for image_id, data in sorted(ledger.live.items()):
             r = client.post("/search/image", files={"file": ("q.png", data, "image/png")}, data={"k": "1"})
             assert r.status_code == 200, r.text
@@ -204,7 +204,7 @@ def test_writes_and_searches_together_have_no_server_errors(servers, tmp_path):
     uploaded: list[str] = []
 
     async def scenario() -> None:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, headers=AUTH) as client:
             async def writer(w: int) -> None:
                 for i in range(25):
                     data = _png(1000 + w * 100 + i)

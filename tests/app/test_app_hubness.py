@@ -64,7 +64,7 @@ def served(tmp_path, dataset, fakes):
 
     app = create_app(Settings(artifacts_dir=root, write_token=TOKEN, torch_threads=1, inference_threads=2,
                               device="cpu", refresh_interval_ms=0), loader=load)
-    with TestClient(app) as client:
+    with TestClient(app, client=("127.0.0.1", 50000), headers={"X-API-Key": TOKEN}) as client:
         for _ in range(500):
             if client.get("/readyz").status_code == 200:
                 break

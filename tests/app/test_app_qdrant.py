@@ -192,7 +192,8 @@ def test_live_writes_on_a_qdrant_store(make_client, dataset, fakes, tmp_path):
     migrate_catalog(fakes.fake_store(dataset).catalog, "test", spec, progress=False)
     store = QdrantStore.open(QdrantLocation(path=str(tmp_path / "qdrant")), "test", readonly=False)
     client = make_client(resources=make_resources(fakes.ColorEncoder(), [store], fakes.FAKE_MODEL),
-                         write_token=token, artifacts_dir=tmp_path / "artifacts", refresh_interval_ms=0)
+                         write_token=token, artifacts_dir=tmp_path / "artifacts", refresh_interval_ms=0,
+                         headers=auth)
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(7).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "PNG")
     data = buf.getvalue()

@@ -70,7 +70,7 @@ def test_reload_swaps_resources_while_old_ones_serve(make_client, dataset, fakes
         store.add([])
         return fakes.fake_resources(smaller, stores=[store])
 
-    client = make_client(resources=fakes.fake_resources(dataset), loader=loader, admin_token=TOKEN)
+    client = make_client(resources=fakes.fake_resources(dataset), loader=loader, admin_token=TOKEN, headers=AUTH)
     before = client.get("/readyz").json()
     assert before["images"] == 12 and "reloading" not in before
     warm = client.post("/search/text", json={"query": "teal", "k": 12}).json()
@@ -98,7 +98,7 @@ def test_failed_reload_keeps_serving_and_says_why(make_client, dataset, fakes, t
         raise ArtifactError(f"index file missing: {settings.artifacts_dir}/indexes/test/x.faiss "
                             f"(also looked in /etc/private/models/x.pt)")
 
-    client = make_client(resources=fakes.fake_resources(dataset), loader=loader, admin_token=TOKEN)
+    client = make_client(resources=fakes.fake_resources(dataset), loader=loader, admin_token=TOKEN, headers=AUTH)
     version = client.get("/readyz").json()["index_version"]
     with caplog.at_level("INFO", logger="app"):
         assert client.post("/admin/reload", headers=AUTH).json()["started"] is True
@@ -121,7 +121,7 @@ def test_reload_after_a_failed_start_makes_the_app_ready(make_client, dataset, f
             raise ArtifactError("missing index manifest indexes/test/images.hnsw.json")
         return fakes.fake_resources(dataset)
 
-    client = make_client(loader=loader, admin_token=TOKEN)
+    client = make_client(loader=loader, admin_token=TOKEN, headers=AUTH)
     first = _wait(client, lambda b: not b.get("reason", "").startswith("loading"))
     assert first["ready"] is False and "missing index manifest" in first["reason"]
     assert client.post("/admin/reload", headers=AUTH).json() == {"started": True, "index_version": None}

@@ -32,6 +32,8 @@ from app.resources import make_resources, open_collections
 
 TOKEN = "write-token-for-tests-0123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ADMIN_TOKEN = "admin-token-for-tests-0123"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # compact needs scope admin
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -85,13 +87,16 @@ def artifacts(tmp_path, dataset, fakes) -> Path:
 def start(artifacts, fakes, tmp_path):
     clients = []
 
-    def make(encoder=None, **overrides) -> TestClient:
+    def make(encoder=None, read_key: bool = True, **overrides) -> TestClient:
+        """`read_key`: every request of the client carries the write token (X-API-Key) unless it says
+        otherwise, so reads work once a key is configured (app/auth.py)."""
         values = {"artifacts_dir": artifacts, "write_token": TOKEN, "torch_threads": 1, "inference_threads": 2,
                   "device": "cpu", "refresh_interval_ms": 0, **overrides}
         if values["write_token"] is None:
             del values["write_token"]
         app = create_app(Settings(**values), loader=fake_loader(encoder or fakes.ColorEncoder()))
-        client = TestClient(app)
+        client = TestClient(app, client=("127.0.0.1", 50000),
+                            headers={"X-API-Key": TOKEN} if read_key and "write_token" in values else None)
         client.__enter__()
         clients.append(client)
         deadline = time.monotonic() + 30
@@ -148,7 +153,7 @@ def test_without_a_token_the_routes_do_not_exist(start):
 
 
 def test_wrong_or_missing_token_is_401(start):
-    client = start()
+    client = start(read_key=False)
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {TOKEN}"}):
         r = upload(client, _noise_png(1), headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
@@ -156,8 +161,8 @@ def test_wrong_or_missing_token_is_401(start):
         assert client.put("/collections/test/media/00_solid_red.png/captions", json={"captions": ["x"]},
                           headers=headers).status_code == 401
         assert client.post("/collections/test/compact", headers=headers).status_code == 401
-    assert count(client) == 12
-    assert client.get("/collections/test/items/00_solid_red.png").status_code == 200
+    assert client.get("/collections", headers=AUTH).json()["collections"][0]["images"] == 12
+    assert client.get("/collections/test/items/00_solid_red.png", headers=AUTH).status_code == 200
 
 
 # --- upload, idempotency, read-your-write ------------------------------------------------------------
@@ -355,7 +360,8 @@ def test_writes_beyond_their_bound_get_429(start, fakes):
 
 
 def test_metrics_and_compaction(start):
-    client = start(exact_max=4, compact_tombstones=0, compact_delta=0)  # HNSW graphs; compaction by hand
+    client = start(exact_max=4, compact_tombstones=0, compact_delta=0,  # HNSW graphs; compaction by hand
+                   admin_token=ADMIN_TOKEN)
     assert metric(client, "clipsearch_collection_rows", collection="test", target="images") == 12
     ids = [upload(client, _noise_png(30 + i)).json()["image_id"] for i in range(3)]
     assert client.delete(f"/collections/test/media/{ids[0]}", headers=AUTH).status_code == 204
@@ -364,7 +370,8 @@ def test_metrics_and_compaction(start):
     assert metric(client, "clipsearch_collection_rows", collection="test", target="images") == 14
     assert metric(client, "clipsearch_tombstones_pending", collection="test", target="images") == 1
     assert metric(client, "clipsearch_delta_rows", collection="test", target="images") == 3
-    r = client.post("/collections/test/compact", headers=AUTH)
+    assert client.post("/collections/test/compact", headers=AUTH).status_code == 403  # write < admin
+    r = client.post("/collections/test/compact", headers=ADMIN)
     assert r.status_code == 200 and r.json()["compacted"] is True and r.json()["images"] == 14
     assert metric(client, "clipsearch_tombstones_pending", collection="test", target="images") == 0
     assert metric(client, "clipsearch_delta_rows", collection="test", target="images") == 0
