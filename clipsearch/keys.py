@@ -320,6 +320,6 @@ def serve_refusal(host: str, env: Mapping[str, str | None] | None = None) -> str
     or None when it may go ahead."""
     if bind_is_loopback(host) or auth_configured(env):
         return None
-    return (f"refusing to serve on {host} without an API key: make one with `python -m offline keys add NAME "
-            "--scope read --file keys.txt` and set CLIPSEARCH_API_KEYS_FILE=keys.txt (or CLIPSEARCH_API_KEY), "
+    return (f"refusing to serve on {host} without an API key: make one with `clipsearch keys add NAME "
+            "--scope admin --file keys.txt` and set CLIPSEARCH_API_KEYS_FILE=keys.txt (or CLIPSEARCH_API_KEY), "
             "or set CLIPSEARCH_AUTH=off on a trusted network")

@@ -19,7 +19,6 @@ or admin token) or you say `--insecure-no-auth` (or CLIPSEARCH_AUTH=off).
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import signal
@@ -29,10 +28,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from clipsearch.keys import serve_refusal
+
 log = logging.getLogger("offline.serve")
 
 HELP = "set up what is missing (model, collections) and serve search over HTTP (default 127.0.0.1:8000)"
-AUTH_VARS = ("CLIPSEARCH_API_KEY", "CLIPSEARCH_API_KEYS_FILE", "CLIPSEARCH_WRITE_TOKEN", "CLIPSEARCH_ADMIN_TOKEN")
 OFFLINE_MODEL = "lit-effnet1-minilm"  # clipsearch.models.OFFLINE_MODEL, named here to keep --help torch-free
 
 
@@ -80,28 +80,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 # --- checks that answer in seconds, before anything heavy ---------------------------------------------
 
-def bind_is_loopback(host: str) -> bool:
-    """Only this machine can connect (127.0.0.0/8, ::1, localhost)."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def auth_configured(env: Mapping[str, str]) -> bool:
-    """Some API key source is set (clipsearch.keys.auth_configured, once that exists, says the same)."""
-    return any((env.get(v) or "").strip() for v in AUTH_VARS)
-
-
 def check_bind(host: str, insecure: bool, env: Mapping[str, str]) -> None:
-    auth_off = (env.get("CLIPSEARCH_AUTH") or "").strip().lower() in ("off", "0", "false", "no")
-    if bind_is_loopback(host) or auth_configured(env) or insecure or auth_off:
+    """Refuse a non-loopback bind with no key configured (clipsearch.keys decides, as the app does);
+    --insecure-no-auth is CLIPSEARCH_AUTH=off for this start."""
+    if insecure:
         return
-    raise ServeError(
-        f"refusing to listen on {host} without API keys: make one with `clipsearch keys add NAME --scope admin "
-        "--file keys.txt`, then start with CLIPSEARCH_API_KEYS_FILE=keys.txt (or pass --insecure-no-auth)")
+    line = serve_refusal(host, env)
+    if line:
+        raise ServeError(line + " (or pass --insecure-no-auth)")
 
 
 def resolve_model(model: str | None, pretrained: str | None) -> tuple[str | None, str | None]:
@@ -254,6 +240,8 @@ def _run(args: argparse.Namespace) -> int:
         args.data = args.data.expanduser().resolve()
     if not args.no_serve:
         check_bind(args.host, args.insecure_no_auth, os.environ)
+        if args.insecure_no_auth:
+            os.environ["CLIPSEARCH_AUTH"] = "off"  # the app (this process) logs it loudly at start-up
     art = Path(args.out or os.environ.get("ARTIFACTS_DIR") or "artifacts").expanduser().resolve()
     os.environ["ARTIFACTS_DIR"] = str(art)  # the service (same process) and the stages read it
     if media and not media.is_dir():

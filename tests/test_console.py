@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from clipsearch import keys
 from offline import console, serve
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in serve.AUTH_VARS + ("CLIPSEARCH_AUTH", "HOST", "PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in (keys.KEYS_FILE_VAR, *keys.ENV_KEYS, "CLIPSEARCH_AUTH", "HOST", "PORT")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["HF_HUB_OFFLINE"] = "1"  # no hub: the no-model answer must not wait on a network timeout
     return {**env, **extra}
@@ -88,7 +89,7 @@ def test_serve_refuses_a_public_host_without_keys(tmp_path):
 @pytest.mark.parametrize("host,ok", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("127.0.0.5", True),
                                      ("0.0.0.0", False), ("192.168.1.4", False), ("::", False), ("example.org", False)])
 def test_bind_check(host, ok):
-    assert serve.bind_is_loopback(host) is ok
+    assert keys.bind_is_loopback(host) is ok
     if ok:
         serve.check_bind(host, False, {})
     else:
@@ -96,7 +97,7 @@ def test_bind_check(host, ok):
             serve.check_bind(host, False, {})
         serve.check_bind(host, True, {})  # --insecure-no-auth
         serve.check_bind(host, False, {"CLIPSEARCH_AUTH": "off"})
-        for var in serve.AUTH_VARS:
+        for var in (keys.KEYS_FILE_VAR, *keys.ENV_KEYS):
             serve.check_bind(host, False, {var: "x" * 20})
 
 

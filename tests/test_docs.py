@@ -40,7 +40,5 @@ def test_readme_is_short_and_names_no_machine_path():
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"(?<![\w.])/(work|home|Users)/", text), path.name
     for link in re.findall(r"\]\(([^)#]+)", readme):  # the README's own links, as GitHub resolves them
-        if link == "docs/security.md":  # written by the API-keys change (issue 29); drop this line once merged
-            continue
         if not link.startswith(("http://", "https://")):
             assert (REPO / link).exists(), link

@@ -135,7 +135,7 @@ def test_bind_is_loopback(host, loopback):
 def test_serve_refusal_and_auth_configured():
     assert K.serve_refusal("127.0.0.1", {}) is None
     line = K.serve_refusal("0.0.0.0", {})
-    assert line and "\n" not in line and "python -m offline keys add" in line
+    assert line and "\n" not in line and "clipsearch keys add" in line
     for env in ({"CLIPSEARCH_API_KEYS_FILE": "keys.txt"}, {"CLIPSEARCH_API_KEY": "x" * 20},
                 {"CLIPSEARCH_WRITE_TOKEN": "x" * 20}, {"CLIPSEARCH_AUTH": "off"}):
         assert K.auth_configured(env) and K.serve_refusal("0.0.0.0", env) is None
