@@ -148,28 +148,34 @@ def _find_known(plan: IngestPlan, states: Mapping[str, ItemState]) -> None:
         if sha:
             gone.setdefault(sha, []).append(image_id)
     removed = set(plan.removed)
-    present = {st.sha256: st.image_id for st in states.values() if st.sha256 and st.image_id not in removed}
+    # sha256 -> (an item with those bytes, its captions' hash)
+    present = {st.sha256: (st.image_id, st.text_sha256) for st in states.values()
+               if st.sha256 and st.image_id not in removed}
     new = []
     for item, stat in plan.new:
         if stat.sha256 and gone.get(stat.sha256):
-            plan.moved.append((item, stat, gone[stat.sha256].pop(0)))
+            old = gone[stat.sha256].pop(0)
+            plan.moved.append((item, stat, old))
+            # a copy of it may come from its new place
+            present.setdefault(stat.sha256, (item.image_id, states[old].text_sha256))
         elif stat.sha256 and stat.sha256 in present:
-            plan.copied.append((item, stat, present[stat.sha256]))
+            plan.copied.append((item, stat, present[stat.sha256][0]))
         else:
             new.append((item, stat))
     plan.new = new
     moved_from = {old for _, _, old in plan.moved}
     plan.removed = [i for i in plan.removed if i not in moved_from]
+    texts = {image_id: text for image_id, text in present.values()} | {old: states[old].text_sha256 for old in moved_from}
     for item, stat, old in plan.moved + plan.copied:  # a sidecar that changed on the way: new captions
-        if captions_sha256(item.captions) != states[old].text_sha256:
+        if captions_sha256(item.captions) != texts[old]:
             plan.recaptioned.append((item, stat))
 
 
 def relink_known(catalog: Catalog, plan: IngestPlan) -> int:
-    """Write the plan's moves and copies (no embedding; one transaction); returns how many. Copies
-    first: their source may be an item that moves in the same commit."""
-    links = [Relink(old, _state(item, stat), item.caption_ids, keep_source=True) for item, stat, old in plan.copied]
-    links += [Relink(old, _state(item, stat), item.caption_ids) for item, stat, old in plan.moved]
+    """Write the plan's moves and copies (no embedding; one transaction); returns how many. Moves
+    first: a copy's source may be a file that moved in the same commit."""
+    links = [Relink(old, _state(item, stat), item.caption_ids) for item, stat, old in plan.moved]
+    links += [Relink(old, _state(item, stat), item.caption_ids, keep_source=True) for item, stat, old in plan.copied]
     return catalog.relink(links) if links else 0
 
 

@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backends(p)
     _add_index(p)
     _add_hubness(p)
+    from offline import watch  # `watch DIR`: offline/watch.py
+    watch.add_parser(sub)
     return parser
 
 
@@ -481,7 +483,8 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
 COMMANDS = {"prepare": run_prepare, "download": run_download, "ingest": run_ingest, "migrate": run_migrate,
             "embed": run_embed,
             "index": run_index,
-            "evaluate": run_evaluate, "hubness": run_hubness, "finetune": run_finetune, "build": run_build}
+            "evaluate": run_evaluate, "hubness": run_hubness, "finetune": run_finetune, "build": run_build,
+            "watch": lambda args: __import__("offline.watch", fromlist=["run"]).run(args)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
