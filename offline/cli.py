@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index(p)
     _add_hubness(p)
     from offline import watch  # `watch DIR`: offline/watch.py
-    watch.add_parser(sub)
+    watch.add_parser(sub, (_add_common, _add_model, _add_backends, _add_index))
     return parser
 
 
@@ -484,7 +484,7 @@ COMMANDS = {"prepare": run_prepare, "download": run_download, "ingest": run_inge
             "embed": run_embed,
             "index": run_index,
             "evaluate": run_evaluate, "hubness": run_hubness, "finetune": run_finetune, "build": run_build,
-            "watch": lambda args: __import__("offline.watch", fromlist=["run"]).run(args)}
+            "watch": lambda args: __import__("offline.watch", fromlist=["run"]).run(args, collection_name, _ingest_model)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -371,12 +371,12 @@ class Watcher:
 
 
 # -- the CLI ------------------------------------------------------------------------------------
-def add_parser(sub: Any) -> None:
-    from offline import cli
-
+def add_parser(sub: Any, options: tuple[Callable[[argparse.ArgumentParser], None], ...]) -> None:
+    """The `watch` subcommand; `options`: cli's adders of the common, model, backend and index options."""
+    add_common, add_model, add_backends, add_index = options
     p = sub.add_parser("watch", help="keep a collection in step with a folder: new, changed, moved and removed "
                                      "photos are ingested as they appear (runs until stopped)")
-    cli._add_common(p)
+    add_common(p)
     p.add_argument("source", type=Path, help="the folder of images to watch (recursive)")
     p.add_argument("--collection", default=None, help="collection name (default: the folder's name)")
     p.add_argument("--quiet-s", type=float, default=2.0,
@@ -388,23 +388,25 @@ def add_parser(sub: Any) -> None:
                       help="poll every S seconds (implies --poll; default when polling: 2)")
     p.add_argument("--max-tries", type=int, default=3,
                    help="decode failures of an unchanged file before it is parked as bad (default: %(default)s)")
-    cli._add_model(p)
+    add_model(p)
     p.set_defaults(model=None)
-    cli._add_backends(p)
-    cli._add_index(p)
+    add_backends(p)
+    add_index(p)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, collection_name: Callable[[argparse.Namespace, Path], str],
+        load_model: Callable[[argparse.Namespace], Any]) -> dict[str, Any]:
+    """`collection_name` / `load_model`: cli's (the name from --collection or the folder; the model
+    from --model or the one the project built)."""
     from clipsearch.index import IndexParams
-    from offline import cli
 
     if args.quiet_s < 0 or (args.poll_interval is not None and args.poll_interval <= 0) or args.max_tries < 1:
         raise DataError("--quiet-s must be ≥ 0, --poll-interval > 0 and --max-tries ≥ 1")
     source = Path(args.source)
     if not source.is_dir():
         raise DataError(f"{source} is not a folder: `watch` follows a folder of images")
-    name = cli.collection_name(args, source)
-    loaded = cli._ingest_model(args)
+    name = collection_name(args, source)
+    loaded = load_model(args)
     opts = WatchOptions(quiet_s=args.quiet_s, force_polling=args.poll or args.poll_interval is not None,
                         poll_interval_s=args.poll_interval or 2.0, max_tries=args.max_tries,
                         batch_size=args.batch_size, image_backend=args.image_backend)
