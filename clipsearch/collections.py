@@ -52,6 +52,7 @@ class IngestPlan:
     missing: list[tuple[str, str]] = field(default_factory=list)  # (image_id, why) unreadable now
     moved: list[tuple[Any, FileStat, str]] = field(default_factory=list)  # (item, stat, old id): vectors kept
     copied: list[tuple[Any, FileStat, str]] = field(default_factory=list)  # (item, stat, source id)
+    copied_new: list[tuple[Any, FileStat, str]] = field(default_factory=list)  # copies of a file new here
     bad_unchanged: list[tuple[Any, FileStat, BadFile]] = field(default_factory=list)  # parked until changed
     retried: int = 0  # files that failed before, tried again (changed, or fewer than max_tries tries)
     bad_before: dict[str, BadFile] = field(default_factory=dict)
@@ -63,7 +64,8 @@ class IngestPlan:
     def counts(self) -> dict[str, int]:
         return {"new": len(self.new), "changed": len(self.changed), "recaptioned": len(self.recaptioned),
                 "restated": len(self.restated), "unchanged": self.unchanged, "removed": len(self.removed),
-                "moved": len(self.moved), "copied": len(self.copied), "bad_unchanged": len(self.bad_unchanged),
+                "moved": len(self.moved), "copied": len(self.copied) + len(self.copied_new),
+                "bad_unchanged": len(self.bad_unchanged),
                 "retried": self.retried}
 
     def summary(self) -> str:
@@ -151,7 +153,7 @@ def _find_known(plan: IngestPlan, states: Mapping[str, ItemState]) -> None:
     # sha256 -> (an item with those bytes, its captions' hash)
     present = {st.sha256: (st.image_id, st.text_sha256) for st in states.values()
                if st.sha256 and st.image_id not in removed}
-    new = []
+    new, first_new = [], {}
     for item, stat in plan.new:
         if stat.sha256 and gone.get(stat.sha256):
             old = gone[stat.sha256].pop(0)
@@ -160,20 +162,30 @@ def _find_known(plan: IngestPlan, states: Mapping[str, ItemState]) -> None:
             present.setdefault(stat.sha256, (item.image_id, states[old].text_sha256))
         elif stat.sha256 and stat.sha256 in present:
             plan.copied.append((item, stat, present[stat.sha256][0]))
+        elif stat.sha256 and stat.sha256 in first_new:  # embedded once, in this pass, then copied
+            plan.copied_new.append((item, stat, first_new[stat.sha256]))
         else:
             new.append((item, stat))
+            if stat.sha256:
+                first_new[stat.sha256] = item.image_id
     plan.new = new
     moved_from = {old for _, _, old in plan.moved}
     plan.removed = [i for i in plan.removed if i not in moved_from]
     texts = {image_id: text for image_id, text in present.values()} | {old: states[old].text_sha256 for old in moved_from}
-    for item, stat, old in plan.moved + plan.copied:  # a sidecar that changed on the way: new captions
+    texts |= {item.image_id: captions_sha256(item.captions) for item, _ in new}
+    for item, stat, old in plan.moved + plan.copied + plan.copied_new:  # a sidecar changed on the way
         if captions_sha256(item.captions) != texts[old]:
             plan.recaptioned.append((item, stat))
 
 
-def relink_known(catalog: Catalog, plan: IngestPlan) -> int:
+def relink_known(catalog: Catalog, plan: IngestPlan, after_embedding: bool = False) -> int:
     """Write the plan's moves and copies (no embedding; one transaction); returns how many. Moves
-    first: a copy's source may be a file that moved in the same commit."""
+    first: a copy's source may be a file that moved in the same commit. `after_embedding`: the
+    copies of files embedded in this run (a copy whose original failed to decode is left out)."""
+    if after_embedding:
+        links = [Relink(src, _state(item, stat), item.caption_ids, keep_source=True)
+                 for item, stat, src in plan.copied_new]
+        return catalog.relink(links) if links else 0
     links = [Relink(old, _state(item, stat), item.caption_ids) for item, stat, old in plan.moved]
     links += [Relink(old, _state(item, stat), item.caption_ids, keep_source=True) for item, stat, old in plan.copied]
     return catalog.relink(links) if links else 0
@@ -198,7 +210,7 @@ def settle_bad_files(catalog: Catalog, plan: IngestPlan, failed: Mapping[str, st
         tries = before.tries + 1 if before is not None and before.sha256 == stat.sha256 else 1
         bad.append(BadFile(item.image_id, str(item.path), stat.size, stat.mtime_ns, stat.sha256, reason, tries, now))
     written = {item.image_id for item, _ in plan.to_embed if item.image_id not in failed}
-    written |= {item.image_id for item, _, _ in plan.moved + plan.copied}
+    written |= {item.image_id for item, _, _ in plan.moved + plan.copied + plan.copied_new}
     gone = set(plan.bad_before) - present if present is not None else set()
     write_bad_files(catalog, bad, clear=sorted((written | gone) & set(plan.bad_before)))
     return read_bad_files(catalog)

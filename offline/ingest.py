@@ -109,6 +109,7 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
         embedded, bad = _embed_items(catalog, encoder, loaded, plan.to_embed, batch_size, workers, banks,
                                      known or KnownVectors())
         skipped += bad
+        relink_known(catalog, plan, after_embedding=True)  # copies of files first seen in this run
         bad_files = settle_bad_files(catalog, plan, {b["image_id"]: b["detail"] for b in bad}, present)
         _recaption(catalog, encoder, plan.recaptioned, batch_size, banks)
         _restate(catalog, plan.restated)

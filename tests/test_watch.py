@@ -288,12 +288,13 @@ def test_ingest_reports_a_bad_file_unchanged_and_follows_moves(tmp_path, tiny_mo
         _photo(src / "sub" / f"p{i}.png", i)
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     (src / "broken2.png").write_bytes(b"nope")
+    (src / "dup.png").write_bytes((src / "sub" / "p1.png").read_bytes())  # a copy: embedded once
 
     def run():
         return ingest(src, out, "photos", tiny_model, batch_size=4, image_backend="torch", text_backend="torch")
 
     first = run()
-    assert (first["new"], first["embedded"], first["skipped"]) == (7, 5, 2)
+    assert (first["new"], first["copied"], first["embedded"], first["skipped"]) == (7, 1, 5, 2)
     again = run()
     assert (again["new"], again["bad_unchanged"], again["embedded"], again["skipped"]) == (0, 2, 0, 2)
     os.utime(src / "broken.jpg", ns=(5, 5))  # touched, same bytes: still bad (unchanged)
@@ -308,7 +309,8 @@ def test_ingest_reports_a_bad_file_unchanged_and_follows_moves(tmp_path, tiny_mo
     moved = run()
     assert (moved["moved"], moved["copied"], moved["embedded"], moved["new"], moved["removed"]) == (5, 1, 0, 0, 0)
     after = vectors(out)
-    assert set(after) == {"broken.jpg", "copy.png", *(f"renamed/p{i}.png" for i in range(5))}
+    assert set(after) == {"broken.jpg", "copy.png", "dup.png", *(f"renamed/p{i}.png" for i in range(5))}
+    np.testing.assert_array_equal(after["dup.png"], after["renamed/p1.png"])
     np.testing.assert_array_equal(after["renamed/p3.png"], before["sub/p3.png"])
     np.testing.assert_array_equal(after["copy.png"], before["sub/p0.png"])
     assert states(out)["renamed/p3.png"].metadata["folder"] == "renamed"
