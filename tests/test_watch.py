@@ -357,3 +357,33 @@ def make_client_for_watch(tiny_model):
     yield make
     for c in clients:
         c.__exit__(None, None, None)
+
+
+def test_event_watcher_failure_falls_back_to_polling(tmp_path, tiny_model, monkeypatch):
+    """inotify out of watches (the error watchfiles raises then): one line says so, polling takes over."""
+    import watchfiles
+
+    real = watchfiles.watch
+
+    def limited(*a, **kw):
+        if not kw.get("force_polling"):
+            raise OSError("OS file watch limit reached")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(watchfiles, "watch", limited)
+    src, out = tmp_path / "photos", tmp_path / "art"
+    _photo(src / "a.png", 0)
+    with watching(src, out, tiny_model) as w:
+        wait_for(lambda: w.polling, "the switch to polling")
+        assert "watch limit" in w.mode_reason
+        _photo(src / "b.png", 1)
+        wait_for(lambda: "b.png" in states(out), "a change seen by polling")
+        assert status(out)["mode"] == "polling"
+
+
+def test_watch_cli_rejects_a_missing_folder(tmp_path, capsys):
+    from offline.cli import main
+
+    code = main(["watch", str(tmp_path / "nope"), "--out", str(tmp_path / "art"), "--model", "test-tiny-vit",
+                 "--pretrained", "none"])
+    assert code == 2 and "is not a folder" in capsys.readouterr().err
