@@ -134,6 +134,8 @@ def test_renames_and_moves_embed_nothing(tmp_path, tiny_model):
         before = vectors(out)
         embedded = w.counters.values["ingested"]
         assert embedded == 6
+        served = FaissStore.open(ArtifactLayout(out).collection("photos"), readonly=True)  # as the service holds it
+        assert len(served.ids()) == 6
         (src / "one.png").rename(src / "uno.png")  # a file renamed
         (src / "trip").rename(src / "trip-2019")  # a folder renamed with its photos
         (src / "b").mkdir()
@@ -149,6 +151,11 @@ def test_renames_and_moves_embed_nothing(tmp_path, tiny_model):
         st = states(out)
         assert st["b/x.png"].metadata["folder"] == "b" and st["b/x.png"].path == str((src / "b/x.png").resolve())
         assert st["trip-2019/t0.png"].metadata["folder"] == "trip-2019"
+        assert served.refresh()  # the service's poll: the moves arrive as commits it applies
+        assert sorted(served.ids()) == sorted(want)
+        assert served.search(after["uno.png"], 1)[0].image_id == "uno.png"
+        assert served.get("trip-2019/t1.png").metadata["folder"] == "trip-2019"
+        served.close()
     # what a reader of the collection serves: the new paths, found by their own vectors
     store = FaissStore.open(ArtifactLayout(out).collection("photos"), readonly=True)
     hit = store.search(after["b/x.png"], 1)[0]
