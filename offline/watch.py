@@ -250,6 +250,7 @@ class Watcher:
         first = self.last_scan is None
         self._write_status()
         t0 = time.perf_counter()
+        failed_at: float | None = None
         self._in_pass = True
         try:
             res = self._ingest(self.root, self.out, self.collection, self.loaded, batch_size=self.opts.batch_size,
@@ -264,6 +265,12 @@ class Watcher:
             self.last_error = str(exc)
             log.error("watch %s: %s", self.collection, exc)
             self.counters.add("errors")
+        except Exception as exc:  # noqa: BLE001 - a failed pass (a locked database, a full
+            # disk) must not end the watcher: it says why and tries again a little later
+            self.last_error = f"{type(exc).__name__}: {exc}".replace(str(self.root), self.root.name)
+            log.error("watch %s: pass failed, trying again in %g s", self.collection, 4 * RETRY_S, exc_info=True)
+            self.counters.add("errors")
+            failed_at = time.monotonic() + 4 * RETRY_S
         else:
             self.last_error = None
             self.counters.add("ingested", res.get("embedded", 0))
@@ -275,6 +282,8 @@ class Watcher:
         self.counters.add("cycles")
         self.last_scan, self.last_scan_s = now_iso(), round(time.perf_counter() - t0, 3)
         self._refresh_bad()
+        if failed_at is not None:
+            self._retry_at = min(failed_at, self._retry_at or failed_at)
         self.state = "watching"
         self._write_status()
 

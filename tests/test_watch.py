@@ -394,3 +394,30 @@ def test_watch_cli_rejects_a_missing_folder(tmp_path, capsys):
     code = main(["watch", str(tmp_path / "nope"), "--out", str(tmp_path / "art"), "--model", "test-tiny-vit",
                  "--pretrained", "none"])
     assert code == 2 and "is not a folder" in capsys.readouterr().err
+
+
+def test_a_failed_pass_is_retried_not_fatal(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(watch_mod, "RETRY_S", 0.1)
+    src, out = tmp_path / "photos", tmp_path / "art"
+    _photo(src / "a.png", 0)
+    calls = {"n": 0}
+    import offline.ingest as ing
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return ing.ingest(*a, **kw)
+
+    options = WatchOptions(quiet_s=0.2, image_backend="torch", heartbeat_s=0.5, debounce_ms=100)
+    w = Watcher(src, out, "photos", tiny_model, options, ingest_fn=flaky)
+    thread = threading.Thread(target=w.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: w.idle and "a.png" in states(out), "the first pass")
+        _photo(src / "b.png", 1)  # its pass fails once, the retry ingests it
+        wait_for(lambda: "b.png" in states(out), "the retried pass")
+        assert w.counters.values["errors"] == 1 and thread.is_alive()
+    finally:
+        w.request_stop()
+        thread.join(DEADLINE_S)
