@@ -323,10 +323,12 @@ def test_ingest_reports_a_bad_file_unchanged_and_follows_moves(tmp_path, tiny_mo
     assert states(out)["renamed/p3.png"].metadata["folder"] == "renamed"
 
 
-def test_service_picks_up_a_watched_photo_and_shows_the_watch(tmp_path, tiny_model, make_client_for_watch):
+def test_service_picks_up_a_watched_photo_and_shows_the_watch(tmp_path, tiny_checkpoint, make_client_for_watch):
     src, out = tmp_path / "photos", tmp_path / "art"
     _photo(src / "a.png", 0)
-    with watching(src, out, tiny_model) as w:
+    # weights from a file: the service loads the very same ones (the catalog names the checkpoint)
+    loaded = load_model("test-tiny-vit", str(tiny_checkpoint), device="cpu")
+    with watching(src, out, loaded) as w:
         client = make_client_for_watch(out)
         listed = client.get("/collections").json()["collections"]
         assert listed[0]["watch"]["mode"] == ("polling" if w.polling else "events")
@@ -344,7 +346,7 @@ def test_service_picks_up_a_watched_photo_and_shows_the_watch(tmp_path, tiny_mod
 
 
 @pytest.fixture
-def make_client_for_watch(tiny_model):
+def make_client_for_watch():
     from fastapi.testclient import TestClient
 
     from app.config import Settings
