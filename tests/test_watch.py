@@ -423,3 +423,17 @@ def test_a_failed_pass_is_retried_not_fatal(tmp_path, tiny_model, monkeypatch):
     finally:
         w.request_stop()
         thread.join(DEADLINE_S)
+
+
+def test_status_of_a_killed_watcher_goes_stale(tmp_path):
+    from clipsearch.watch_status import write_watch_status
+
+    path = tmp_path / "watch.json"
+    now = time.time()
+    write_watch_status(path, {"state": "watching", "heartbeat_unix": now, "heartbeat_every_s": 10.0})
+    assert read_watch_status(path, now=now + 5)["state"] == "watching"
+    assert read_watch_status(path, now=now + 31) is None  # no heartbeat for 3 beats / 30 s: gone (kill -9)
+    write_watch_status(path, {"state": "stopped", "heartbeat_unix": now, "heartbeat_every_s": 10.0})
+    assert read_watch_status(path, now=now) is None
+    path.write_text("{not json")
+    assert read_watch_status(path) is None and read_watch_status(tmp_path / "none.json") is None
