@@ -71,6 +71,48 @@ class _StoreCollector(Collector):
         yield from (size, dead, delta, replayed)
 
 
+class _WatchCollector(Collector):
+    """What each served collection's folder watcher (`offline watch`) counts, read from its status file
+    (`clipsearch/watch_status.py`) when /metrics is scraped; nothing for a collection none watches."""
+
+    def __init__(self, source: Callable[[], Callable[[], Any] | None]):
+        self._source = source
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        from clipsearch.watch_status import read_watch_status
+
+        get = self._source()
+        res = get() if get is not None else None
+        counters = {k: CounterMetricFamily(f"clipsearch_watch_{k}", help_, labels=["collection"])
+                    for k, help_ in WATCH_COUNTERS.items()}
+        pending = GaugeMetricFamily("clipsearch_watch_pending", "Files the watcher holds until they stop changing",
+                                    labels=["collection"])
+        bad = GaugeMetricFamily("clipsearch_watch_bad_files", "Files that failed to decode (parked or to retry)",
+                                labels=["collection"])
+        for name, store in sorted(getattr(res, "collections", {}).items()):
+            layout = getattr(store, "layout", None)
+            status = read_watch_status(layout.watch_status) if layout is not None else None
+            if status is None:
+                continue
+            values = status.get("counters") or {}
+            for k, family in counters.items():
+                family.add_metric([name], float(values.get(k, 0)))
+            pending.add_metric([name], float(status.get("pending", 0)))
+            bad.add_metric([name], float(status.get("bad_count", 0)))
+        yield from (*counters.values(), pending, bad)
+
+
+WATCH_COUNTERS = {"events": "File events the watcher received", "ingested": "Images the watcher embedded",
+                  "relinked": "Moved, renamed or copied files re-linked to known vectors (not embedded)",
+                  "removed": "Items removed because their file went", "skipped": "Files a pass could not ingest",
+                  "cycles": "Ingest passes the watcher ran"}
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -105,6 +147,7 @@ class Metrics:
                                      "reason", ["reason"], registry=r)
         self.store_source: Callable[[], Any] | None = None  # -> the served Resources, or None
         r.register(_StoreCollector(lambda: self.store_source))
+        r.register(_WatchCollector(lambda: self.store_source))
         for op, results in WRITE_RESULTS.items():
             for result in results:
                 self.writes.labels(op, result)

@@ -103,6 +103,9 @@ class CollectionInfo(BaseModel):
                                                                     "were made with")
     metadata_fields: dict[str, list[Any]] = Field(
         description="Metadata fields with few distinct values, and those values (filter choices)")
+    watch: dict[str, Any] | None = Field(None, description="The folder watcher feeding it (`offline watch`): mode, "
+                                                           "pending files, last scan, bad files, counters; null "
+                                                           "when none runs")
 
 
 class CollectionsResponse(BaseModel):

@@ -56,6 +56,11 @@ class CollectionLayout:
     def media_dir(self) -> Path:
         return self.dir / "media"
 
+    @property
+    def watch_status(self) -> Path:
+        """What a folder watcher (`offline watch`) says about itself: `clipsearch/watch_status.py`."""
+        return self.dir / "watch.json"
+
 
 @dataclass(frozen=True)
 class ArtifactLayout:

@@ -222,6 +222,8 @@ def build_parser(prog: str = "python -m offline") -> argparse.ArgumentParser:
     _add_backends(p)
     _add_index(p)
     _add_hubness(p)
+    from offline import watch  # `watch DIR`: offline/watch.py
+    watch.add_parser(sub, (_add_common, _add_model, _add_backends, _add_index))
     return parser
 
 
@@ -497,11 +499,17 @@ def _keys_run(args: argparse.Namespace) -> dict[str, Any]:
     return keys.run(args)
 
 
+def _watch_run(args: argparse.Namespace) -> dict[str, Any]:
+    from offline import watch  # offline/watch.py takes the loader, so it need not import this module
+
+    return watch.run(args, collection_name, _ingest_model)
+
+
 COMMANDS = {"prepare": run_prepare, "download": run_download, "ingest": run_ingest, "migrate": run_migrate,
             "embed": run_embed,
             "index": run_index,
             "evaluate": run_evaluate, "hubness": run_hubness, "finetune": run_finetune, "build": run_build,
-            "keys": _keys_run}
+            "keys": _keys_run, "watch": _watch_run}
 
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:

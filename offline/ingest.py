@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clipsearch.artifacts import ArtifactLayout, CollectionLayout
-from clipsearch.collections import FileStat, IngestPlan, plan_ingest
+from clipsearch.collections import FileStat, IngestPlan, plan_ingest, relink_known, settle_bad_files
 from clipsearch.encoder import ClipEncoder, image_backend_for, text_backend_for
 from clipsearch.hubness import Banks
 from clipsearch.index import IndexParams
@@ -33,6 +33,7 @@ from clipsearch.manifest import ArtifactError, now_iso, write_json_atomic
 from clipsearch.media import is_owned_media
 from clipsearch.models import LoadedModel
 from clipsearch.store import Catalog, FaissStore, NewItem
+from clipsearch.store.bad_files import read_bad_files
 from clipsearch.store.catalog import ItemState
 from offline.embed import ImageFiles, collate_images
 from offline.layouts import IMAGE_SUFFIXES, R_CORRUPT, DataError
@@ -48,17 +49,25 @@ COMMIT_EVERY = 256  # images per catalog transaction: what an interrupted ingest
 def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedModel, *,
            batch_size: int = 64, workers: int = 0, force: bool = False, image_backend: str = "auto",
            text_backend: str = "onnx", params: IndexParams | None = None,
-           known: KnownVectors | None = None) -> dict[str, Any]:
+           known: KnownVectors | None = None, hold: Callable[[SourceItem], bool] | None = None,
+           encoder: ClipEncoder | None = None, max_tries: int = 1, snapshot: bool = True) -> dict[str, Any]:
     """`known`: vectors already made for some of the inputs (`offline/reuse.py`; `build` passes its
-    split embeddings), used instead of embedding them again."""
+    split embeddings), used instead of embedding them again. The folder watcher (`offline/watch.py`)
+    passes `hold` (files still being written: left as they are, neither added nor removed), its own
+    long-lived `encoder`, `max_tries` (decode failures retried before a file is parked as bad) and
+    `snapshot=False` (no HNSW snapshot after every small batch)."""
     t0 = time.perf_counter()
     layout = ArtifactLayout(Path(out))
     coll = layout.collection(collection)
     log.info("── ingest: reading %s", source)
     src = read_source(source)
+    held = {item.image_id for item in src.items if hold(item)} if hold is not None else set()
+    present = {item.image_id for item in src.items}
+    if held:
+        src.items = [item for item in src.items if item.image_id not in held]
     identity = loaded.identity.to_dict()
     existed = coll.catalog.is_file()
-    if not src.items and not existed:
+    if not src.items and not existed and not held:
         raise DataError(f"no images found in {src.root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} "
                         "files in it and its subfolders); nothing was written")
     if existed and not force:
@@ -77,16 +86,19 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
         if catalog.model() is None:
             catalog.set_model(identity, identity["embed_dim"])
         states = catalog.states()
-        plan = plan_ingest(src.items, states)
+        plan = plan_ingest(src.items, states, bad=read_bad_files(catalog), max_tries=max_tries)
         # items uploaded to the running service (media the collection owns) are not the folder's to remove
-        plan.removed = [i for i in plan.removed if not is_owned_media(states[i].path)]
+        plan.removed = [i for i in plan.removed if not is_owned_media(states[i].path) and i not in held]
         log.info("── ingest %s: %s", collection, plan.summary())
         skipped = list(src.skipped) + [{"kind": "image", "reason": "missing_image", "image_id": i, "detail": why}
                                        for i, why in plan.missing]
+        skipped += [{"kind": "image", "reason": R_CORRUPT, "image_id": item.image_id,
+                     "detail": f"bad (unchanged since {b.last_tried}): {b.reason}"} for item, _, b in plan.bad_unchanged]
+        relink_known(catalog, plan)  # moves, renames and copies: the vectors they already have
         removed = catalog.delete(plan.removed)
         banks = _banks(layout, identity)
         threads = torch.get_num_threads()
-        encoder = ClipEncoder(
+        encoder = encoder or ClipEncoder(
             loaded, batch_size=batch_size,
             image_backend=(image_backend_for(loaded, image_backend, layout.onnx_dir, threads)
                            if plan.to_embed else None),
@@ -97,6 +109,8 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
         embedded, bad = _embed_items(catalog, encoder, loaded, plan.to_embed, batch_size, workers, banks,
                                      known or KnownVectors())
         skipped += bad
+        relink_known(catalog, plan, after_embedding=True)  # copies of files first seen in this run
+        bad_files = settle_bad_files(catalog, plan, {b["image_id"]: b["detail"] for b in bad}, present)
         _recaption(catalog, encoder, plan.recaptioned, batch_size, banks)
         _restate(catalog, plan.restated)
         embed_seconds = time.perf_counter() - t_embed
@@ -106,16 +120,17 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
         hubness = _apply_hubness(catalog, banks)
         n_items, n_captions = catalog.count()
         if n_items == 0:
-            if not existed:
+            if not existed and not held:
                 catalog.close()
                 _remove_catalog(coll)
                 _write_report(coll, src, plan, skipped, {"images": 0, "captions": 0}, identity, None, t0, 0.0)
                 raise DataError(f"none of the {len(src.items)} images in {src.root} could be read; nothing "
                                 f"was indexed (each one's reason is in {coll.report})")
             log.warning("collection %s is now empty: every item was removed or unreadable", collection)
-        store = FaissStore(collection, catalog, coll, params or IndexParams())
-        snapshot = store.save_snapshot()
-        info = store.describe()
+        index_kind, saved = "snapshot not saved (watch)", {}
+        if snapshot:
+            store = FaissStore(collection, catalog, coll, params or IndexParams())
+            saved, index_kind = store.save_snapshot(), store.describe()["index"]["images"]
         counts = {"images": n_items, "captions": n_captions}
         report = _write_report(coll, src, plan, skipped, counts, identity, hubness, t0, embed_seconds)
     finally:
@@ -130,11 +145,11 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
     added = f"{embedded - reused} embedded, {reused} reused" if reused else f"{embedded} embedded"
     print(f"ingest {collection}: {n_items} images, {n_captions} captions "
           f"({added}, {removed} removed, {len(skipped)} skipped) in "
-          f"{time.perf_counter() - t0:.1f} s; index: {info['index']['images']}", flush=True)
+          f"{time.perf_counter() - t0:.1f} s; index: {index_kind}", flush=True)
     return {"collection": collection, "dir": str(coll.dir), "source": str(src.root), "kind": src.kind,
             **report["changes"], "embedded": embedded, "images": n_items, "captions": n_captions,
-            "skipped": len(skipped), "snapshot": snapshot, "report": str(coll.report),
-            "seconds": report["seconds"]}
+            "skipped": len(skipped), "snapshot": saved, "report": str(coll.report),
+            "seconds": report["seconds"], "bad_files": len(bad_files), "held": len(held)}
 
 
 def _remove_catalog(coll: CollectionLayout) -> None:

@@ -168,13 +168,6 @@ def ingest_media(media: Path, args: argparse.Namespace, art: Path, model: str | 
 
 # --- the watcher beside the server ------------------------------------------------------------------------
 
-def watch_available() -> bool:
-    from offline.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return "watch" in sub.choices
-
-
 def watch_command(media: Path, collection: str, art: Path, model: str | None = None,
                   pretrained: str | None = None) -> list[str]:
     """`offline watch` on the folder, embedding with the model the start-up ingest used."""
@@ -262,11 +255,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     child = None
     if media and name and args.watch:
-        if watch_available():
-            child = watch_command(media, name, art, model, pretrained)
-        else:
-            print("==> not watching the folder: this version has no `offline watch` (restart to pick up changes)",
-                  flush=True)
+        child = watch_command(media, name, art, model, pretrained)
     print(f"==> serving on http://{args.host}:{args.port}  (search page: /, API docs: /docs, readiness: /readyz)",
           flush=True)
     serve_beside(uvicorn_server(args.host, args.port), child)

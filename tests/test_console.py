@@ -219,12 +219,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_watching_is_skipped_when_the_stage_is_missing(monkeypatch):
-    available = serve.watch_available()
+def test_watch_command_is_the_offline_watch_stage(tmp_path):
     from offline.cli import build_parser
 
-    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
-    assert available == ("watch" in sub.choices)
+    cmd = serve.watch_command(tmp_path / "photos", "photos", tmp_path / "art", "lit-effnet1-minilm", "ckpt.pt")
+    assert cmd[1:4] == ["-m", "offline", "watch"]
+    args = build_parser().parse_args(cmd[3:])
+    assert (args.command, args.collection, args.model, args.pretrained) == ("watch", "photos", "lit-effnet1-minilm",
+                                                                            "ckpt.pt")
+    assert Path(args.source) == tmp_path / "photos" and Path(args.out) == tmp_path / "art"
 
 
 # --- scripts/_env.sh: install only when the project changed ------------------------------------------------

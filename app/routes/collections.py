@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from clipsearch.artifacts import ArtifactLayout
+from clipsearch.watch_status import read_watch_status
+
 from app.errors import NotFound
 from app.schemas import CollectionInfo, CollectionsResponse, ErrorResponse, ItemResponse
 from app.search import image_url, resolve
@@ -18,7 +21,8 @@ router = APIRouter(tags=["collections"])
             summary="The served collections: counts, model, index kind, metadata fields")
 async def list_collections(request: Request) -> CollectionsResponse:
     res = get_state(request).require_ready()
-    infos = [CollectionInfo(default=name == res.default_collection, **store.describe())
+    infos = [CollectionInfo(default=name == res.default_collection, **store.describe(),
+                            watch=watch_status(get_state(request).settings.artifacts_dir, name))
              for name, store in sorted(res.collections.items())]
     return CollectionsResponse(default=res.default_collection, collections=infos, skipped=dict(res.skipped))
 
@@ -37,3 +41,8 @@ async def get_item(name: str, image_id: str, request: Request) -> ItemResponse:
                         image_url=image_url(res, store.name, item.image_id),
                         thumbnail_url=image_url(res, store.name, item.image_id, "thumbnails"),
                         captions=list(item.captions), metadata=dict(item.metadata))
+
+
+def watch_status(artifacts_dir, name: str) -> dict | None:
+    """What the folder watcher of collection `name` last said (None when none runs)."""
+    return read_watch_status(ArtifactLayout(artifacts_dir).collection(name).watch_status)

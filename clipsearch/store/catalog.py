@@ -10,6 +10,9 @@ Tables:
   items(row, image_id, path, size, mtime_ns, sha256, metadata JSON, text_sha256, vector, offset, seq)
   captions(row, caption_id, image_id, ord, caption, vector, offset, seq)
   tombstones(image_id, seq)  the deletions log: which item a commit removed (the rows themselves go)
+  bad_files(image_id, path, size, mtime_ns, sha256, reason, tries, last_tried)  source files that
+                         failed to decode, kept until they change so a re-ingest does not retry them
+                         forever (written without bumping `seq`: readers of the index ignore them)
 `row` (INTEGER PRIMARY KEY) orders the vectors of the derived index. Vectors are float32 bytes.
 `seq` on a row is the commit that last wrote it, so the changes after a snapshot of the derived index
 are the rows with a larger seq plus the tombstones with a larger seq (`changes_since`). A commit that
@@ -69,6 +72,8 @@ CREATE INDEX IF NOT EXISTS captions_by_image ON captions(image_id);
 CREATE TABLE IF NOT EXISTS tombstones (image_id TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS tombstones_by_seq ON tombstones(seq);
 CREATE INDEX IF NOT EXISTS items_by_seq ON items(seq);
+CREATE TABLE IF NOT EXISTS bad_files (image_id TEXT PRIMARY KEY, path TEXT NOT NULL, size INTEGER,
+    mtime_ns INTEGER, sha256 TEXT, reason TEXT NOT NULL, tries INTEGER NOT NULL, last_tried TEXT NOT NULL);
 """
 
 
@@ -106,6 +111,17 @@ class NewItem:
     caption_ids: tuple[str, ...] | None = None  # default: "<image_id>#<i>"
     offset: float = 0.0  # the image's hubness offset (text → image searches rank by cosine + offset)
     caption_offsets: NDArray[np.float32] | None = None  # one hubness offset per caption; default zeros
+
+
+@dataclass(frozen=True)
+class Relink:
+    """An item made from another one's vectors without embedding: a file moved or renamed (the source
+    item goes, its id is mapped to the new one) or a copy of known bytes (`keep_source`)."""
+
+    source_id: str
+    state: ItemState  # the new item's id, path, stat and metadata (text_sha256 unused)
+    caption_ids: tuple[str, ...] | None = None  # default: "<image_id>#<i>"
+    keep_source: bool = False
 
 
 @dataclass
@@ -388,6 +404,42 @@ class Catalog:
                 n += conn.execute("UPDATE items SET text_sha256 = ?, seq = ? WHERE image_id = ?",
                                   (captions_sha256(item.captions), seq, item.image_id)).rowcount
                 self._insert_captions(conn, item, dim, seq)
+        return n
+
+    def relink(self, links: Iterable[Relink]) -> int:
+        """Moves and copies in one transaction: each new item gets its source's image vector, offset
+        and captions (with their vectors) and its own path, stat and metadata; a moved source is
+        removed (tombstoned, so derived indexes drop it). Returns how many were written; a link
+        whose source is gone is skipped."""
+        n = 0
+        with self.transaction() as conn:
+            seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]) + 1
+            for link in links:
+                st = link.state
+                src = conn.execute(f"SELECT text_sha256, vector, {self._image_offset} FROM items WHERE image_id = ?",
+                                   (link.source_id,)).fetchone()
+                if src is None or st.image_id == link.source_id:
+                    continue
+                caps = conn.execute("SELECT caption, vector, offset FROM captions WHERE image_id = ? ORDER BY ord",
+                                    (link.source_id,)).fetchall()
+                if not link.keep_source:
+                    conn.execute("INSERT OR REPLACE INTO tombstones (image_id, seq) VALUES (?, ?)",
+                                 (link.source_id, seq))
+                    conn.execute("DELETE FROM items WHERE image_id = ?", (link.source_id,))
+                conn.execute("DELETE FROM items WHERE image_id = ?", (st.image_id,))
+                conn.execute(
+                    "INSERT INTO items (image_id, path, size, mtime_ns, sha256, metadata, text_sha256, vector, "
+                    "offset, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (st.image_id, st.path, st.size, st.mtime_ns, st.sha256,
+                     json.dumps(dict(st.metadata), sort_keys=True, ensure_ascii=False), src[0], src[1], src[2], seq))
+                ids = link.caption_ids
+                if link.keep_source or ids is None or len(ids) != len(caps):
+                    ids = tuple(f"{st.image_id}#{i}" for i in range(len(caps)))
+                conn.executemany(
+                    "INSERT INTO captions (caption_id, image_id, ord, caption, vector, offset, seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(cid, st.image_id, i, c[0], c[1], c[2], seq) for i, (cid, c) in enumerate(zip(ids, caps))])
+                n += 1
         return n
 
     def delete(self, image_ids: Iterable[str]) -> int:
