@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from clipsearch.artifacts import ArtifactLayout, check_collection_name
+from clipsearch.collection import load_banks
 from clipsearch.encoder import ClipEncoder, Encoder, image_backend_for, text_backend_for
 from clipsearch.hubness import Banks
 from clipsearch.index import IndexParams
@@ -52,16 +53,6 @@ class Resources:
     skipped: Mapping[str, str] = field(default_factory=dict)  # collections left out, and why
     artifacts_dir: Path | None = None  # where the media a collection owns (uploads) resolve
     banks: Banks = field(default_factory=Banks)  # the hubness corrections' banks, for new rows' offsets
-
-    def banks_for(self, store: VectorStore) -> Banks:
-        """The corrections `store` was built with, to give a new caption or image its offset."""
-        if self.banks.captions is None and self.banks.images is None:
-            return self.banks
-        # both stores name their corrections cheaply; describe() (counts, facets) is the fallback
-        if hasattr(store, "hubness_images"):
-            return self.banks.matching(store.hubness, store.hubness_images)  # type: ignore[attr-defined]
-        info = store.describe()
-        return self.banks.matching(info.get("hubness"), info.get("hubness_images"))
 
     @property
     def version(self) -> str:
@@ -156,7 +147,7 @@ def load_resources(settings: Settings) -> Resources:
             encoder = _load_encoder(model, settings)
         return make_resources(encoder, list(stores.values()), model, default=default,
                               images_dir=settings.images_dir, base_dir=settings.artifacts_dir, skipped=skipped,
-                              banks=_load_banks(settings.artifacts_dir, model))
+                              banks=load_banks(settings.artifacts_dir, model))
     except BaseException:
         for store in stores.values():  # a failed (re)load must not keep catalogs open
             _close(store)
@@ -301,16 +292,6 @@ def _open_collection(layout: ArtifactLayout, name: str, params: IndexParams, set
 
 def _api_key(settings: Settings) -> str | None:
     return settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-
-
-def _load_banks(root: Path, model: Mapping[str, Any]) -> Banks:
-    """The hubness banks for the served model; none (logged) where they cannot be read: uploads then
-    get no offsets, which only matters for collections built with a correction."""
-    try:
-        return Banks.load(root, {k: v for k, v in model.items() if k != "image_tta" or v})
-    except (ArtifactError, OSError, ValueError) as exc:
-        log.warning("hubness banks not loaded (%s): new captions and images get no hubness offset", exc)
-        return Banks()
 
 
 def _close(store: VectorStore) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from clipsearch.artifacts import ArtifactLayout
+from clipsearch.collection import Collection
 from clipsearch.media import store_media, suffix_for
 from clipsearch.store import Item, NewItem, StoreError, VectorStore
 
@@ -135,11 +136,10 @@ class WriteService:
                 return False
             path, _ = store_media(media_dir, data, suffix_for(fmt))  # the file first, durable...
             rel = _relative(path, root)
-            banks = res.banks_for(store)  # the new rows' hubness offsets, as ingest gives them
-            store.add([NewItem(image_id, rel, vec, captions=final_captions,  # ...then the commit
-                               caption_vectors=cap_vecs if final_captions else None, metadata=final_meta,
-                               size=len(data), sha256=sha, offset=float(banks.image_offsets(vec[None])[0]),
-                               caption_offsets=banks.caption_offsets(cap_vecs) if final_captions else None)])
+            # ...then the commit, with the new rows' hubness offsets, as ingest gives them
+            Collection.served(store, res.banks).add_embedded([NewItem(
+                image_id, rel, vec, captions=final_captions, caption_vectors=cap_vecs if final_captions else None,
+                metadata=final_meta, size=len(data), sha256=sha)])
             return now is None
 
         t0 = time.perf_counter()
@@ -171,8 +171,7 @@ class WriteService:
         vecs = (await self.state.run(encode_captions_job, res, captions) if captions
                 else np.zeros((0, store.dim), np.float32))
         try:
-            await self._commit(store.replace_captions, image_id, list(captions), vecs,
-                               res.banks_for(store).caption_offsets(vecs))
+            await self._commit(Collection.served(store, res.banks).replace_captions, image_id, list(captions), vecs)
         except StoreError as exc:
             if store.get(image_id) is not None:
                 raise WriteRefused(str(exc)) from None
