@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from clipsearch.encoder import image_session_threads, takes_pixels
 from clipsearch.images import decode_image
 
 # What a query does with its vector once the batch is encoded (e.g. search its collection). It runs
@@ -80,11 +81,11 @@ def prepare_image(encoder: Any, query: ImageQuery) -> PreparedImage:
     the encoder says how (`ClipEncoder.preprocess_image`)."""
     t0 = time.perf_counter()
     image = decode_image(query.data, max_pixels=query.max_pixels)
-    preprocess = getattr(encoder, "preprocess_image", None)
-    if preprocess is None or not hasattr(encoder, "encode_pixels"):
+    if not takes_pixels(encoder):
         return PreparedImage(image=image, decode_s=time.perf_counter() - t0, tta=query.tta)
     try:
-        return PreparedImage(pixels=preprocess(image), decode_s=time.perf_counter() - t0, tta=query.tta)
+        return PreparedImage(pixels=encoder.preprocess_image(image), decode_s=time.perf_counter() - t0,
+                             tta=query.tta)
     finally:
         image.close()
 
@@ -95,7 +96,7 @@ def _encode(encoder: Any, items: list[PreparedImage], tta: bool) -> Any:
         import torch
 
         vecs = encoder.encode_pixels(torch.stack([p.pixels for p in items]), tta=tta)
-        return vecs.cpu().numpy() if hasattr(vecs, "cpu") else np.asarray(vecs)
+        return vecs.cpu().numpy() if isinstance(vecs, torch.Tensor) else np.asarray(vecs)
     return encoder.encode_images([p.image if p.image is not None else p.pixels for p in items], tta=tta)
 
 
@@ -249,7 +250,7 @@ def image_slots(encoder: Any, inference_threads: int, cores: int | None) -> int:
     """Image batches in flight at once: one per `threads` cores when the encoder's image tower runs
     on an ONNX session with `threads` intra-op threads (a lone query then uses them all), else one
     per inference thread (the torch path runs each call on `torch_threads`)."""
-    threads = getattr(getattr(encoder, "image_backend", None), "threads", None)
+    threads = image_session_threads(encoder)
     if not threads:
         return max(1, inference_threads)
     return max(1, min(inference_threads, (cores or 1) // int(threads)))

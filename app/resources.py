@@ -295,12 +295,10 @@ def _api_key(settings: Settings) -> str | None:
 
 
 def _close(store: VectorStore) -> None:
-    close = getattr(store, "close", None)
-    if close is not None:
-        try:
-            close()
-        except Exception:  # noqa: BLE001 - closing a broken catalog must not hide why it broke
-            log.debug("closing collection %s failed", store.name, exc_info=True)
+    try:
+        store.close()
+    except Exception:  # noqa: BLE001 - closing a broken catalog must not hide why it broke
+        log.debug("closing collection %s failed", store.name, exc_info=True)
 
 
 def _relative_paths(message: str, root: Path) -> str:

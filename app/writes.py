@@ -8,7 +8,7 @@ thread. A write is answered only after its catalog commit, and the store has cau
 the next search sees it (read-your-write); the store's version changes with it, and so every cache key.
 
 After a write, a background compaction starts when the tombstones or the rows added past an HNSW
-graph reach the configured thresholds (`compact()` is an optional store method, looked up by name).
+graph reach the configured thresholds (in a store that `compacts`; Qdrant optimises itself).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class WriteService:
 
     @staticmethod
     def _check_writable(store: VectorStore) -> None:
-        if not getattr(store, "writable", True):
+        if not store.writable:
             raise ReadOnlyCollection(f"collection {store.name!r} is open read-only")
 
     # -- operations --------------------------------------------------------------------------------
@@ -185,8 +185,7 @@ class WriteService:
     # -- compaction --------------------------------------------------------------------------------
     def compact_now(self, store: VectorStore) -> dict[str, Any]:
         """Run a compaction (blocking; call it off the event loop)."""
-        compact = getattr(store, "compact", None)
-        if compact is None:
+        if not store.compacts:
             return {"compacted": False, "reason": "this store compacts itself"}
         with self._compact_lock:
             if store.name in self._compacting:
@@ -194,7 +193,7 @@ class WriteService:
             self._compacting.add(store.name)
         t0 = time.perf_counter()
         try:
-            out = dict(compact())
+            out = dict(store.compact())
         finally:
             with self._compact_lock:
                 self._compacting.discard(store.name)
@@ -205,10 +204,11 @@ class WriteService:
 
     def maybe_compact(self, store: VectorStore) -> bool:
         """Start a background compaction when enough tombstones or delta rows have piled up."""
-        stats_of = getattr(store, "stats", None)
-        if stats_of is None or store.name in self._compacting or not getattr(store, "writable", True):
+        if not store.compacts or store.name in self._compacting or not store.writable:
             return False
-        stats = stats_of()
+        stats = store.stats()
+        if stats is None:
+            return False
         dead = sum(stats[t]["tombstones"] for t in ("images", "captions"))
         delta = sum(stats[t]["delta"] for t in ("images", "captions"))
         s = self.settings

@@ -31,7 +31,7 @@ from clipsearch.onnx.runtime import Runtime, Tower
 from clipsearch.towers import clip_encode_text_truncated, text_pad_id, truncate_tokens
 
 __all__ = ["ClipEncoder", "Encoder", "PixelEncoder", "Runtime", "TokenEncoder", "build_encoder",
-           "image_backend_for", "text_backend_for", "tower_backend"]
+           "image_backend_for", "image_session_threads", "takes_pixels", "text_backend_for", "tower_backend"]
 
 
 class TokenEncoder(Protocol):
@@ -52,6 +52,21 @@ class Encoder(Protocol):
         return self.loaded.preprocess(image)
 
     def encode_images(self, images: Sequence[Image.Image], tta: bool = True) -> NDArray[np.float32]: ...
+
+
+def takes_pixels(encoder: Encoder) -> bool:
+    """Whether `encoder` also takes preprocessed pixels (`preprocess_image` one image, `encode_pixels`
+    a stacked batch), as `ClipEncoder` does, so a service can decode and preprocess uploads in
+    parallel and share one forward pass. The contract's one optional capability, read here and only
+    here: a fake with the two contract methods alone does not."""
+    return callable(getattr(encoder, "preprocess_image", None)) and callable(getattr(encoder, "encode_pixels", None))
+
+
+def image_session_threads(encoder: Encoder) -> int | None:
+    """The intra-op threads of the session that runs `encoder`'s image tower (ONNX or bf16), or None
+    where it runs in torch (or is a fake)."""
+    threads = getattr(getattr(encoder, "image_backend", None), "threads", None)
+    return int(threads) if threads else None
 
 
 def tower_backend(loaded: LoadedModel, tower: Tower, runtime: Runtime,

@@ -49,7 +49,7 @@ from qdrant_client import QdrantClient, models
 
 from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError, sha256_json
-from clipsearch.store.base import Filter, Hit, Item, StoreError, Target, filter_keys, value_key
+from clipsearch.store.base import Filter, Hit, Item, StoreError, Target, VectorStore, filter_keys, value_key
 from clipsearch.store.catalog import NewItem
 from clipsearch.store.qdrant_connection import POOL, QdrantLocation
 
@@ -122,8 +122,9 @@ class _Summary:
     metadata_fields: Mapping[str, list[Any]]
 
 
-class QdrantStore:
-    """One collection in Qdrant; `open` an existing one or `create` one."""
+class QdrantStore(VectorStore):
+    """One collection in Qdrant; `open` an existing one or `create` one. Qdrant compacts (optimises)
+    its segments itself: `compacts` stays False."""
 
     def __init__(self, name: str, location: QdrantLocation, client: QdrantClient, readonly: bool = True,
                  params: IndexParams | None = None):
@@ -222,6 +223,10 @@ class QdrantStore:
     @property
     def dim(self) -> int:
         return int(self._meta["dim"])
+
+    @property
+    def writable(self) -> bool:
+        return not self.readonly
 
     @property
     def hubness(self) -> Mapping[str, Any] | None:
@@ -428,10 +433,6 @@ class QdrantStore:
     def _writable(self) -> None:
         if self.readonly:
             raise ArtifactError(f"collection {self.name!r} is open read-only")
-
-    def _read_meta(self) -> dict[str, Any] | None:
-        state = self._read_state()
-        return None if state is None else state[0]
 
     def _read_state(self) -> tuple[dict[str, Any], bool] | None:
         """(the collection's metadata, whether its images have the offset column), or None when the
