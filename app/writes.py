@@ -35,22 +35,11 @@ from clipsearch.store import Item, NewItem, StoreError, VectorStore
 
 from app.batching import ImageQuery
 from app.config import Settings
-from app.errors import ApiError, NotFound, Overloaded
+from app.errors import NotFound, Overloaded, ReadOnlyCollection, WriteRefused
 from app.resources import Resources
 from app.state import InFlightLimiter, ServiceState
 
 log = logging.getLogger(__name__)
-
-
-class ReadOnlyCollection(ApiError):
-    status, code = 409, "read_only"
-
-
-class WriteRefused(ApiError):
-    """The store cannot take this write as it is laid out (e.g. a Qdrant collection copied before image
-    offsets existed: `offline migrate` remakes it); nothing was written."""
-
-    status, code = 409, "write_refused"
 
 
 @dataclass(frozen=True)
