@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from clipsearch.encoder import image_session_threads, takes_pixels
-from clipsearch.images import decode_image
+from clipsearch.images import decode_image_with_format
 
 # What a query does with its vector once the batch is encoded (e.g. search its collection). It runs
 # on the inference thread; an exception it raises reaches that query alone.
@@ -74,18 +74,19 @@ class PreparedImage:
     pixels: Any = None  # the preprocessed tensor [3, H, W]
     decode_s: float = 0.0
     tta: bool = False  # `ImageQuery.tta`
+    format: str | None = None  # the PIL format the bytes were decoded from (an upload's file suffix)
 
 
 def prepare_image(encoder: Any, query: ImageQuery) -> PreparedImage:
     """Decode `query` (an undecodable upload raises here, for its own request) and preprocess it when
     the encoder says how (`ClipEncoder.preprocess_image`)."""
     t0 = time.perf_counter()
-    image = decode_image(query.data, max_pixels=query.max_pixels)
+    image, fmt = decode_image_with_format(query.data, max_pixels=query.max_pixels)
     if not takes_pixels(encoder):
-        return PreparedImage(image=image, decode_s=time.perf_counter() - t0, tta=query.tta)
+        return PreparedImage(image=image, decode_s=time.perf_counter() - t0, tta=query.tta, format=fmt)
     try:
         return PreparedImage(pixels=encoder.preprocess_image(image), decode_s=time.perf_counter() - t0,
-                             tta=query.tta)
+                             tta=query.tta, format=fmt)
     finally:
         image.close()
 
@@ -149,7 +150,7 @@ class MicroBatcher:
 
     `job(res, items, finishes)` encodes one batch (`text_batch_job`, `image_batch_job`); at most
     `slots` batches run at once, each on the inference pool; items that arrive while every slot is
-    busy wait, up to `max_batch` per batch. `slots` may be changed at any time (`ServiceState`
+    busy wait, up to `max_batch` per batch. `slots` may be changed at any time (`Engine`
     sets it from the loaded encoder)."""
 
     job: Callable[..., tuple[list[tuple[bool, Any]], dict[str, float]]] = staticmethod(text_batch_job)
@@ -237,13 +238,16 @@ class ImageBatcher(MicroBatcher):
     preprocesses) the upload on the inference pool first, in parallel with other uploads, then
     encodes it in a shared batch (`search(res, item, finish)` takes an `ImageQuery` or a
     `PreparedImage` as it is). Writes that embed an uploaded image share it
-    (`ServiceState.image_batcher`), so their forward passes batch with queries'."""
+    (`Engine.image_batcher`), so their forward passes batch with queries'."""
 
     job = staticmethod(image_batch_job)
 
+    async def prepare(self, res: Any, query: ImageQuery) -> PreparedImage:
+        """Decode (and preprocess) `query` on the inference pool: the upload's one decode."""
+        return await self._run(prepare_image, res.encoder, query)
+
     async def upload(self, res: Any, query: ImageQuery, finish: Finish) -> tuple[Any, dict[str, float]]:
-        prepared = await self._run(prepare_image, res.encoder, query)
-        return await self.search(res, prepared, finish)
+        return await self.search(res, await self.prepare(res, query), finish)
 
 
 def image_slots(encoder: Any, inference_threads: int, cores: int | None) -> int:

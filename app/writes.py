@@ -1,11 +1,13 @@
-"""Live writes, HTTP-free: upload, delete, caption replace and compaction of a served collection.
+"""Live writes without HTTP: upload, delete, caption replace and compaction of a served collection.
 
-A write is admitted through its own bound (`write_max_in_flight`, else 429 at once), decoded with
-the same checks as /search/image and encoded on the inference pool that searches use, so writes
-take turns with searches instead of starving them. The commit (image file first, then the catalog)
-runs on one writer thread: SQLite serialises writers anyway, and an fsync never blocks an inference
-thread. A write is answered only after its catalog commit, and the store has caught up by then, so
-the next search sees it (read-your-write); the store's version changes with it, and so every cache key.
+`Writer` is the engine's write half (`app.engine.Engine.writes`). A write is admitted through its own
+bound (`write_max_in_flight`, else 429 at once), decoded once with the same checks as /search/image
+and encoded in the image micro-batcher beside searches, so writes take turns with searches instead
+of starving them. The commit (image file first, then the catalog, through `Collection`, the one
+write path) runs on one writer thread: SQLite serialises writers anyway, and an fsync never blocks
+an inference thread. A write is answered only after its commit, and the store has caught up by
+then, so the next search sees it (read-your-write); the store's version changes with it, and so
+every cache key.
 
 After a write, a background compaction starts when the tombstones or the rows added past an HNSW
 graph reach the configured thresholds (in a store that `compacts`; Qdrant optimises itself).
@@ -15,31 +17,34 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
+import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from clipsearch.artifacts import ArtifactLayout
 from clipsearch.collection import Collection
+from clipsearch.images import ImageDecodeError
 from clipsearch.media import store_media, suffix_for
 from clipsearch.store import Item, NewItem, StoreError, VectorStore
 
-from app.batching import ImageQuery
+from app.batching import ImageBatcher, ImageQuery
 from app.config import Settings
-from app.errors import NotFound, Overloaded, ReadOnlyCollection, WriteRefused
+from app.errors import InvalidSearch, NotFound, Overloaded, PayloadTooLarge, ReadOnlyCollection, WriteRefused
+from app.limits import InFlightLimiter
+from app.metrics import Metrics
 from app.resources import Resources
-from app.state import InFlightLimiter, ServiceState
 
 log = logging.getLogger(__name__)
+
+Run = Callable[..., Awaitable[Any]]  # runs a blocking function on the inference pool
 
 
 @dataclass(frozen=True)
@@ -50,24 +55,47 @@ class WriteResult:
     stages: Mapping[str, float] = field(default_factory=dict)  # seconds: decode, encode, commit
 
 
-def probe_upload_job(res: Resources, data: bytes, captions: Sequence[str], dim: int
-                     ) -> tuple[str | None, np.ndarray]:
-    """On the inference pool, once the image batcher has vetted and embedded the bytes: the image's
-    format (header only, for the media file's suffix) and the caption vectors."""
-    with Image.open(io.BytesIO(data)) as probe:
-        fmt = probe.format
-    caps = res.encoder.encode_texts(list(captions)) if captions else np.zeros((0, dim), np.float32)
-    return fmt, np.asarray(caps, np.float32)
-
-
 def encode_captions_job(res: Resources, captions: Sequence[str]) -> np.ndarray:
     return np.asarray(res.encoder.encode_texts(list(captions)), np.float32)
 
 
-class WriteService:
-    def __init__(self, state: ServiceState, settings: Settings):
-        self.state = state
+def clean_captions(captions: Sequence[str] | None, limit: int) -> list[str] | None:
+    """Whitespace runs collapsed; none empty, at most `limit`."""
+    if captions is None:
+        return None
+    cleaned = [" ".join(c.split()) for c in captions]
+    if any(not c for c in cleaned):
+        raise InvalidSearch("a caption is empty or only whitespace")
+    if len(cleaned) > limit:
+        raise InvalidSearch(f"at most {limit} captions per item")
+    return cleaned
+
+
+def parse_metadata(raw: str | None) -> dict[str, Any] | None:
+    """An upload's metadata field: a JSON object of at most 64 named fields (None: none given)."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise InvalidSearch("metadata must be a JSON object") from None
+    if not isinstance(value, dict):
+        raise InvalidSearch("metadata must be a JSON object")
+    if len(value) > 64 or any(len(k) > 64 or not k for k in value):
+        raise InvalidSearch("metadata: at most 64 fields, each name 1-64 characters")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class Writer:
+    def __init__(self, settings: Settings, metrics: Metrics, image_batcher: ImageBatcher, run: Run):
         self.settings = settings
+        self.metrics = metrics
+        self.image_batcher = image_batcher
+        self.run = run
         self.limiter = InFlightLimiter(settings.write_max_in_flight)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsearch-writer")
         self._compacting: set[str] = set()
@@ -77,14 +105,11 @@ class WriteService:
         self._writer.shutdown(wait=True)
 
     # -- admission -------------------------------------------------------------------------------
-    def admit(self, op: str) -> None:
+    def _admit(self, op: str) -> None:
         if not self.limiter.try_acquire():
-            self.state.metrics.writes.labels(op, "rejected").inc()
+            self.metrics.writes.labels(op, "rejected").inc()
             raise Overloaded(f"server busy: {self.limiter.limit} writes in flight; retry shortly",
                              headers={"Retry-After": str(max(self.settings.retry_after_s, 1))})
-
-    def release(self) -> None:
-        self.limiter.release()
 
     async def _commit(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._writer, lambda: fn(*args))
@@ -94,11 +119,70 @@ class WriteService:
         if not store.writable:
             raise ReadOnlyCollection(f"collection {store.name!r} is open read-only")
 
-    # -- operations --------------------------------------------------------------------------------
-    async def upload(self, res: Resources, store: VectorStore, data: bytes, captions: Sequence[str] | None,
-                     metadata: Mapping[str, Any] | None, image_id: str | None) -> WriteResult:
+    # -- operations, each counted in the writes metric ------------------------------------------------
+    async def upload(self, res: Resources, store: VectorStore, read: Callable[[], Awaitable[bytes]],
+                     captions: Sequence[str] | None, metadata: str | None, image_id: str | None) -> WriteResult:
+        """Add (or update) the item of the bytes `read()` gives, read once the cheap checks passed."""
+        final = clean_captions(captions, self.settings.max_captions)
+        meta = parse_metadata(metadata)
+        try:
+            data = await read()
+        except (PayloadTooLarge, ImageDecodeError):
+            self.metrics.writes.labels("upload", "invalid").inc()
+            raise
+        self._admit("upload")
+        try:
+            before = store.version
+            result = await self._upload(res, store, data, final, meta, image_id)
+        except (ImageDecodeError, InvalidSearch):
+            self.metrics.writes.labels("upload", "invalid").inc()
+            raise
+        except (NotFound, asyncio.CancelledError):
+            raise
+        except Exception:
+            self.metrics.writes.labels("upload", "error").inc()
+            raise
+        finally:
+            self.limiter.release()
+        label = "created" if result.created else ("updated" if result.version != before else "existing")
+        self.metrics.writes.labels("upload", label).inc()
+        return result
+
+    async def delete(self, store: VectorStore, image_id: str) -> None:
+        self._admit("delete")
+        try:
+            await self._delete(store, image_id)
+        except NotFound:
+            self.metrics.writes.labels("delete", "not_found").inc()
+            raise
+        except Exception:
+            self.metrics.writes.labels("delete", "error").inc()
+            raise
+        finally:
+            self.limiter.release()
+        self.metrics.writes.labels("delete", "deleted").inc()
+
+    async def replace_captions(self, res: Resources, store: VectorStore, image_id: str,
+                               captions: Sequence[str]) -> WriteResult:
+        cleaned = clean_captions(captions, self.settings.max_captions) or []
+        self._admit("captions")
+        try:
+            result = await self._replace_captions(res, store, image_id, cleaned)
+        except NotFound:
+            self.metrics.writes.labels("captions", "not_found").inc()
+            raise
+        except Exception:
+            self.metrics.writes.labels("captions", "error").inc()
+            raise
+        finally:
+            self.limiter.release()
+        self.metrics.writes.labels("captions", "replaced").inc()
+        return result
+
+    async def _upload(self, res: Resources, store: VectorStore, data: bytes, captions: Sequence[str] | None,
+                      metadata: Mapping[str, Any] | None, image_id: str | None) -> WriteResult:
         self._check_writable(store)
-        sha = hashlib.sha256(data).hexdigest()
+        sha = hashlib.sha256(data).hexdigest()  # the one hash: the default id and the media file's name
         image_id = image_id or sha
         existing = store.get(image_id)
         final_captions = tuple(captions) if captions is not None else (existing.captions if existing else ())
@@ -108,42 +192,45 @@ class WriteService:
                 and dict(existing.metadata) == final_meta):
             # the same bytes again (and nothing else new): one item, no write
             return WriteResult(existing, False, store.version)
-        # decoded (every check /search/image makes) and embedded in the image batcher, beside queries
-        vec, batch_stages = await self.state.image_batcher.upload(
-            res, ImageQuery(data, self.settings.max_image_pixels, tta=True), lambda v: np.asarray(v, np.float32))
+        # decoded once (every check /search/image makes; its format names the media file) and embedded
+        # in the image batcher, beside queries
+        prepared = await self.image_batcher.prepare(res, ImageQuery(data, self.settings.max_image_pixels, tta=True))
+        vec, batch_stages = await self.image_batcher.search(res, prepared, lambda v: np.asarray(v, np.float32))
         t0 = time.perf_counter()
-        fmt, cap_vecs = await self.state.run(probe_upload_job, res, data, final_captions, vec.shape[0])
+        cap_vecs = (await self.run(encode_captions_job, res, final_captions) if final_captions
+                    else np.zeros((0, vec.shape[0]), np.float32))
         stages = {"decode": batch_stages["decode"],
                   "encode": batch_stages["encode"] + (time.perf_counter() - t0)}
         root = self.settings.artifacts_dir
 
-        def commit() -> bool:
+        def commit() -> Item | None:
             # writes run one at a time here: a twin upload that committed first makes this one a no-op
             now = store.get(image_id)
             if (now is not None and _sha_of(now.path) == sha and now.captions == final_captions
                     and dict(now.metadata) == final_meta):
-                return False
-            path, _ = store_media(media_dir, data, suffix_for(fmt))  # the file first, durable...
-            rel = _relative(path, root)
+                return None
+            path, _ = store_media(media_dir, data, suffix_for(prepared.format), sha)  # the file first, durable...
+            item = Item(image_id, _relative(path, root), final_captions, final_meta)
             # ...then the commit, with the new rows' hubness offsets, as ingest gives them
             Collection.served(store, res.banks).add_embedded([NewItem(
-                image_id, rel, vec, captions=final_captions, caption_vectors=cap_vecs if final_captions else None,
-                metadata=final_meta, size=len(data), sha256=sha)])
-            return now is None
+                item.image_id, item.path, vec, captions=final_captions,
+                caption_vectors=cap_vecs if final_captions else None, metadata=final_meta, size=len(data),
+                sha256=sha)])
+            return item if now is None else None
 
         t0 = time.perf_counter()
         try:
-            created = await self._commit(commit)
+            written = await self._commit(commit)
         except StoreError as exc:
             raise WriteRefused(str(exc)) from None
         stages["commit"] = time.perf_counter() - t0  # media file + catalog commit (fsyncs) + catch-up
-        item = store.get(image_id)
+        item = written if written is not None else store.get(image_id)  # an update: read back what merged
         if item is None:  # deleted again before we could read it back
             raise NotFound("unknown image id")
         self.maybe_compact(store)
-        return WriteResult(item, created, store.version, stages)
+        return WriteResult(item, written is not None, store.version, stages)
 
-    async def delete(self, store: VectorStore, image_id: str) -> None:
+    async def _delete(self, store: VectorStore, image_id: str) -> None:
         self._check_writable(store)
         if store.get(image_id) is None:
             raise NotFound("unknown image id")
@@ -152,12 +239,12 @@ class WriteService:
             raise NotFound("unknown image id")
         self.maybe_compact(store)
 
-    async def replace_captions(self, res: Resources, store: VectorStore, image_id: str,
-                               captions: Sequence[str]) -> WriteResult:
+    async def _replace_captions(self, res: Resources, store: VectorStore, image_id: str,
+                                captions: Sequence[str]) -> WriteResult:
         self._check_writable(store)
         if store.get(image_id) is None:
             raise NotFound("unknown image id")
-        vecs = (await self.state.run(encode_captions_job, res, captions) if captions
+        vecs = (await self.run(encode_captions_job, res, captions) if captions
                 else np.zeros((0, store.dim), np.float32))
         try:
             await self._commit(Collection.served(store, res.banks).replace_captions, image_id, list(captions), vecs)
@@ -187,8 +274,8 @@ class WriteService:
             with self._compact_lock:
                 self._compacting.discard(store.name)
         if out.get("compacted"):
-            self.state.metrics.compactions.labels(store.name).inc()
-            self.state.metrics.compaction_seconds.labels(store.name).observe(time.perf_counter() - t0)
+            self.metrics.compactions.labels(store.name).inc()
+            self.metrics.compaction_seconds.labels(store.name).observe(time.perf_counter() - t0)
         return out
 
     def maybe_compact(self, store: VectorStore) -> bool:

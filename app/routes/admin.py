@@ -15,9 +15,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from app.config import Settings
+from app.deps import EngineDep
 from app.errors import Unauthorized
 from app.schemas import ErrorResponse, ReloadResponse
-from app.state import get_state
 
 
 def build_router(settings: Settings, start_reload: Callable[[], Any]) -> APIRouter:
@@ -28,13 +28,12 @@ def build_router(settings: Settings, start_reload: Callable[[], Any]) -> APIRout
     @router.post("/admin/reload", response_model=ReloadResponse, status_code=202,
                  summary="Reload model and indexes from ARTIFACTS_DIR in the background",
                  responses={401: {"model": ErrorResponse, "description": "Missing or wrong bearer token"}})
-    async def reload(request: Request) -> JSONResponse:
+    async def reload(request: Request, engine: EngineDep) -> JSONResponse:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
             raise Unauthorized("a valid admin bearer token is required",
                                headers={"WWW-Authenticate": "Bearer"})
-        state = get_state(request)
-        current = state.resources
+        current = engine.resources
         started = start_reload() is not None
         body = ReloadResponse(started=started, index_version=current.version if current else None)
         return JSONResponse(body.model_dump(), status_code=202)

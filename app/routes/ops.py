@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
+from app.deps import EngineDep
 from app.schemas import HealthResponse, ReadyResponse
-from app.state import get_state
 
 router = APIRouter(tags=["ops"])
 
@@ -18,13 +18,12 @@ async def healthz() -> HealthResponse:
 
 @router.get("/readyz", response_model=ReadyResponse, summary="Readiness: 200 once search can answer",
             responses={503: {"model": ReadyResponse, "description": "Not ready; `reason` says why"}})
-async def readyz(request: Request) -> Response:
-    state = get_state(request)
-    res = state.resources
+async def readyz(engine: EngineDep) -> Response:
+    res = engine.resources
     if res is None:
-        body = ReadyResponse(ready=False, reason=state.reason).model_dump(exclude_none=True)
+        body = ReadyResponse(ready=False, reason=engine.reason).model_dump(exclude_none=True)
         return JSONResponse(body, status_code=503,
-                            headers={"Retry-After": str(max(state.settings.retry_after_s, 1))})
+                            headers={"Retry-After": str(max(engine.settings.retry_after_s, 1))})
     counts = {name: {"images": store.count("images"), "captions": store.count("captions")}
               for name, store in sorted(res.collections.items())}
     body = ReadyResponse(
@@ -32,7 +31,7 @@ async def readyz(request: Request) -> Response:
         default_collection=res.default_collection, collections=counts,
         images=res.image_count, captions=res.caption_count,
         hubness=(info := res.store().describe()).get("hubness"), hubness_images=info.get("hubness_images"),
-        reloading=state.loading or None, reload_error=state.reload_error).model_dump()
+        reloading=engine.loading or None, reload_error=engine.reload_error).model_dump()
     for optional in ("reloading", "reload_error"):
         if body[optional] is None:
             del body[optional]
@@ -42,6 +41,6 @@ async def readyz(request: Request) -> Response:
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)",
             responses={200: {"description": "Prometheus text exposition format",
                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
-async def metrics(request: Request) -> Response:
-    m = get_state(request).metrics
+async def metrics(engine: EngineDep) -> Response:
+    m = engine.metrics
     return Response(m.render(), media_type=m.content_type)

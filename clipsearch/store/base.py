@@ -94,6 +94,10 @@ class VectorStore:
     def vector(self, image_id: str) -> NDArray[np.float32] | None:
         raise NotImplementedError
 
+    def get_many(self, image_ids: Sequence[str]) -> list[Item | None]:
+        """The items of `image_ids` in order (None where unknown): a page of results in one call."""
+        return [self.get(image_id) for image_id in image_ids]
+
     def search(self, query: NDArray[np.float32], k: int, *, target: Target = "images",
                filter: Filter | None = None, offset: int = 0, min_score: float | None = None,
                exclude: Sequence[str] = (), hubness: bool = True) -> list[Hit]:

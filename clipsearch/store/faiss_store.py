@@ -133,6 +133,10 @@ class FaissStore(VectorStore):
         pos = live.row_of.get(image_id)
         return None if pos is None else live.items[pos]
 
+    def get_many(self, image_ids: Sequence[str]) -> list[Item | None]:
+        live = self._current()  # one state for the whole page
+        return [None if (pos := live.row_of.get(i)) is None else live.items[pos] for i in image_ids]
+
     def vector(self, image_id: str) -> NDArray[np.float32] | None:
         live = self._current()
         with self._lock:

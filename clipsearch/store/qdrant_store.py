@@ -261,11 +261,19 @@ class QdrantStore(VectorStore):
         return [i for _, i in sorted(rows)]
 
     def get(self, image_id: str) -> Item | None:
-        pts = self.client.retrieve(self.names["images"], [image_point_id(image_id)], with_payload=True)
-        if not pts:
-            return None
-        p = pts[0].payload or {}
-        return Item(p["image_id"], p["path"], tuple(p.get("captions", ())), dict(p.get("metadata", {})))
+        return self.get_many([image_id])[0]
+
+    def get_many(self, image_ids: Sequence[str]) -> list[Item | None]:
+        """One retrieve for the whole page."""
+        if not image_ids:
+            return []
+        pts = self.client.retrieve(self.names["images"], [image_point_id(i) for i in image_ids], with_payload=True)
+        found = {}
+        for pt in pts:
+            p = pt.payload or {}
+            found[p["image_id"]] = Item(p["image_id"], p["path"], tuple(p.get("captions", ())),
+                                        dict(p.get("metadata", {})))
+        return [found.get(i) for i in image_ids]
 
     def vector(self, image_id: str) -> NDArray[np.float32] | None:
         pts = self.client.retrieve(self.names["images"], [image_point_id(image_id)], with_payload=False,
