@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from clipsearch.artifacts import ArtifactLayout, check_collection_name
 from clipsearch.collection import load_banks
-from clipsearch.encoder import ClipEncoder, Encoder, image_backend_for, text_backend_for
+from clipsearch.encoder import Encoder, build_encoder
 from clipsearch.hubness import Banks
 from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError, sha256_json
@@ -161,13 +161,10 @@ def _load_encoder(model: Mapping[str, Any], settings: Settings) -> Encoder:
     if not loaded.identity.same_weights(model):
         raise ModelLoadError(f"the loaded model {_describe(loaded.identity.to_dict())} is not the one the "
                              f"collections were embedded with ({_describe(model)})")
-    threads = settings.torch_threads or 1
-    return ClipEncoder(
-        loaded,
-        text_backend=text_backend_for(loaded, settings.text_backend, settings.onnx_cache_dir, threads),
-        # a lone image query runs on every core (`image_threads`); image batches then run one at a time
-        image_backend=image_backend_for(loaded, settings.image_backend, settings.onnx_cache_dir,
-                                        settings.image_threads or threads))
+    # a lone image query runs on every core (`image_threads`); image batches then run one at a time
+    return build_encoder(loaded, text=settings.text_backend, image=settings.image_backend,
+                         cache_dir=settings.onnx_cache_dir, threads=settings.torch_threads or 1,
+                         image_threads=settings.image_threads)
 
 
 def _peek_model(settings: Settings) -> dict[str, Any] | None:

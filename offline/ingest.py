@@ -27,7 +27,7 @@ from tqdm import tqdm
 from clipsearch.artifacts import ArtifactLayout, CollectionLayout
 from clipsearch.collection import Collection, load_banks
 from clipsearch.collections import FileStat, IngestPlan, plan_ingest
-from clipsearch.encoder import ClipEncoder, image_backend_for, text_backend_for
+from clipsearch.encoder import ClipEncoder, build_encoder
 from clipsearch.hubness import Banks
 from clipsearch.index import IndexParams
 from clipsearch.manifest import now_iso, write_json_atomic
@@ -90,13 +90,11 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
         target = Collection(store, banks)
         removed = store.delete(plan.removed)
         threads = torch.get_num_threads()
-        encoder = ClipEncoder(
-            loaded, batch_size=batch_size,
-            image_backend=(image_backend_for(loaded, image_backend, layout.onnx_dir, threads)
-                           if plan.to_embed else None),
-            # a folder without captions never encodes a text: no text session to build and check
-            text_backend=(text_backend_for(loaded, text_backend, layout.onnx_dir, threads)
-                          if plan.recaptioned or any(item.captions for item, _ in plan.to_embed) else None))
+        # a folder without captions never encodes a text: no text session to build and check
+        encoder = build_encoder(
+            loaded, batch_size=batch_size, cache_dir=layout.onnx_dir, threads=threads,
+            image=image_backend if plan.to_embed else None,
+            text=text_backend if plan.recaptioned or any(item.captions for item, _ in plan.to_embed) else None)
         t_embed = time.perf_counter()
         embedded, bad = _embed_items(target, encoder, loaded, plan.to_embed, batch_size, workers,
                                      known or KnownVectors())
