@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.deps import EngineDep
-from app.routes.links import media_url
+from app.routes.common import media_url
 from app.schemas import CollectionInfo, CollectionsResponse, ErrorResponse, ItemResponse
 
 router = APIRouter(tags=["collections"])

@@ -11,7 +11,7 @@ from app.config import Settings
 from app.deps import EngineDep
 from app.engine import Embeddings, Engine
 from app.routes.content_routing import JsonRoute, json_body_openapi
-from app.routes.search import ERRORS, image_source, read_upload, require_content_type
+from app.routes.common import ERRORS, image_source, read_upload, require_content_type
 from app.schemas import EmbeddingsResponse, embed_image_request, embed_text_request
 
 

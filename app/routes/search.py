@@ -8,7 +8,6 @@ signatures.
 """
 
 import time
-from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -16,17 +15,17 @@ from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 
 from clipsearch.artifacts import COLLECTION_NAME
-from clipsearch.images import ImageDecodeError
 
 from app.answer_cache import answer_body, offer_answer
 from app.config import Settings
 from app.deps import EngineDep
-from app.engine import Engine, ImageSource, Page, TermInput
-from app.errors import InvalidSearch, PayloadTooLarge, UnsupportedMediaType
+from app.engine import Engine, Page, TermInput
+from app.errors import InvalidSearch
 from app.inputs import MAX_TERMS
+from app.routes.common import ERRORS, MULTIPART_OVERHEAD, image_source, media_url, read_upload, \
+    require_content_type, server_timing
 from app.routes.content_routing import JsonRoute, json_body_openapi
-from app.routes.links import media_url
-from app.schemas import CaptionHit, ErrorResponse, ImageHit, ImageSearchResponse, MetadataFilter, \
+from app.schemas import CaptionHit, ImageHit, ImageSearchResponse, MetadataFilter, \
     TextSearchResponse, base64_chars, image_json_request, similar_request, terms_search_request, \
     text_search_request, vector_search_request
 from app.search import CaptionResult, Options
@@ -36,8 +35,6 @@ SEARCH_PATHS = {"/search/text": "text", "/search/image": "image", "/search/simil
                 "/search/vector": "vector", "/search": "terms", "/embed/text": "embed_text",
                 "/embed/image": "embed_image"}
 DEFAULT_BODY_LIMIT = 64 * 1024  # JSON bodies; a 1000-character query needs a few KB
-# Room for the multipart boundaries, part headers and the k field around the file itself.
-MULTIPART_OVERHEAD = 16 * 1024
 # The longest JSON spelling of one query character: an escaped surrogate pair, "\ud83d\ude00".
 JSON_BYTES_PER_CHAR = 12
 # The `filter` form field of /search/image (JSON text).
@@ -59,34 +56,8 @@ def body_limits(settings: Settings) -> dict[str, int]:
             "/embed/text": embed_text, "/search/vector": 256 * 1024}
 
 
-ERRORS = {status: {"model": ErrorResponse, "description": desc} for status, desc in {
-    400: "Body could not be parsed (not UTF-8, broken multipart); image_url not a usable http(s) URL",
-    403: "image_url refused: URL fetching off, host not allowed, or a non-public address",
-    404: "Unknown collection (or, for /search/similar, image id)",
-    413: "Body or image too large", 415: "Wrong Content-Type", 422: "Invalid request or image",
-    429: "Too many searches in flight; retry after Retry-After seconds",
-    502: "image_url could not be fetched", 503: "Model and indexes not loaded (yet); the message says why",
-    504: "image_url took longer than the fetch timeout"}.items()}
-
-
-def require_content_type(*allowed: str) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type not in allowed:
-            raise UnsupportedMediaType(f"Content-Type must be {' or '.join(allowed)}, "
-                                       f"not {media_type or 'missing'}")
-    return check
-
-
 _HITS_JSON = {"images": TypeAdapter(list[ImageHit]), "captions": TypeAdapter(list[CaptionHit])}
 _FILTER = TypeAdapter(MetadataFilter)
-
-
-def server_timing(stages: Mapping[str, float] | None, took: float) -> str:
-    """A `Server-Timing` header (W3C): the work stages of a computed answer, or `cache` for a hit,
-    then `total` (the handler's time), in milliseconds. Browsers' dev tools and benchmarks read it."""
-    parts = ["cache;desc=hit"] if stages is None else [f"{name};dur={sec * 1000:.3f}" for name, sec in stages.items()]
-    return ", ".join([*parts, f"total;dur={took * 1000:.3f}"])
 
 
 def hit_models(page: Page) -> list[ImageHit] | list[CaptionHit]:
@@ -123,10 +94,6 @@ def search_response(request: Request, engine: Engine, endpoint: str, page: Page,
 def options(body: Any, target: str = "images") -> Options:
     """The search options of a validated request body (text, similar, vector, terms, JSON image)."""
     return Options(body.collection, body.k, body.offset, body.min_score, body.filter, target)
-
-
-def image_source(body: Any) -> ImageSource:
-    return ImageSource(base64=body.image, url=body.image_url)
 
 
 def _form_filter(raw: str | None) -> dict[str, Any] | None:
@@ -225,14 +192,3 @@ def build_router(settings: Settings) -> APIRouter:
         return search_response(request, engine, "terms", page, t0, with_target=True)
 
     return router
-
-
-async def read_upload(file: UploadFile, cap: int) -> bytes:
-    """An uploaded file's bytes: never more than one byte past `cap` is read (413 then), and an empty
-    file is an invalid image (422)."""
-    data = await file.read(cap + 1)
-    if len(data) > cap:
-        raise PayloadTooLarge(f"image upload is larger than {cap} bytes")
-    if not data:
-        raise ImageDecodeError("empty file (0 bytes)")
-    return data

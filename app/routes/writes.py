@@ -23,8 +23,7 @@ from pydantic import StringConstraints
 from app.config import Settings
 from app.deps import EngineDep
 from app.errors import NotFound, Unauthorized
-from app.routes.links import media_url
-from app.routes.search import MULTIPART_OVERHEAD, read_upload, require_content_type, server_timing
+from app.routes.common import MULTIPART_OVERHEAD, media_url, read_upload, require_content_type, server_timing
 from app.schemas import CaptionsRequest, CompactResponse, ErrorResponse, WriteItemResponse
 from app.writes import WriteResult
 
