@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -45,6 +45,7 @@ from app.resources import Resources
 log = logging.getLogger(__name__)
 
 Run = Callable[..., Awaitable[Any]]  # runs a blocking function on the inference pool
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,24 @@ class Writer:
         if not store.writable:
             raise ReadOnlyCollection(f"collection {store.name!r} is open read-only")
 
-    # -- operations, each counted in the writes metric ------------------------------------------------
+    # -- operations, each admitted and counted in the writes metric -----------------------------------
+    async def _counted(self, op: str, work: Callable[[], Awaitable[T]], outcome: Callable[[T], str],
+                       failures: Sequence[tuple[type[Exception] | tuple[type[Exception], ...], str | None]]) -> T:
+        """`await work()` under the write bound; the writes metric counts `op` with `outcome(result)`,
+        or the label of the first of `failures` the error is (None: not counted), else "error"."""
+        self._admit(op)
+        try:
+            result = await work()
+        except Exception as exc:
+            label = next((lab for kinds, lab in failures if isinstance(exc, kinds)), "error")
+            if label is not None:
+                self.metrics.writes.labels(op, label).inc()
+            raise
+        finally:
+            self.limiter.release()
+        self.metrics.writes.labels(op, outcome(result)).inc()
+        return result
+
     async def upload(self, res: Resources, store: VectorStore, read: Callable[[], Awaitable[bytes]],
                      captions: Sequence[str] | None, metadata: str | None, image_id: str | None) -> WriteResult:
         """Add (or update) the item of the bytes `read()` gives, read once the cheap checks passed."""
@@ -130,54 +148,21 @@ class Writer:
         except (PayloadTooLarge, ImageDecodeError):
             self.metrics.writes.labels("upload", "invalid").inc()
             raise
-        self._admit("upload")
-        try:
-            before = store.version
-            result = await self._upload(res, store, data, final, meta, image_id)
-        except (ImageDecodeError, InvalidSearch):
-            self.metrics.writes.labels("upload", "invalid").inc()
-            raise
-        except (NotFound, asyncio.CancelledError):
-            raise
-        except Exception:
-            self.metrics.writes.labels("upload", "error").inc()
-            raise
-        finally:
-            self.limiter.release()
-        label = "created" if result.created else ("updated" if result.version != before else "existing")
-        self.metrics.writes.labels("upload", label).inc()
-        return result
+        before = store.version
+        return await self._counted(
+            "upload", lambda: self._upload(res, store, data, final, meta, image_id),
+            lambda r: "created" if r.created else ("updated" if r.version != before else "existing"),
+            [((ImageDecodeError, InvalidSearch), "invalid"), (NotFound, None)])
 
     async def delete(self, store: VectorStore, image_id: str) -> None:
-        self._admit("delete")
-        try:
-            await self._delete(store, image_id)
-        except NotFound:
-            self.metrics.writes.labels("delete", "not_found").inc()
-            raise
-        except Exception:
-            self.metrics.writes.labels("delete", "error").inc()
-            raise
-        finally:
-            self.limiter.release()
-        self.metrics.writes.labels("delete", "deleted").inc()
+        await self._counted("delete", lambda: self._delete(store, image_id), lambda _: "deleted",
+                            [(NotFound, "not_found")])
 
     async def replace_captions(self, res: Resources, store: VectorStore, image_id: str,
                                captions: Sequence[str]) -> WriteResult:
         cleaned = clean_captions(captions, self.settings.max_captions) or []
-        self._admit("captions")
-        try:
-            result = await self._replace_captions(res, store, image_id, cleaned)
-        except NotFound:
-            self.metrics.writes.labels("captions", "not_found").inc()
-            raise
-        except Exception:
-            self.metrics.writes.labels("captions", "error").inc()
-            raise
-        finally:
-            self.limiter.release()
-        self.metrics.writes.labels("captions", "replaced").inc()
-        return result
+        return await self._counted("captions", lambda: self._replace_captions(res, store, image_id, cleaned),
+                                   lambda _: "replaced", [(NotFound, "not_found")])
 
     async def _upload(self, res: Resources, store: VectorStore, data: bytes, captions: Sequence[str] | None,
                       metadata: Mapping[str, Any] | None, image_id: str | None) -> WriteResult:
