@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,12 +71,15 @@ class TermInput:
 @dataclass(frozen=True)
 class Page:
     """One page of a search's results. `stages`: seconds per stage of the work done for it, None when
-    it came from the cache; `default_collection`: the served default (links name the others)."""
+    it came from the cache; `default_collection`: the served default (links name the others);
+    `memo`: kept with the cache entry, for what a caller derives from these results (the routes keep
+    their JSON there, so a cache hit costs no response models)."""
 
     results: Results
     spec: SearchSpec
     stages: Mapping[str, float] | None
     default_collection: str
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -191,13 +194,15 @@ class Engine:
         cached = self.cache.get(key)
         if cached is not None:
             self.metrics.cache_hits.labels(endpoint).inc()
-            return Page(cached, spec, None, res.default_collection)
+            results, memo = cached
+            return Page(results, spec, None, res.default_collection, memo)
         self.metrics.cache_misses.labels(endpoint).inc()
         results, stages = await compute()
         self.metrics.observe_stages(endpoint, stages)
-        self.cache.put(key, results)
+        memo: dict[str, Any] = {}
+        self.cache.put(key, (results, memo))
         self.metrics.cache_entries.set(len(self.cache))
-        return Page(results, spec, stages, res.default_collection)
+        return Page(results, spec, stages, res.default_collection, memo)
 
     async def search_text(self, query: str, options: Options) -> Page:
         """Images (or captions) matching `query`, already normalised (`app.cache.normalize_query`)."""

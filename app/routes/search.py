@@ -81,7 +81,9 @@ def search_response(request: Request, engine: Engine, endpoint: str, page: Page,
     """The TextSearchResponse / ImageSearchResponse of a page (its JSON assembled by `answer_body`,
     which the raw answer cache shares), with its Server-Timing; the handler's total is metered."""
     spec = page.spec
-    results = _HITS_JSON[spec.target].dump_json(hit_models(page))
+    results = page.memo.get("json")
+    if results is None:  # serialised once per cache entry
+        results = page.memo["json"] = _HITS_JSON[spec.target].dump_json(hit_models(page))
     fields = {**({"target": spec.target} if with_target else {}), "k": spec.k, "offset": spec.offset,
               "collection": spec.collection}
     offer_answer(request.scope, results, fields)
