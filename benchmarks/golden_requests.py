@@ -1,4 +1,4 @@
-"""The service's answers to a fixed set of ~60 requests, to tell whether a refactor changed any.
+"""The service's answers to a fixed set of ~70 requests, to tell whether a refactor changed any.
 
     python benchmarks/golden_requests.py --out before.json     # before the change
     python benchmarks/golden_requests.py --compare before.json # after it: exit 1 on any difference
@@ -116,6 +116,7 @@ def run() -> list[dict[str, Any]]:
 
             T = "/search/text"
             req("healthz", "GET", "/healthz")
+            req("readyz", "GET", "/readyz")
             req("collections", "GET", "/collections")
             req("item", "GET", "/collections/test/items/00_solid_red.png")
             req("item_unknown", "GET", "/collections/test/items/nope.png")
@@ -191,6 +192,7 @@ def run() -> list[dict[str, Any]]:
             req("delete_again", "DELETE", M + "/my-noise", headers=AUTH)
             req("similar_deleted", "POST", "/search/similar", json={"image_id": "my-noise"})
             req("collections_after_writes", "GET", "/collections")
+            req("readyz_after_writes", "GET", "/readyz")
             req("upload_unknown_collection", "POST", "/collections/nope/media", files={"file": ("n.png", new, "image/png")}, headers=AUTH)
             req("metrics_series", "GET", "/metrics")
     return out

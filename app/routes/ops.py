@@ -30,7 +30,8 @@ async def readyz(engine: EngineDep) -> Response:
         ready=True, model=dict(res.model), index_version=res.version,
         default_collection=res.default_collection, collections=counts,
         images=res.image_count, captions=res.caption_count,
-        hubness=(info := res.store().describe()).get("hubness"), hubness_images=info.get("hubness_images"),
+        # the default collection's corrections, read from the contract (describe() also counts facets)
+        hubness=(default := res.store()).hubness, hubness_images=default.hubness_images,
         reloading=engine.loading or None, reload_error=engine.reload_error).model_dump()
     for optional in ("reloading", "reload_error"):
         if body[optional] is None:

@@ -1,4 +1,4 @@
-"""The service's JSON for a fixed set of ~60 requests on a fixed collection (fake encoder) is what it
+"""The service's JSON for a fixed set of ~70 requests on a fixed collection (fake encoder) is what it
 was when tests/data/golden_answers.json was recorded (`benchmarks/golden_requests.py`): a refactor
 of the routes, the engine or the stores must not change one byte of an answer. A deliberate change
 of an answer re-records the file: `python benchmarks/golden_requests.py --out tests/data/golden_answers.json`.
