@@ -11,10 +11,13 @@ other request goes on to the route as usual, its body replayed, and a 200 answer
 What is and is not looked up here:
 - only bodies that declare a Content-Length of at most `max_body` bytes (JSON queries are small;
   anything else, chunked bodies included, goes straight on, and the body caps stay where they are);
-- entries live in the service's own `ResponseCache` (same LRU, same size, cleared on every reload,
+- entries live in the engine's `ResponseCache` (same LRU, same size, cleared on every reload,
   none when `CLIPSEARCH_CACHE_SIZE=0`), under keys that start with "raw";
 - a hit is answered only to a request that may read (`allow`, app.auth.cache_gate); any other goes
   on to the route, whose access check answers it;
+- what is stored is what the route handed over (`offer_answer`: the results' JSON and the answer's
+  other fields), never bytes parsed back out of a response: a hit is assembled by the same
+  `answer_body` the route uses, with its own `took_ms`;
 - two spellings of one query (" red" and "red") are two entries here and one in the handler's
   cache; the handler's normalisation still decides what is the same query.
 
@@ -24,37 +27,50 @@ request metrics, admission control, CORS and any header middleware — sees a hi
 
 from __future__ import annotations
 
-import re
+import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.state import ServiceState
+from app.engine import Engine
 
-# the tail every search answer ends with (`app.routes.search._search_response`)
-_TAIL = re.compile(rb'"took_ms": -?[0-9.eE+-]+, "cached": (?:true|false)\}$')
 _DROP = {b"content-length", b"server-timing"}
+_SLOT = "clipsearch.answer"  # the ASGI scope key through which a route hands its answer over
+
+
+def answer_body(results_json: bytes, fields: Mapping[str, Any], took: float, cached: bool) -> bytes:
+    """A search answer's JSON: `{"results": [...], <fields>, "took_ms": ..., "cached": ...}`."""
+    tail = json.dumps({**fields, "took_ms": round(took * 1000, 3), "cached": cached})
+    return b'{"results":' + results_json + b"," + tail[1:].encode()
+
+
+def offer_answer(scope: Scope, results_json: bytes, fields: Mapping[str, Any]) -> None:
+    """Hand a search answer's parts to the raw answer cache, where it waits for this request."""
+    slot = scope.get(_SLOT)
+    if slot is not None:
+        slot["answer"] = (results_json, dict(fields))
 
 
 class CachedAnswerMiddleware:
-    def __init__(self, app: ASGIApp, state: ServiceState, paths: Iterable[str] = ("/search/text",),
+    def __init__(self, app: ASGIApp, engine: Engine, paths: Iterable[str] = ("/search/text",),
                  max_body: int = 16 * 1024, endpoint_of: dict[str, str] | None = None,
                  allow: Callable[[HTTPConnection], bool] | None = None):
         self.app = app
         self.allow = allow  # access control (app.auth.cache_gate): a request it refuses is never a hit
-        self.state = state
+        self.engine = engine
         self.paths = frozenset(paths)
         self.max_body = max_body
         self.endpoint_of = dict(endpoint_of or {"/search/text": "text"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.paths
-                or self.state.cache.maxsize <= 0):
+                or self.engine.cache.maxsize <= 0):
             await self.app(scope, receive, send)
             return
-        res = self.state.resources
+        res = self.engine.resources
         declared, ctype = _headers(scope)
         if res is None or declared is None or declared > self.max_body:
             await self.app(scope, receive, send)
@@ -71,7 +87,7 @@ class CachedAnswerMiddleware:
             if not message.get("more_body", False):
                 break
         key = ("raw", scope["path"], ctype, body, res.version)
-        stored = self.state.cache.get(key)
+        stored = self.engine.cache.get(key)
         if stored is not None and (self.allow is None or self.allow(HTTPConnection(scope))):
             await self._answer(stored, scope, send, t0)
             return
@@ -82,36 +98,27 @@ class CachedAnswerMiddleware:
             message = next(replay, None)
             return message if message is not None else await receive()
 
-        start: Message | None = None
-        parts: list[bytes] = []
+        slot: dict[str, Any] = {}
+        scope[_SLOT] = slot
 
         async def capture(message: Message) -> None:
-            nonlocal start
             if message["type"] == "http.response.start":
-                start = message
-            elif message["type"] == "http.response.body" and start is not None and start["status"] == 200:
-                parts.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    self._remember(key, start, b"".join(parts))
+                answer = slot.get("answer")
+                if message["status"] == 200 and answer is not None:
+                    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in _DROP]
+                    self.engine.cache.put(key, (headers, *answer))
             await send(message)
 
         await self.app(scope, replayed, capture)
 
-    def _remember(self, key: tuple, start: Message, body: bytes) -> None:
-        tail = _TAIL.search(body)
-        if tail is None:
-            return  # not a search answer this middleware knows how to re-date
-        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in _DROP]
-        self.state.cache.put(key, (headers, body[:tail.start()]))
-
     async def _answer(self, stored: tuple, scope: Scope, send: Send, t0: float) -> None:
-        headers, prefix = stored
+        headers, results_json, fields = stored
         endpoint = self.endpoint_of.get(scope["path"], "text")
-        metrics = self.state.metrics
+        metrics = self.engine.metrics
         metrics.cache_hits.labels(endpoint).inc()
         took = time.perf_counter() - t0
         metrics.observe_stages(endpoint, {"total": took})
-        body = prefix + b'"took_ms": %s, "cached": true}' % repr(round(took * 1000, 3)).encode()
+        body = answer_body(results_json, fields, took, cached=True)
         timing = b"cache;desc=hit, total;dur=%.3f" % (took * 1000)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*headers, (b"content-length", str(len(body)).encode()),

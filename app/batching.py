@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.images import decode_image
+from clipsearch.encoder import image_session_threads, takes_pixels
+from clipsearch.images import decode_image_with_format
 
 # What a query does with its vector once the batch is encoded (e.g. search its collection). It runs
 # on the inference thread; an exception it raises reaches that query alone.
@@ -73,18 +74,19 @@ class PreparedImage:
     pixels: Any = None  # the preprocessed tensor [3, H, W]
     decode_s: float = 0.0
     tta: bool = False  # `ImageQuery.tta`
+    format: str | None = None  # the PIL format the bytes were decoded from (an upload's file suffix)
 
 
 def prepare_image(encoder: Any, query: ImageQuery) -> PreparedImage:
     """Decode `query` (an undecodable upload raises here, for its own request) and preprocess it when
     the encoder says how (`ClipEncoder.preprocess_image`)."""
     t0 = time.perf_counter()
-    image = decode_image(query.data, max_pixels=query.max_pixels)
-    preprocess = getattr(encoder, "preprocess_image", None)
-    if preprocess is None or not hasattr(encoder, "encode_pixels"):
-        return PreparedImage(image=image, decode_s=time.perf_counter() - t0, tta=query.tta)
+    image, fmt = decode_image_with_format(query.data, max_pixels=query.max_pixels)
+    if not takes_pixels(encoder):
+        return PreparedImage(image=image, decode_s=time.perf_counter() - t0, tta=query.tta, format=fmt)
     try:
-        return PreparedImage(pixels=preprocess(image), decode_s=time.perf_counter() - t0, tta=query.tta)
+        return PreparedImage(pixels=encoder.preprocess_image(image), decode_s=time.perf_counter() - t0,
+                             tta=query.tta, format=fmt)
     finally:
         image.close()
 
@@ -95,7 +97,7 @@ def _encode(encoder: Any, items: list[PreparedImage], tta: bool) -> Any:
         import torch
 
         vecs = encoder.encode_pixels(torch.stack([p.pixels for p in items]), tta=tta)
-        return vecs.cpu().numpy() if hasattr(vecs, "cpu") else np.asarray(vecs)
+        return vecs.cpu().numpy() if isinstance(vecs, torch.Tensor) else np.asarray(vecs)
     return encoder.encode_images([p.image if p.image is not None else p.pixels for p in items], tta=tta)
 
 
@@ -148,7 +150,7 @@ class MicroBatcher:
 
     `job(res, items, finishes)` encodes one batch (`text_batch_job`, `image_batch_job`); at most
     `slots` batches run at once, each on the inference pool; items that arrive while every slot is
-    busy wait, up to `max_batch` per batch. `slots` may be changed at any time (`ServiceState`
+    busy wait, up to `max_batch` per batch. `slots` may be changed at any time (`Engine`
     sets it from the loaded encoder)."""
 
     job: Callable[..., tuple[list[tuple[bool, Any]], dict[str, float]]] = staticmethod(text_batch_job)
@@ -236,20 +238,23 @@ class ImageBatcher(MicroBatcher):
     preprocesses) the upload on the inference pool first, in parallel with other uploads, then
     encodes it in a shared batch (`search(res, item, finish)` takes an `ImageQuery` or a
     `PreparedImage` as it is). Writes that embed an uploaded image share it
-    (`ServiceState.image_batcher`), so their forward passes batch with queries'."""
+    (`Engine.image_batcher`), so their forward passes batch with queries'."""
 
     job = staticmethod(image_batch_job)
 
+    async def prepare(self, res: Any, query: ImageQuery) -> PreparedImage:
+        """Decode (and preprocess) `query` on the inference pool: the upload's one decode."""
+        return await self._run(prepare_image, res.encoder, query)
+
     async def upload(self, res: Any, query: ImageQuery, finish: Finish) -> tuple[Any, dict[str, float]]:
-        prepared = await self._run(prepare_image, res.encoder, query)
-        return await self.search(res, prepared, finish)
+        return await self.search(res, await self.prepare(res, query), finish)
 
 
 def image_slots(encoder: Any, inference_threads: int, cores: int | None) -> int:
     """Image batches in flight at once: one per `threads` cores when the encoder's image tower runs
     on an ONNX session with `threads` intra-op threads (a lone query then uses them all), else one
     per inference thread (the torch path runs each call on `torch_threads`)."""
-    threads = getattr(getattr(encoder, "image_backend", None), "threads", None)
+    threads = image_session_threads(encoder)
     if not threads:
         return max(1, inference_threads)
     return max(1, min(inference_threads, (cores or 1) // int(threads)))

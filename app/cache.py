@@ -7,7 +7,6 @@ old answers even if the cache were shared).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import unicodedata
@@ -31,14 +30,6 @@ def normalize_query(text: str) -> str:
     Case is kept: whether it matters is the tokenizer's business, and the cache must not decide it.
     """
     return _WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", text)).strip(" ")
-
-
-def text_key(query: str, k: int, index_version: str) -> tuple[Hashable, ...]:
-    return ("text", query, k, index_version)
-
-
-def image_key(data: bytes, k: int, index_version: str) -> tuple[Hashable, ...]:
-    return ("image", hashlib.sha256(data).hexdigest(), k, index_version)
 
 
 class ResponseCache:

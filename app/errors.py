@@ -1,7 +1,10 @@
-"""The one error shape, `{"error": {"code", "message"[, "details"]}}`, and the domain-error table.
+"""The one error base class (`ApiError`), the one table from error code to HTTP status (`STATUS`),
+and the one error shape, `{"error": {"code", "message"[, "details"]}}`.
 
-Every non-2xx answer except /readyz's own body goes through `error_response`, so clients parse one
-shape for validation errors, 404s, 413s, 429s, 503s and the (never expected) 500.
+The engine and the input checks (`app.inputs`, `app.fetch`) raise `ApiError`s that say what went
+wrong (a code and a message safe to show a client) and nothing about HTTP; `STATUS` alone decides
+each code's status. Every non-2xx answer except /readyz's own body goes through `error_response`,
+so clients parse one shape for validation errors, 404s, 413s, 429s, 503s and the (never expected) 500.
 """
 
 from __future__ import annotations
@@ -21,59 +24,82 @@ from clipsearch.images import ImageDecodeError
 from clipsearch.manifest import ArtifactError
 from clipsearch.models import ModelLoadError
 
-from app.fetch import FetchError
-from app.inputs import InputError
-
 log = logging.getLogger(__name__)
 
 
-class ApiError(Exception):
-    """An error the service answers on purpose; the message is safe to show a client."""
+# Every code an error of the service can carry, and its HTTP status: the one error table.
+STATUS: dict[str, int] = {
+    "bad_request": 400, "bad_url": 400, "unauthorized": 401, "fetch_disabled": 403, "url_forbidden": 403,
+    "not_found": 404, "read_only": 409, "write_refused": 409, "payload_too_large": 413,
+    "unsupported_media_type": 415, "invalid_image": 422, "invalid_request": 422, "overloaded": 429,
+    "fetch_failed": 502, "not_ready": 503, "fetch_timeout": 504,
+}
 
-    status = 400
+
+class ApiError(Exception):
+    """An error the service answers on purpose (the base of every one); the message is safe to show a
+    client. `code` says what went wrong; its HTTP status is `STATUS[code]`."""
+
     code = "bad_request"
 
-    def __init__(self, message: str, headers: Mapping[str, str] | None = None):
+    def __init__(self, message: str, headers: Mapping[str, str] | None = None, *, code: str | None = None):
         super().__init__(message)
+        if code is not None:
+            self.code = code
         self.message = message
         self.headers = dict(headers or {})
 
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
 
 class NotReady(ApiError):
-    status, code = 503, "not_ready"
+    code = "not_ready"
 
 
 class Overloaded(ApiError):
-    status, code = 429, "overloaded"
+    code = "overloaded"
 
 
 class UnsupportedMediaType(ApiError):
-    status, code = 415, "unsupported_media_type"
+    code = "unsupported_media_type"
 
 
 class PayloadTooLarge(ApiError):
-    status, code = 413, "payload_too_large"
+    code = "payload_too_large"
 
 
 class NotFound(ApiError):
-    status, code = 404, "not_found"
+    code = "not_found"
 
 
 class Unauthorized(ApiError):
-    status, code = 401, "unauthorized"
+    code = "unauthorized"
 
 
 class InvalidSearch(ApiError):
     """A well-formed request the collection cannot answer as asked (e.g. a filter value no item holds)."""
 
-    status, code = 422, "invalid_request"
+    code = "invalid_request"
 
 
-# Domain errors raised by the shared core, mapped to (status, code) in this one place.
-DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
-    ImageDecodeError: (422, "invalid_image"),
-    ArtifactError: (503, "not_ready"),
-    ModelLoadError: (503, "not_ready"),
+class ReadOnlyCollection(ApiError):
+    code = "read_only"
+
+
+class WriteRefused(ApiError):
+    """The store cannot take this write as it is laid out (e.g. a Qdrant collection copied before image
+    offsets existed: `offline migrate` remakes it); nothing was written."""
+
+    code = "write_refused"
+
+
+# Errors raised by the shared core (which knows nothing of the service), and their codes.
+CORE_ERRORS: dict[type[Exception], str] = {
+    ImageDecodeError: "invalid_image",
+    ArtifactError: "not_ready",
+    ModelLoadError: "not_ready",
 }
 
 # Starlette's own HTTPExceptions (router 404/405, body limit 413, multipart 400) get stable codes.
@@ -152,16 +178,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), message,
                               exc.headers)
 
-    @app.exception_handler(InputError)
-    async def _input_error(_: Request, exc: InputError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message)
-
-    @app.exception_handler(FetchError)
-    async def _fetch_error(_: Request, exc: FetchError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message)
-
-    for exc_type, (status, code) in DOMAIN_ERRORS.items():
-        app.add_exception_handler(exc_type, _domain_handler(status, code))
+    for exc_type, code in CORE_ERRORS.items():
+        app.add_exception_handler(exc_type, _core_handler(code))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -171,7 +189,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal_error", "internal server error")
 
 
-def _domain_handler(status: int, code: str):
+def _core_handler(code: str):
     async def handler(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(status, code, str(exc) or code)
+        return error_response(STATUS[code], code, str(exc) or code)
     return handler

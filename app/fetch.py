@@ -28,8 +28,9 @@ the metadata address is still refused. Metadata addresses are refused even insid
 network. `resolver` and `network_backend` can be injected (tests count lookups and connection
 attempts with them); neither is reachable from settings or the environment.
 
-Every refusal is a `FetchError(code, status, message)`; messages name at most the host the client
-gave, never a resolved address or a redirect target.
+Every refusal is a `FetchError(code, message)` (an `app.errors.ApiError`; `app.errors.STATUS` gives
+its HTTP status); messages name at most the host the client gave, never a resolved address or a
+redirect target.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ import anyio
 import httpcore
 import httpx
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from app.errors import ApiError
 
 __all__ = ["FetchError", "FetchSettings", "METADATA_ADDRESSES", "Resolver", "UrlFetcher",
            "address_refusal", "parse_allowlist", "parse_networks", "system_resolver"]
@@ -76,14 +79,11 @@ _REQUEST_HEADERS: Final = {"Accept": "image/*", "Accept-Encoding": "identity",
                            "User-Agent": "clipsearch-image-fetch/1"}
 
 
-class FetchError(Exception):
+class FetchError(ApiError):
     """A fetch the service refuses or could not complete; `message` is safe to show the client."""
 
-    def __init__(self, code: str, status: int, message: str):
-        super().__init__(message)
-        self.code = code
-        self.status = status
-        self.message = message
+    def __init__(self, code: str, message: str):
+        super().__init__(message, code=code)
 
 
 # --- settings ------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ class _PinningBackend(httpcore.AsyncNetworkBackend):
                           socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
         addresses = self._pins.get((host, port))
         if not addresses:
-            raise FetchError("url_forbidden", 403, "refused to connect to an address that was not checked")
+            raise FetchError("url_forbidden", "refused to connect to an address that was not checked")
         failure: httpcore.ConnectError | None = None
         for address in addresses:  # every one of them passed the address checks
             try:
@@ -275,7 +275,7 @@ class _PinningBackend(httpcore.AsyncNetworkBackend):
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
-        raise FetchError("url_forbidden", 403, "refused to connect to a local socket")
+        raise FetchError("url_forbidden", "refused to connect to a local socket")
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
@@ -328,9 +328,9 @@ class UrlFetcher:
                 413, fetch_failed 502, fetch_timeout 504.
         """
         if not self.settings.enabled:
-            raise FetchError("fetch_disabled", 403, "fetching images by URL is turned off on this server")
+            raise FetchError("fetch_disabled", "fetching images by URL is turned off on this server")
         if not isinstance(url, str):
-            raise FetchError("bad_url", 400, "image_url must be a string")
+            raise FetchError("bad_url", "image_url must be a string")
         try:
             with anyio.fail_after(self.settings.total_timeout_s):
                 return await self._fetch(url)
@@ -357,7 +357,7 @@ class UrlFetcher:
                 try:
                     response = await transport.handle_async_request(request)
                 except httpx.ConnectTimeout:
-                    raise FetchError("fetch_timeout", 504, "could not connect to the image host within "
+                    raise FetchError("fetch_timeout", "could not connect to the image host within "
                                                            f"{s.connect_timeout_s:g} s") from None
                 except httpx.TimeoutException:
                     raise _timeout(s.total_timeout_s) from None
@@ -368,12 +368,12 @@ class UrlFetcher:
                     if not response.has_redirect_location:
                         return await self._read_body(response)
                     if hop == s.max_redirects:
-                        raise FetchError("fetch_failed", 502,
+                        raise FetchError("fetch_failed",
                                          f"the image URL redirected more than {s.max_redirects} times")
                     try:
                         target = current.join(response.headers["location"].strip())
                     except (httpx.InvalidURL, ValueError, TypeError):
-                        raise FetchError("fetch_failed", 502,
+                        raise FetchError("fetch_failed",
                                          "the image URL redirected to an invalid URL") from None
                     current = _check_url(target, hop=hop + 1)
                 finally:
@@ -386,11 +386,11 @@ class UrlFetcher:
         port = url.port or _DEFAULT_PORTS[url.scheme]
         host = _normalise_host(raw_host)
         if host is None:
-            raise _refused(hop, "bad_url", 400, "has an invalid host name")
+            raise _refused(hop, "bad_url", "has an invalid host name")
         # Only the client's own host is ever named in a message; redirect targets stay anonymous.
         subject = f"host {raw_host[:253]!r}" if hop == 0 else "a redirect target"
         if not _host_allowed(host, self.settings.allowlist):
-            raise FetchError("url_forbidden", 403, f"{subject} is not on this server's allowlist")
+            raise FetchError("url_forbidden", f"{subject} is not on this server's allowlist")
         literal = _literal_address(host)
         if literal is not None:
             addresses: list[IPAddress] = [literal]
@@ -398,28 +398,28 @@ class UrlFetcher:
             try:
                 found = await self._resolve(host, port)
             except OSError:  # socket.gaierror and friends
-                raise FetchError("fetch_failed", 502, f"{subject} could not be resolved") from None
+                raise FetchError("fetch_failed", f"{subject} could not be resolved") from None
             try:
                 addresses = [ipaddress.ip_address(a) for a in found]
             except ValueError:  # a resolver answer that is not an address: fail closed
-                raise FetchError("url_forbidden", 403, f"{subject} resolved to an unusable address") from None
+                raise FetchError("url_forbidden", f"{subject} resolved to an unusable address") from None
             if not addresses:
-                raise FetchError("fetch_failed", 502, f"{subject} could not be resolved")
+                raise FetchError("fetch_failed", f"{subject} could not be resolved")
         verb = "is" if literal is not None else "resolves to"
         for address in addresses:
             if reason := address_refusal(address, self.settings.allowed_private_networks):
-                raise FetchError("url_forbidden", 403, f"{subject} {verb} an address this server "
+                raise FetchError("url_forbidden", f"{subject} {verb} an address this server "
                                                        f"does not fetch from ({reason})")
         backend.pin(raw_host, port, [str(a) for a in addresses])
 
     async def _read_body(self, response: httpx.Response) -> bytes:
         cap = self.settings.max_bytes
         if not response.is_success:
-            raise FetchError("fetch_failed", 502, f"the image URL answered HTTP {response.status_code}")
+            raise FetchError("fetch_failed", f"the image URL answered HTTP {response.status_code}")
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             # Asked for identity; decompressing would let a few KiB expand past the cap in one step.
-            raise FetchError("fetch_failed", 502, "the image URL answered with a compressed body")
+            raise FetchError("fetch_failed", "the image URL answered with a compressed body")
         declared = response.headers.get("content-length", "").strip()
         if declared.isdigit() and int(declared) > cap:
             raise _too_large(cap)
@@ -441,43 +441,43 @@ def _check_url(url: str | httpx.URL, hop: int) -> httpx.URL:
     if isinstance(url, str):
         url = url.strip()
         if not url:
-            raise FetchError("bad_url", 400, "image_url is empty")
+            raise FetchError("bad_url", "image_url is empty")
         if len(url) > MAX_URL_CHARS:
-            raise FetchError("bad_url", 400, f"image_url is longer than {MAX_URL_CHARS} characters")
+            raise FetchError("bad_url", f"image_url is longer than {MAX_URL_CHARS} characters")
         try:
             url = httpx.URL(url)
         except (httpx.InvalidURL, ValueError, TypeError):
-            raise FetchError("bad_url", 400, "image_url is not a valid URL") from None
+            raise FetchError("bad_url", "image_url is not a valid URL") from None
     if url.scheme not in _DEFAULT_PORTS:
-        raise _refused(hop, "bad_url", 400, "is not an http:// or https:// URL")
+        raise _refused(hop, "bad_url", "is not an http:// or https:// URL")
     if not url.raw_host:
-        raise _refused(hop, "bad_url", 400, "has no host")
+        raise _refused(hop, "bad_url", "has no host")
     if url.port is not None and not 1 <= url.port <= 65535:
-        raise _refused(hop, "bad_url", 400, "has an invalid port")
+        raise _refused(hop, "bad_url", "has an invalid port")
     if url.userinfo:
-        raise _refused(hop, "bad_url", 400, "contains a user name or password")
+        raise _refused(hop, "bad_url", "contains a user name or password")
     return url
 
 
-def _refused(hop: int, code: str, status: int, what: str) -> FetchError:
+def _refused(hop: int, code: str, what: str) -> FetchError:
     # The client's URL gets the client-error status; the same flaw in a redirect target is the
     # upstream's doing and a policy refusal (403), never a 400 about what the client sent.
     if hop == 0:
-        return FetchError(code, status, f"image_url {what}")
-    return FetchError("url_forbidden", 403, f"the image URL redirected to a URL that {what}")
+        return FetchError(code, f"image_url {what}")
+    return FetchError("url_forbidden", f"the image URL redirected to a URL that {what}")
 
 
 def _too_large(cap: int) -> FetchError:
-    return FetchError("payload_too_large", 413, f"the image at image_url is larger than {cap:,} bytes")
+    return FetchError("payload_too_large", f"the image at image_url is larger than {cap:,} bytes")
 
 
 def _timeout(total_s: float) -> FetchError:
-    return FetchError("fetch_timeout", 504, f"fetching image_url did not finish within {total_s:g} s")
+    return FetchError("fetch_timeout", f"fetching image_url did not finish within {total_s:g} s")
 
 
 def _upstream_error(exc: httpx.HTTPError) -> FetchError:
     if isinstance(exc, httpx.ConnectError):
-        return FetchError("fetch_failed", 502, "could not connect to the image host")
+        return FetchError("fetch_failed", "could not connect to the image host")
     if isinstance(exc, httpx.RemoteProtocolError):
-        return FetchError("fetch_failed", 502, "the image host sent an invalid HTTP response")
-    return FetchError("fetch_failed", 502, "fetching image_url failed")
+        return FetchError("fetch_failed", "the image host sent an invalid HTTP response")
+    return FetchError("fetch_failed", "fetching image_url failed")

@@ -1,7 +1,7 @@
 """Query inputs that are not plain text, checked without any HTTP in sight: base64 images (plain or
 `data:` URIs), raw query vectors, and weighted sums of term vectors.
 
-Every refusal is an `InputError` whose `code` and `status` a route maps straight onto the service's
+Every refusal is an `InputError` (an `app.errors.ApiError`) whose `code` the service maps onto its
 error shape (`{"error": {"code", "message"}}`); messages describe the problem and never echo the
 input, which may be megabytes of base64 or something a client should not see reflected back.
 """
@@ -17,17 +17,12 @@ from typing import Final, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from app.errors import ApiError
+
 __all__ = ["InputError", "MAX_TERMS", "check_weights", "combine_terms", "decode_base64_image",
            "validate_vector"]
 
 InputErrorCode = Literal["invalid_image", "payload_too_large", "invalid_request"]
-
-#: HTTP status for each code, so every route answers the same status for the same problem.
-INPUT_ERROR_STATUS: Final[dict[str, int]] = {
-    "invalid_image": 422,
-    "payload_too_large": 413,
-    "invalid_request": 422,
-}
 
 #: Most terms in one weighted query. Each term may cost an encoder call, so routes should also put
 #: this on the request model (`max_length`) to refuse before any encoding starts.
@@ -47,17 +42,12 @@ _WHITESPACE: Final = " \t\r\n\f\v"
 _LEADING_SPACE: Final = re.compile(r"[ \t\r\n\f\v]*")
 
 
-class InputError(ValueError):
-    """A query input the service refuses; `message` is safe to show the client as it is."""
+class InputError(ApiError, ValueError):
+    """A query input the service refuses; `message` is safe to show the client as it is. (A
+    ValueError too: raised in a request model's validator, pydantic reports it as invalid input.)"""
 
     def __init__(self, code: InputErrorCode, message: str):
-        super().__init__(message)
-        self.code: InputErrorCode = code
-        self.message = message
-
-    @property
-    def status(self) -> int:
-        return INPUT_ERROR_STATUS[self.code]
+        super().__init__(message, code=code)
 
 
 def decode_base64_image(value: str, max_bytes: int) -> bytes:

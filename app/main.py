@@ -29,19 +29,18 @@ from clipsearch.models import ModelLoadError
 from app import auth
 from app.answer_cache import CachedAnswerMiddleware
 from app.config import Settings
+from app.engine import Engine
 from app.errors import install_error_handlers, public_reason
 from app.middleware import AdmissionMiddleware, BodyLimitMiddleware, RequestMetricsMiddleware
 from app.resources import Resources, configure_threads, load_resources, refresh_collections
 from app.routes import admin, collections, embed, media, ops, search, ui, writes
-from app.state import ServiceState
-from app.writes import WriteService
 
 log = logging.getLogger("app")
 
 Loader = Callable[[Settings], Resources]
 
 
-def load_in_background(state: ServiceState, loader: Loader) -> threading.Thread | None:
+def load_in_background(state: Engine, loader: Loader) -> threading.Thread | None:
     """Load resources on a thread and swap them in when done. Used at start-up and for reloads; at
     most one runs at a time (returns None if one already is). A failed reload keeps the resources
     being served and records why; a failed first load leaves the app un-ready with the reason."""
@@ -84,7 +83,7 @@ def load_in_background(state: ServiceState, loader: Loader) -> threading.Thread 
     return thread
 
 
-def _install_sighup(state: ServiceState, loader: Loader, also: Callable[[], None] = lambda: None) -> bool:
+def _install_sighup(state: Engine, loader: Loader, also: Callable[[], None] = lambda: None) -> bool:
     """SIGHUP -> reload in the background (and `also`: re-read the keys file). Only possible on the
     main thread's loop (uvicorn's, not a test client's portal thread) and where the platform has SIGHUP."""
     if not hasattr(signal, "SIGHUP"):
@@ -102,7 +101,7 @@ def _install_sighup(state: ServiceState, loader: Loader, also: Callable[[], None
     return True
 
 
-async def refresh_loop(state: ServiceState, interval_s: float) -> None:
+async def refresh_loop(state: Engine, interval_s: float) -> None:
     """Every `interval_s`, let the served collections pick up commits made by other processes (an
     offline ingest into a served collection): a cheap read of each catalog's head when there are none."""
     while True:
@@ -135,7 +134,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     """Build the service. With `resources` it is ready at once; otherwise the lifespan loads them
     with `loader` (default `load_resources`) in a background thread."""
     settings = settings or Settings()
-    state = ServiceState(settings, resources)
+    state = Engine(settings, resources)
     load = loader or load_resources
 
     @asynccontextmanager
@@ -155,19 +154,14 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
                 poll.cancel()
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-            if writer is not None:
-                writer.close()
-            state.close_pool()
+            state.close()
 
     # the API docs and schema are served by app.auth's router, behind scope read
     app = FastAPI(title="clipsearch", version=__version__, lifespan=lifespan,
                   openapi_url=None, docs_url=None, redoc_url=None,
                   description="CLIP search over image collections: text → images, image → images, "
                               "image → captions, more like this.")
-    app.state.service = state
-    state.metrics.store_source = lambda: state.resources
-    writer = WriteService(state, settings) if settings.writes_enabled else None
-    app.state.writes = writer
+    app.state.service = state  # the engine (`app.deps.EngineDep`)
     authenticator = app.state.auth = auth.Authenticator(settings, state.metrics)  # a bad keys file stops here
     install_error_handlers(app)
     # Every router's scope is decided here, in one place (docs/security.md; tests/app/test_app_auth.py).
@@ -182,20 +176,20 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     if authenticator.configured:
         app.include_router(admin.build_router(settings, lambda: load_in_background(state, load)),
                            dependencies=[Depends(auth.require("admin"))], responses=deny)
-    if writer is not None:
-        app.include_router(writes.build_router(settings, writer),
+    if state.writes is not None:
+        app.include_router(writes.build_router(settings),
                            dependencies=[Depends(auth.require("write"))], responses=deny)
     # Added innermost first: CORS (if any) > request metrics > admission > body caps > raw-body answer
     # cache (repeated text searches, before routing and validation: hits only for scope read) > routes.
-    app.add_middleware(CachedAnswerMiddleware, state=state, allow=auth.cache_gate)
+    app.add_middleware(CachedAnswerMiddleware, engine=state, allow=auth.cache_gate)
     app.add_middleware(BodyLimitMiddleware, limits=search.body_limits(settings),
                        default=search.DEFAULT_BODY_LIMIT,
-                       patterns=writes.body_limit_patterns(settings) if writer is not None else ())
-    app.add_middleware(AdmissionMiddleware, state=state, paths=search.SEARCH_PATHS)
-    app.add_middleware(RequestMetricsMiddleware, state=state, static_paths=frozenset(search.SEARCH_PATHS))
+                       patterns=writes.body_limit_patterns(settings) if state.writes is not None else ())
+    app.add_middleware(AdmissionMiddleware, engine=state, paths=search.SEARCH_PATHS)
+    app.add_middleware(RequestMetricsMiddleware, engine=state, static_paths=frozenset(search.SEARCH_PATHS))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST", "PUT", "DELETE"] if writer is not None else ["GET", "POST"],
+                           allow_methods=["GET", "POST", "PUT", "DELETE"] if state.writes is not None else ["GET", "POST"],
                            allow_headers=["*"])
     return app
 

@@ -56,9 +56,8 @@ class _StoreCollector(Collector):
                                   "searched exactly until the next compaction", labels=["collection", "target"])
         replayed = GaugeMetricFamily("clipsearch_replayed_changes", "Changes after the index snapshot "
                                      "replayed when the collection was loaded", labels=["collection"])
-        for name, store in sorted(getattr(res, "collections", {}).items()):
-            stats = getattr(store, "stats", None)
-            info = stats() if stats is not None else None
+        for name, store in sorted((res.collections if res is not None else {}).items()):
+            info = store.stats()
             if info is None:
                 for target in ("images", "captions"):
                     size.add_metric([name, target], store.count(target))

@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_response
-from app.state import ServiceState
+from app.engine import Engine
 
 
 class AdmissionMiddleware:
@@ -19,9 +19,9 @@ class AdmissionMiddleware:
     load balancer or client back off.
     """
 
-    def __init__(self, app: ASGIApp, state: ServiceState, paths: Mapping[str, str]):
+    def __init__(self, app: ASGIApp, engine: Engine, paths: Mapping[str, str]):
         self.app = app
-        self.state = state
+        self.engine = engine
         self.paths = dict(paths)  # path -> endpoint label
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -29,12 +29,12 @@ class AdmissionMiddleware:
         if endpoint is None:
             await self.app(scope, receive, send)
             return
-        limiter, metrics = self.state.limiter, self.state.metrics
+        limiter, metrics = self.engine.limiter, self.engine.metrics
         if not limiter.try_acquire():
             metrics.rejected.labels(endpoint).inc()
             response = error_response(
                 429, "overloaded", f"server busy: {limiter.limit} searches in flight; retry shortly",
-                headers={"Retry-After": str(self.state.settings.retry_after_s)})
+                headers={"Retry-After": str(self.engine.settings.retry_after_s)})
             await response(scope, receive, send)
             return
         metrics.in_flight.inc()
@@ -48,11 +48,11 @@ class AdmissionMiddleware:
 class RequestMetricsMiddleware:
     """Count requests by route template (not raw path, which would explode label cardinality)."""
 
-    def __init__(self, app: ASGIApp, state: ServiceState, static_paths: frozenset[str]):
+    def __init__(self, app: ASGIApp, engine: Engine, static_paths: frozenset[str]):
         """`static_paths`: paths counted under their own name even when answered before routing
         (the admission 429s); anything else unrouted counts as "unmatched"."""
         self.app = app
-        self.state = state
+        self.engine = engine
         self.static_paths = static_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -73,7 +73,7 @@ class RequestMetricsMiddleware:
             route = getattr(scope.get("route"), "path", None)
             if route is None:
                 route = scope["path"] if scope["path"] in self.static_paths else "unmatched"
-            self.state.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.engine.metrics.requests.labels(route, scope["method"], str(status)).inc()
 
 
 class BodyTooLarge(HTTPException):

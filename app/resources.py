@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from clipsearch.artifacts import ArtifactLayout, check_collection_name
-from clipsearch.encoder import ClipEncoder, Encoder, image_backend_for, text_backend_for
+from clipsearch.collection import load_banks
+from clipsearch.encoder import Encoder, build_encoder
 from clipsearch.hubness import Banks
 from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError, sha256_json
@@ -52,16 +53,6 @@ class Resources:
     skipped: Mapping[str, str] = field(default_factory=dict)  # collections left out, and why
     artifacts_dir: Path | None = None  # where the media a collection owns (uploads) resolve
     banks: Banks = field(default_factory=Banks)  # the hubness corrections' banks, for new rows' offsets
-
-    def banks_for(self, store: VectorStore) -> Banks:
-        """The corrections `store` was built with, to give a new caption or image its offset."""
-        if self.banks.captions is None and self.banks.images is None:
-            return self.banks
-        # both stores name their corrections cheaply; describe() (counts, facets) is the fallback
-        if hasattr(store, "hubness_images"):
-            return self.banks.matching(store.hubness, store.hubness_images)  # type: ignore[attr-defined]
-        info = store.describe()
-        return self.banks.matching(info.get("hubness"), info.get("hubness_images"))
 
     @property
     def version(self) -> str:
@@ -156,7 +147,7 @@ def load_resources(settings: Settings) -> Resources:
             encoder = _load_encoder(model, settings)
         return make_resources(encoder, list(stores.values()), model, default=default,
                               images_dir=settings.images_dir, base_dir=settings.artifacts_dir, skipped=skipped,
-                              banks=_load_banks(settings.artifacts_dir, model))
+                              banks=load_banks(settings.artifacts_dir, model))
     except BaseException:
         for store in stores.values():  # a failed (re)load must not keep catalogs open
             _close(store)
@@ -170,13 +161,10 @@ def _load_encoder(model: Mapping[str, Any], settings: Settings) -> Encoder:
     if not loaded.identity.same_weights(model):
         raise ModelLoadError(f"the loaded model {_describe(loaded.identity.to_dict())} is not the one the "
                              f"collections were embedded with ({_describe(model)})")
-    threads = settings.torch_threads or 1
-    return ClipEncoder(
-        loaded,
-        text_backend=text_backend_for(loaded, settings.text_backend, settings.onnx_cache_dir, threads),
-        # a lone image query runs on every core (`image_threads`); image batches then run one at a time
-        image_backend=image_backend_for(loaded, settings.image_backend, settings.onnx_cache_dir,
-                                        settings.image_threads or threads))
+    # a lone image query runs on every core (`image_threads`); image batches then run one at a time
+    return build_encoder(loaded, text=settings.text_backend, image=settings.image_backend,
+                         cache_dir=settings.onnx_cache_dir, threads=settings.torch_threads or 1,
+                         image_threads=settings.image_threads)
 
 
 def _peek_model(settings: Settings) -> dict[str, Any] | None:
@@ -303,23 +291,11 @@ def _api_key(settings: Settings) -> str | None:
     return settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
 
 
-def _load_banks(root: Path, model: Mapping[str, Any]) -> Banks:
-    """The hubness banks for the served model; none (logged) where they cannot be read: uploads then
-    get no offsets, which only matters for collections built with a correction."""
-    try:
-        return Banks.load(root, {k: v for k, v in model.items() if k != "image_tta" or v})
-    except (ArtifactError, OSError, ValueError) as exc:
-        log.warning("hubness banks not loaded (%s): new captions and images get no hubness offset", exc)
-        return Banks()
-
-
 def _close(store: VectorStore) -> None:
-    close = getattr(store, "close", None)
-    if close is not None:
-        try:
-            close()
-        except Exception:  # noqa: BLE001 - closing a broken catalog must not hide why it broke
-            log.debug("closing collection %s failed", store.name, exc_info=True)
+    try:
+        store.close()
+    except Exception:  # noqa: BLE001 - closing a broken catalog must not hide why it broke
+        log.debug("closing collection %s failed", store.name, exc_info=True)
 
 
 def _relative_paths(message: str, root: Path) -> str:

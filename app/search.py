@@ -1,7 +1,9 @@
-"""HTTP-free search jobs: what one search asks of a collection, and its hits as response models.
+"""Search jobs without HTTP: what one search asks of a collection, and its hits as plain values.
 
-The routes validate and cache; these functions run on the inference pool (decode, encode, search)
-and never see a request. `SearchSpec.cache_key` says everything that changes an answer.
+The engine (`app.engine`) runs these on the inference pool (decode, encode, search) and caches what
+they return; routes map the plain results (`ImageResult`, `CaptionResult`) to response models.
+`SearchSpec.cache_key` says everything that changes an answer. Errors are the service's domain
+errors (`app.errors`), never HTTP.
 """
 
 from __future__ import annotations
@@ -9,21 +11,31 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 
 from clipsearch.images import ImageDecodeError, decode_image
 from clipsearch.store import Hit, StoreError, VectorStore
 
-from app.batching import ImageQuery
 from app.errors import InvalidSearch, NotFound
 from app.inputs import InputError, combine_terms
 from app.resources import Resources, UnknownCollection
-from app.schemas import CaptionHit, ImageHit
+
+
+@dataclass(frozen=True)
+class Options:
+    """What every search asks besides its query: the collection (None: the default one), how many
+    results from which rank, the lowest score, the metadata filter and what to return."""
+
+    collection: str | None
+    k: int
+    offset: int = 0
+    min_score: float | None = None
+    filter: Mapping[str, Any] | None = None
+    target: str = "images"
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,28 @@ class SearchSpec:
         return (kind, query, self.collection, self.target, self.k, self.offset, self.min_score, flt, version)
 
 
+@dataclass(frozen=True)
+class ImageResult:
+    image_id: str
+    score: float
+    rank: int
+    captions: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    caption_id: str
+    caption: str
+    image_id: str
+    score: float
+    cosine: float
+    rank: int
+
+
+Results = tuple[ImageResult, ...] | tuple[CaptionResult, ...]
+
+
 def resolve(res: Resources, name: str | None) -> VectorStore:
     try:
         return res.store(name)
@@ -47,32 +81,23 @@ def resolve(res: Resources, name: str | None) -> VectorStore:
         raise NotFound("unknown collection") from None
 
 
-def spec_for(res: Resources, body: Any, target: str = "images") -> tuple[VectorStore, SearchSpec]:
-    """The store and spec of a validated request body (text, similar) or form (image)."""
-    store = resolve(res, body.collection)
-    return store, SearchSpec(store.name, body.k, body.offset, body.min_score, body.filter, target)
+def spec_for(res: Resources, options: Options) -> tuple[VectorStore, SearchSpec]:
+    """The store and the spec of a search's options."""
+    store = resolve(res, options.collection)
+    flt = dict(options.filter) if options.filter is not None else None
+    return store, SearchSpec(store.name, options.k, options.offset, options.min_score, flt, options.target)
 
 
-def image_url(res: Resources, collection: str, image_id: str, kind: str = "images") -> str:
-    url = f"/{kind}/{quote(image_id, safe='')}"
-    return url if collection == res.default_collection else f"{url}?collection={quote(collection, safe='')}"
-
-
-def to_models(res: Resources, store: VectorStore, spec: SearchSpec, hits: Sequence[Hit]
-              ) -> tuple[ImageHit, ...] | tuple[CaptionHit, ...]:
-    out: list[Any] = []
-    for rank, hit in enumerate(hits, spec.offset + 1):
-        urls = {"image_url": image_url(res, store.name, hit.image_id),
-                "thumbnail_url": image_url(res, store.name, hit.image_id, "thumbnails")}
-        if spec.target == "captions":
-            out.append(CaptionHit(caption_id=hit.caption_id or "", caption=hit.caption or "",
-                                  image_id=hit.image_id, score=hit.score, cosine=hit.cosine, rank=rank, **urls))
-        else:
-            item = store.get(hit.image_id)
-            out.append(ImageHit(image_id=hit.image_id, score=hit.score, rank=rank,
-                                captions=list(item.captions) if item else [],
-                                metadata=dict(item.metadata) if item else {}, **urls))
-    return tuple(out)
+def results(store: VectorStore, spec: SearchSpec, hits: Sequence[Hit]) -> Results:
+    """The hits as results, ranked across pages; the items of a page of images read in one call."""
+    ranks = range(spec.offset + 1, spec.offset + 1 + len(hits))
+    if spec.target == "captions":
+        return tuple(CaptionResult(hit.caption_id or "", hit.caption or "", hit.image_id, hit.score, hit.cosine, rank)
+                     for hit, rank in zip(hits, ranks))
+    items = store.get_many([hit.image_id for hit in hits])
+    return tuple(ImageResult(hit.image_id, hit.score, rank, tuple(item.captions) if item else (),
+                             dict(item.metadata) if item else {})
+                 for hit, rank, item in zip(hits, ranks, items))
 
 
 def hubness_applies(query: str, target: str) -> bool:
@@ -83,44 +108,30 @@ def hubness_applies(query: str, target: str) -> bool:
     return {"text": target == "images", "image": target == "captions"}.get(query, True)
 
 
-def search_vector(res: Resources, store: VectorStore, spec: SearchSpec, vec: np.ndarray,
-                  exclude: Sequence[str] = (), query: str = "text") -> tuple[Any, ...]:
-    """The hits of one query vector (`query`: "text", "image" or "vector", what it was made from), as
-    response models."""
+def search_vector(store: VectorStore, spec: SearchSpec, vec: np.ndarray, exclude: Sequence[str] = (),
+                  query: str = "text") -> Results:
+    """The results of one query vector (`query`: "text", "image" or "vector", what it was made from)."""
     try:
         hits = store.search(vec, spec.k, target=spec.target, filter=spec.filter,  # type: ignore[arg-type]
                             offset=spec.offset, min_score=spec.min_score, exclude=exclude,
                             hubness=hubness_applies(query, spec.target))
     except StoreError as exc:
         raise InvalidSearch(str(exc)) from None
-    return to_models(res, store, spec, hits)
+    return results(store, spec, hits)
 
 
-async def image_search(state: Any, res: Resources, store: VectorStore, spec: SearchSpec, data: bytes,
-                       max_pixels: int) -> tuple[tuple[Any, ...], dict[str, float]]:
-    """An image query through the service's image micro-batcher (`ServiceState.image_batcher`): the
-    upload is decoded on the pool, encoded with whatever other image queries wait, then searched; the hits
-    and its batch's stage timings (decode, encode, search)."""
-    query = ImageQuery(data, max_pixels, tta=state.settings.query_image_tta)
-    hits, stages = await state.image_batcher.upload(res, query,
-                                                    lambda vec: search_vector(res, store, spec, vec, query="image"))
-    return hits, {s: v for s, v in stages.items() if s != "batch_size"}
-
-
-def similar_job(res: Resources, store: VectorStore, spec: SearchSpec, image_id: str
-                ) -> tuple[tuple[Any, ...], dict[str, float]]:
+def similar_job(store: VectorStore, spec: SearchSpec, image_id: str) -> tuple[Results, dict[str, float]]:
     t0 = time.perf_counter()
     vec = store.vector(image_id)
     if vec is None:
         raise NotFound("unknown image id")
-    hits = search_vector(res, store, spec, vec, exclude=(image_id,), query="image")
+    hits = search_vector(store, spec, vec, exclude=(image_id,), query="image")
     return hits, {"search": time.perf_counter() - t0}
 
 
-def vector_job(res: Resources, store: VectorStore, spec: SearchSpec, vec: np.ndarray
-               ) -> tuple[tuple[Any, ...], dict[str, float]]:
+def vector_job(store: VectorStore, spec: SearchSpec, vec: np.ndarray) -> tuple[Results, dict[str, float]]:
     t0 = time.perf_counter()
-    hits = search_vector(res, store, spec, vec, query="vector")
+    hits = search_vector(store, spec, vec, query="vector")
     return hits, {"search": time.perf_counter() - t0}
 
 
@@ -139,7 +150,7 @@ class Term:
 
 
 def terms_job(res: Resources, store: VectorStore, spec: SearchSpec, terms: Sequence[Term], max_pixels: int,
-              tta: bool = False) -> tuple[tuple[Any, ...], dict[str, float]]:
+              tta: bool = False) -> tuple[Results, dict[str, float]]:
     """Encode every term (texts in one batch, images in one batch, item vectors from the store),
     search with their normalised weighted sum; items named by `image_id` are left out of the hits."""
     t0 = time.perf_counter()
@@ -174,5 +185,5 @@ def terms_job(res: Resources, store: VectorStore, spec: SearchSpec, terms: Seque
     exclude = tuple(t.value for t in terms if t.kind == "image_id")
     # a query with any text in it is searched as a text query, else as an image query
     kind = "text" if any(t.kind == "text" for t in terms) else "image"
-    hits = search_vector(res, store, spec, query, exclude=exclude, query=kind)
+    hits = search_vector(store, spec, query, exclude=exclude, query=kind)
     return hits, {"decode": t1 - t0, "encode": t2 - t1, "search": time.perf_counter() - t2}

@@ -31,7 +31,7 @@ from clipsearch.onnx.runtime import Runtime, Tower
 from clipsearch.towers import clip_encode_text_truncated, text_pad_id, truncate_tokens
 
 __all__ = ["ClipEncoder", "Encoder", "PixelEncoder", "Runtime", "TokenEncoder", "build_encoder",
-           "image_backend_for", "text_backend_for", "tower_backend"]
+           "image_backend_for", "image_session_threads", "takes_pixels", "text_backend_for", "tower_backend"]
 
 
 class TokenEncoder(Protocol):
@@ -52,6 +52,21 @@ class Encoder(Protocol):
         return self.loaded.preprocess(image)
 
     def encode_images(self, images: Sequence[Image.Image], tta: bool = True) -> NDArray[np.float32]: ...
+
+
+def takes_pixels(encoder: Encoder) -> bool:
+    """Whether `encoder` also takes preprocessed pixels (`preprocess_image` one image, `encode_pixels`
+    a stacked batch), as `ClipEncoder` does, so a service can decode and preprocess uploads in
+    parallel and share one forward pass. The contract's one optional capability, read here and only
+    here: a fake with the two contract methods alone does not."""
+    return callable(getattr(encoder, "preprocess_image", None)) and callable(getattr(encoder, "encode_pixels", None))
+
+
+def image_session_threads(encoder: Encoder) -> int | None:
+    """The intra-op threads of the session that runs `encoder`'s image tower (ONNX or bf16), or None
+    where it runs in torch (or is a fake)."""
+    threads = getattr(getattr(encoder, "image_backend", None), "threads", None)
+    return int(threads) if threads else None
 
 
 def tower_backend(loaded: LoadedModel, tower: Tower, runtime: Runtime,
@@ -76,13 +91,13 @@ def tower_backend(loaded: LoadedModel, tower: Tower, runtime: Runtime,
     return maybe(loaded, cache_dir, threads=threads)
 
 
-def text_backend_for(loaded: LoadedModel, choice: Runtime, cache_dir: str | os.PathLike[str],
+def text_backend_for(loaded: LoadedModel, choice: Runtime, cache_dir: str | os.PathLike[str] | None,
                      threads: int) -> TokenEncoder | None:
     """The text backend a `--text-backend` / `CLIPSEARCH_TEXT_BACKEND` choice gives (`tower_backend`)."""
     return tower_backend(loaded, "text", choice, cache_dir, threads)
 
 
-def image_backend_for(loaded: LoadedModel, choice: Runtime, cache_dir: str | os.PathLike[str],
+def image_backend_for(loaded: LoadedModel, choice: Runtime, cache_dir: str | os.PathLike[str] | None,
                       threads: int) -> PixelEncoder | None:
     """The same for the image tower (`--image-backend` / `CLIPSEARCH_IMAGE_BACKEND`): by default
     ("auto") the bf16 tower for a ViT such as ViT-B-32's on an AMX CPU, ONNX Runtime for timm towers
@@ -90,14 +105,19 @@ def image_backend_for(loaded: LoadedModel, choice: Runtime, cache_dir: str | os.
     return tower_backend(loaded, "image", choice, cache_dir, threads)
 
 
-def build_encoder(loaded: LoadedModel, text: Runtime = "torch", image: Runtime = "torch",
+def build_encoder(loaded: LoadedModel, text: Runtime | None = "torch", image: Runtime | None = "torch",
                   cache_dir: str | os.PathLike[str] | None = None, threads: int = 1, batch_size: int = 64,
-                  fast_text: bool = True) -> ClipEncoder:
-    """An encoder for `loaded` with each tower on the runtime asked for, where it can run there
-    (`tower_backend`); `cache_dir` holds the ONNX exports and is needed when either asks for "onnx"."""
+                  fast_text: bool = True, image_threads: int | None = None) -> ClipEncoder:
+    """The one way to make an encoder: one for `loaded` with each tower on the runtime asked for,
+    where it can run there (`tower_backend`); `cache_dir` holds the ONNX exports and is needed when
+    either asks for "onnx". None for a tower nobody will use here (an ingest of a folder without
+    captions never encodes a text): no session is built for it (it would run in torch).
+    `image_threads`: the image session's intra-op threads, where they differ from `threads` (a
+    service runs a lone image query on every core)."""
     return ClipEncoder(loaded, batch_size=batch_size, fast_text=fast_text,
-                       text_backend=tower_backend(loaded, "text", text, cache_dir, threads),
-                       image_backend=tower_backend(loaded, "image", image, cache_dir, threads))
+                       text_backend=None if text is None else text_backend_for(loaded, text, cache_dir, threads),
+                       image_backend=None if image is None else image_backend_for(loaded, image, cache_dir,
+                                                                                   image_threads or threads))
 
 
 class ClipEncoder:

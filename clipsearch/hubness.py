@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import numpy as np
 from numpy.typing import NDArray
 
+from clipsearch.artifacts import ArtifactLayout
 from clipsearch.manifest import ArtifactError, read_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ INFO_KEYS = ("beta", "k", "bank_split", "bank_count", "bank_sha256", "selected_o
 
 
 def hubness_dir(root: Path) -> Path:
-    return Path(root) / "hubness"
+    return ArtifactLayout(root).hubness_dir
 
 
 def hubness_path(root: Path) -> Path:
@@ -148,7 +149,7 @@ def _correction(root: Path, gallery: str, rec: Mapping[str, Any]) -> Correction 
 
 
 def _legacy_image_bank(root: Path, rec: Mapping[str, Any]) -> NDArray[np.float32]:
-    edir = Path(root) / "embeddings" / rec["bank_split"]
+    edir = ArtifactLayout(root).embeddings_dir(rec["bank_split"])
     if not (edir / "manifest.json").is_file() or not (edir / "images.npy").is_file():
         raise ArtifactError(f"the '{rec['bank_split']}' image embeddings (the hubness bank) are missing; run "
                             f"the hubness stage again")

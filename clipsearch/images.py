@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["MAX_IMAGE_PIXELS", "ImageDecodeError", "decode_image", "decode_image_with_mode"]
+__all__ = ["MAX_IMAGE_PIXELS", "ImageDecodeError", "decode_image", "decode_image_with_format",
+           "decode_image_with_mode"]
 
 #: Largest accepted width*height. 40 MP covers any real camera photo; beyond that a request is
 #: more likely a decompression bomb than a picture someone wants to search with.
@@ -47,7 +48,7 @@ def decode_image(data: bytes | bytearray | memoryview | str | Path,
     Raises:
         ImageDecodeError: for any input that cannot be decoded safely.
     """
-    return decode_image_with_mode(data, max_pixels)[0]
+    return _decode(data, max_pixels)[0]
 
 
 def decode_image_with_mode(data: bytes | bytearray | memoryview | str | Path,
@@ -56,6 +57,20 @@ def decode_image_with_mode(data: bytes | bytearray | memoryview | str | Path,
 
     Dataset validation uses the mode to report what it found in a corpus.
     """
+    image, mode, _ = _decode(data, max_pixels)
+    return image, mode
+
+
+def decode_image_with_format(data: bytes | bytearray | memoryview | str | Path,
+                             max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, str | None]:
+    """Like :func:`decode_image`, but also return the PIL format it was decoded from (e.g. ``"PNG"``):
+    an upload is decoded once, and its stored file named by that format."""
+    image, _, fmt = _decode(data, max_pixels)
+    return image, fmt
+
+
+def _decode(data: bytes | bytearray | memoryview | str | Path, max_pixels: int
+            ) -> tuple[Image.Image, str, str | None]:
     if isinstance(data, (bytes, bytearray, memoryview)):
         raw = bytes(data)
         if not raw:
@@ -79,7 +94,7 @@ def decode_image_with_mode(data: bytes | bytearray | memoryview | str | Path,
     raise TypeError(f"decode_image expects bytes or a path, not {type(data).__name__}")
 
 
-def _decode_stream(fh: io.BufferedIOBase, max_pixels: int) -> tuple[Image.Image, str]:
+def _decode_stream(fh: io.BufferedIOBase, max_pixels: int) -> tuple[Image.Image, str, str | None]:
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -115,7 +130,7 @@ def _decode_stream(fh: io.BufferedIOBase, max_pixels: int) -> tuple[Image.Image,
             raise ImageDecodeError("image is too large to decode") from None
         except Exception as exc:  # noqa: BLE001 - truncated/corrupt data surfaces as many types
             raise ImageDecodeError(f"corrupt or truncated image ({_reason(exc)})") from None
-        return rgb, mode
+        return rgb, mode, im.format
     finally:
         im.close()
 

@@ -54,10 +54,6 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
-def write_jsonl_atomic(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
 def save_npy_atomic(path: str | os.PathLike[str], array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
@@ -92,19 +88,6 @@ def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
 
 
 INVALID = object()  # what `json_lines` yields for a line that is not JSON
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"missing file: {path}")
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, value in json_lines(fh):
-            if value is INVALID:
-                raise ArtifactError(f"corrupt JSONL line {line_no} in {path}")
-            out.append(value)
-    return out
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -36,9 +36,10 @@ def media_path(media_dir: Path, sha256: str, suffix: str) -> Path:
     return media_dir / sha256[:2] / f"{sha256}{suffix}"
 
 
-def store_media(media_dir: Path, data: bytes, suffix: str) -> tuple[Path, str]:
-    """Write `data` (if not there already) and return (its path, its sha256)."""
-    sha = hashlib.sha256(data).hexdigest()
+def store_media(media_dir: Path, data: bytes, suffix: str, sha256: str | None = None) -> tuple[Path, str]:
+    """Write `data` (if not there already) and return (its path, its sha256). `sha256`: the bytes'
+    digest where the caller already has it (an upload is hashed once)."""
+    sha = sha256 or hashlib.sha256(data).hexdigest()
     path = media_path(media_dir, sha, suffix)
     if path.is_file() and path.stat().st_size == len(data):
         return path, sha

@@ -266,9 +266,10 @@ def _ratios(text: str) -> tuple[float, float, float]:
 
 def offline_checkpoint(out: Path, model: str | None = None) -> Path:
     """Where `build` trains an offline model's checkpoint (`offline.finetune.train_offline_model`)."""
+    from clipsearch.artifacts import ArtifactLayout
     from offline.finetune import offline_run_name
 
-    return Path(out) / "models" / f"{offline_run_name(model=model)}.pt"
+    return ArtifactLayout(out).models_dir / f"{offline_run_name(model=model)}.pt"
 
 
 def _pretrained(args: argparse.Namespace) -> str | None:
@@ -342,12 +343,13 @@ def run_index(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from clipsearch.artifacts import ArtifactLayout
     from offline.evaluate import evaluate, format_table
 
     rec = evaluate(args.out, args.eval_split)
     print(format_table(rec))
     return {k: rec[k] for k in rec if k.startswith(("text_to_image_R@", "image_to_text_R@"))} | \
-        {"json": str(Path(args.out) / "results" / f"recall_{args.eval_split}.json")}
+        {"json": str(ArtifactLayout(args.out).results_dir / f"recall_{args.eval_split}.json")}
 
 
 def run_hubness(args: argparse.Namespace, loaded=None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 
 from tqdm import tqdm
 
+from clipsearch.artifacts import ArtifactLayout
 from clipsearch.images import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image_with_mode
 from clipsearch.manifest import atomic_write_text, json_lines, sha256_file, write_json_atomic
 from offline.layouts import (IMAGE_SUFFIXES, R_BAD_ID, R_CORRUPT, R_DUP, R_DUP_ID, R_EMPTY, R_MISSING, READERS,
@@ -324,10 +325,11 @@ def prepare(data: Path, out: Path, split: str = "official",
     if split == "official" and layout.split_lists is None:
         _official_split(layout, ())  # raises the explanatory DataError before any work
     out = Path(out).expanduser().resolve()
-    split_dir = out / "splits"
-    report_path = out / "validation_report.json"
+    artifacts = ArtifactLayout(out)
+    split_dir = artifacts.splits_dir
+    report_path = artifacts.validation_report
     manifest_path = split_dir / "prepare_manifest.json"
-    split_paths = {s: split_dir / f"{s}.jsonl" for s in SPLITS}
+    split_paths = {s: artifacts.split_file(s) for s in SPLITS}
 
     inputs = {"format": PREPARE_FORMAT, "data": str(layout.caption_file if layout.kind == "generic"
                                                     else layout.root),

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from clipsearch.artifacts import ArtifactLayout
 from clipsearch.encoder import ClipEncoder, PixelEncoder, TokenEncoder, image_backend_for, text_backend_for
 from clipsearch.images import ImageDecodeError, decode_image
 from clipsearch.manifest import now_iso, read_json, save_npy_atomic, sha256_file, sha256_json, write_json_atomic
@@ -31,7 +32,7 @@ EMBED_FORMAT = 1
 
 
 def embeddings_dir(out: Path, split: str) -> Path:
-    return Path(out) / "embeddings" / split
+    return ArtifactLayout(out).embeddings_dir(split)
 
 
 class ImageFiles(Dataset):
@@ -64,7 +65,7 @@ _collate = collate_images  # the old private name
 
 def split_records(out: Path, split: str) -> tuple[list[dict], list[dict], str]:
     """Unique images (sorted by id) and captions of a split, plus the split file's hash."""
-    path = Path(out) / "splits" / f"{split}.jsonl"
+    path = ArtifactLayout(out).split_file(split)
     captions = read_split(path)
     images: dict[str, str] = {}
     for rec in captions:
@@ -153,7 +154,7 @@ def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, work
         image_recs = read_json(edir / "images.json")
     else:
         t = time.perf_counter()
-        backend = image_backend_for(loaded, image_backend, out / "onnx", torch.get_num_threads())
+        backend = image_backend_for(loaded, image_backend, ArtifactLayout(out).onnx_dir, torch.get_num_threads())
         vecs, kept, bad = embed_images(loaded, [r["image_path"] for r in image_recs], batch_size, workers,
                                        image_backend=backend)
         for i, reason in bad:
@@ -173,7 +174,7 @@ def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, work
         log.info("embed[%s]: caption embeddings up to date, reused", split)
     elif captions:
         t = time.perf_counter()
-        tb = text_backend_for(loaded, text_backend, out / "onnx", torch.get_num_threads())
+        tb = text_backend_for(loaded, text_backend, ArtifactLayout(out).onnx_dir, torch.get_num_threads())
         vecs = embed_texts(loaded, [r["caption"] for r in text_recs], batch_size, text_backend=tb)
         save_npy_atomic(edir / "texts.npy", vecs)
         write_json_atomic(edir / "texts.json", text_recs)

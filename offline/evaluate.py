@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 
+from clipsearch.artifacts import ArtifactLayout
 from clipsearch.index import VectorIndex
 from clipsearch.manifest import ArtifactError, now_iso, write_json_atomic
 from clipsearch.recall import KS, retrieval_metrics
@@ -66,7 +67,7 @@ def evaluate(out: Path, split: str, tag: str | None = None) -> dict[str, Any]:
         "created": now_iso(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    res_dir = Path(out) / "results"
+    res_dir = ArtifactLayout(out).results_dir
     write_json_atomic(res_dir / f"recall_{split}.json", record)
     res_dir.mkdir(parents=True, exist_ok=True)
     with open(res_dir / "results_log.jsonl", "a", encoding="utf-8") as fh:

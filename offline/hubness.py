@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from clipsearch.artifacts import ArtifactLayout
 from clipsearch.hubness import (BANK_FILES, Banks, bank_similarity, correction_info, hubness_dir,
                                 hubness_path, offsets_from_bank)
 from clipsearch.manifest import now_iso, read_json, save_npy_atomic, sha256_file, write_json_atomic
@@ -53,10 +54,6 @@ def caption_offsets(texts: np.ndarray, bank: np.ndarray, beta: float, k: int = D
 def direction_score(metrics: dict[str, Any], direction: str = "image_to_text") -> float:
     """What β and k are chosen by: the direction's mean R@1/5/10."""
     return float(np.mean([metrics[f"{direction}_R@{k}"] for k in KS]))
-
-
-def i2t_score(metrics: dict[str, Any]) -> float:
-    return direction_score(metrics, "image_to_text")
 
 
 def sweep_beta(images: np.ndarray, texts: np.ndarray, text_to_image: np.ndarray, r: np.ndarray,
@@ -106,7 +103,7 @@ def run_hubness(out: Path, loaded: LoadedModel, bank_split: str = DEFAULT_BANK,
     ks = (k,) if isinstance(k, int) else tuple(k)
     kw = embed_kwargs or {}
     for split in (bank_split, select_split):
-        if not (Path(out) / "splits" / f"{split}.jsonl").is_file() or not split_records(out, split)[0]:
+        if not ArtifactLayout(out).split_file(split).is_file() or not split_records(out, split)[0]:
             log.warning("hubness: split '%s' is empty or missing; no correction (beta = 0)", split)
             return _write_off(out, loaded, bank_split, select_split, min(ks), f"split '{split}' is empty or missing")
     embed(out, bank_split, loaded, **kw)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from clipsearch.artifacts import ArtifactLayout
 from clipsearch.index import IndexParams, VectorIndex, recall_vs_exact
 from clipsearch.manifest import ArtifactError, read_json, write_json_atomic
 from offline.embed import load_embeddings
@@ -33,7 +34,7 @@ TARGETS = ("images", "texts")
 
 
 def index_dir(out: Path, split: str) -> Path:
-    return Path(out) / "indexes" / split
+    return ArtifactLayout(out).indexes_dir(split)
 
 
 def _up_to_date(path: Path, emb_sha: str, params: IndexParams, hubness: dict[str, Any] | None) -> bool:
@@ -114,7 +115,7 @@ def run_sweep(out: Path, split: str, emb: dict[str, Any] | None = None, k: int =
                          "n_queries": len(queries), "n_vectors": hnsw.ntotal})
     result = {"split": split, "k": k, "default_ef_search": VectorIndex.load(idir / "images.hnsw.json").params.ef_search,
               "batch": "all queries in one search call", "rows": rows}
-    res_dir = Path(out) / "results"
+    res_dir = ArtifactLayout(out).results_dir
     write_json_atomic(res_dir / f"sweep_{split}.json", result)
     plot_ef_sweep(result, res_dir / f"sweep_{split}.png")
     result["json"] = str(res_dir / f"sweep_{split}.json")

@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clipsearch.artifacts import ArtifactLayout, CollectionLayout
+from clipsearch.collection import Collection, load_banks
 from clipsearch.collections import FileStat, IngestPlan, plan_ingest, relink_known, settle_bad_files
-from clipsearch.encoder import ClipEncoder, image_backend_for, text_backend_for
+from clipsearch.encoder import ClipEncoder, build_encoder
 from clipsearch.hubness import Banks
 from clipsearch.index import IndexParams
-from clipsearch.manifest import ArtifactError, now_iso, write_json_atomic
+from clipsearch.manifest import now_iso, write_json_atomic
 from clipsearch.media import is_owned_media
 from clipsearch.models import LoadedModel
 from clipsearch.store import Catalog, FaissStore, NewItem
@@ -94,24 +95,25 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
                                        for i, why in plan.missing]
         skipped += [{"kind": "image", "reason": R_CORRUPT, "image_id": item.image_id,
                      "detail": f"bad (unchanged since {b.last_tried}): {b.reason}"} for item, _, b in plan.bad_unchanged]
+        # the one write path: embedded items get their offsets from the banks and commit through the store
+        store = FaissStore(collection, catalog, coll, params or IndexParams())
+        banks = load_banks(layout.root, identity)
+        target = Collection(store, banks)
         relink_known(catalog, plan)  # moves, renames and copies: the vectors they already have
-        removed = catalog.delete(plan.removed)
-        banks = _banks(layout, identity)
+        removed = store.delete(plan.removed)
         threads = torch.get_num_threads()
-        encoder = encoder or ClipEncoder(
-            loaded, batch_size=batch_size,
-            image_backend=(image_backend_for(loaded, image_backend, layout.onnx_dir, threads)
-                           if plan.to_embed else None),
-            # a folder without captions never encodes a text: no text session to build and check
-            text_backend=(text_backend_for(loaded, text_backend, layout.onnx_dir, threads)
-                          if plan.recaptioned or any(item.captions for item, _ in plan.to_embed) else None))
+        # a folder without captions never encodes a text: no text session to build and check
+        encoder = encoder or build_encoder(
+            loaded, batch_size=batch_size, cache_dir=layout.onnx_dir, threads=threads,
+            image=image_backend if plan.to_embed else None,
+            text=text_backend if plan.recaptioned or any(item.captions for item, _ in plan.to_embed) else None)
         t_embed = time.perf_counter()
-        embedded, bad = _embed_items(catalog, encoder, loaded, plan.to_embed, batch_size, workers, banks,
+        embedded, bad = _embed_items(target, encoder, loaded, plan.to_embed, batch_size, workers,
                                      known or KnownVectors())
         skipped += bad
         relink_known(catalog, plan, after_embedding=True)  # copies of files first seen in this run
         bad_files = settle_bad_files(catalog, plan, {b["image_id"]: b["detail"] for b in bad}, present)
-        _recaption(catalog, encoder, plan.recaptioned, batch_size, banks)
+        _recaption(catalog, target, encoder, plan.recaptioned, batch_size)
         _restate(catalog, plan.restated)
         embed_seconds = time.perf_counter() - t_embed
         if known is not None and (known.reused_images or known.reused_texts):
@@ -129,7 +131,7 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
             log.warning("collection %s is now empty: every item was removed or unreadable", collection)
         index_kind, saved = "snapshot not saved (watch)", {}
         if snapshot:
-            store = FaissStore(collection, catalog, coll, params or IndexParams())
+            store.refresh()  # the relinks above went to the catalog directly
             saved, index_kind = store.save_snapshot(), store.describe()["index"]["images"]
         counts = {"images": n_items, "captions": n_captions}
         report = _write_report(coll, src, plan, skipped, counts, identity, hubness, t0, embed_seconds)
@@ -185,44 +187,19 @@ def _encode_captions(encoder: ClipEncoder, items: Sequence[SourceItem], batch_si
     return out
 
 
-def _new_item(item: SourceItem, stat: FileStat, vector: np.ndarray, caption_vectors: np.ndarray | None,
-              offset: float, caption_offsets: np.ndarray | None) -> NewItem:
+def _new_item(item: SourceItem, stat: FileStat, vector: np.ndarray, caption_vectors: np.ndarray | None
+              ) -> NewItem:
     return NewItem(item.image_id, str(item.path), vector, item.captions, caption_vectors, item.metadata,
-                   stat.size, stat.mtime_ns, stat.sha256, item.caption_ids, offset=offset,
-                   caption_offsets=caption_offsets)
+                   stat.size, stat.mtime_ns, stat.sha256, item.caption_ids)
 
 
-def _offsets(banks: Banks, vectors: np.ndarray, cap_vecs: Sequence[np.ndarray | None]
-             ) -> tuple[np.ndarray, list[np.ndarray | None]]:
-    """The hubness offsets of a chunk of new items (images, and each item's captions), in one product
-    with each bank: per item, a bank of 30,000 vectors would be read 8,000 times."""
-    img = banks.image_offsets(np.asarray(vectors, np.float32).reshape(len(cap_vecs), -1))
-    return img, _caption_offsets(banks, cap_vecs)
+def _put(target: Collection, todo: Sequence[tuple[SourceItem, FileStat]], vectors: Sequence[np.ndarray],
+         cap_vecs: list[np.ndarray | None]) -> None:
+    target.add_embedded([_new_item(item, stat, vec, cv) for (item, stat), vec, cv in zip(todo, vectors, cap_vecs)])
 
 
-def _caption_offsets(banks: Banks, cap_vecs: Sequence[np.ndarray | None]) -> list[np.ndarray | None]:
-    present = [cv for cv in cap_vecs if cv is not None]
-    flat = banks.caption_offsets(np.concatenate(present)) if present else np.zeros(0, np.float32)
-    caps: list[np.ndarray | None] = []
-    at = 0
-    for cv in cap_vecs:
-        if cv is None:
-            caps.append(None)
-        else:
-            caps.append(flat[at:at + len(cv)])
-            at += len(cv)
-    return caps
-
-
-def _put(catalog: Catalog, todo: Sequence[tuple[SourceItem, FileStat]], vectors: Sequence[np.ndarray],
-         cap_vecs: list[np.ndarray | None], banks: Banks) -> None:
-    img_off, cap_off = _offsets(banks, np.stack(vectors), cap_vecs)
-    catalog.put(_new_item(item, stat, vec, cv, float(o), co)
-                for (item, stat), vec, cv, o, co in zip(todo, vectors, cap_vecs, img_off, cap_off))
-
-
-def _embed_items(catalog: Catalog, encoder: ClipEncoder, loaded: LoadedModel,
-                 todo: list[tuple[SourceItem, FileStat]], batch_size: int, workers: int, banks: Banks,
+def _embed_items(target: Collection, encoder: ClipEncoder, loaded: LoadedModel,
+                 todo: list[tuple[SourceItem, FileStat]], batch_size: int, workers: int,
                  known: KnownVectors) -> tuple[int, list[dict[str, Any]]]:
     """Embed images (decoded beside the forward pass) and their captions; commit every COMMIT_EVERY.
     Images `known` already has a vector for are not decoded: their vectors are copied."""
@@ -237,7 +214,7 @@ def _embed_items(catalog: Catalog, encoder: ClipEncoder, loaded: LoadedModel,
             reused.append((item, stat, vec))
     for chunk in _chunks(reused, COMMIT_EVERY):
         cap_vecs = _encode_captions(encoder, [it for it, _, _ in chunk], batch_size, known)
-        _put(catalog, [(it, st) for it, st, _ in chunk], [vec for _, _, vec in chunk], cap_vecs, banks)
+        _put(target, [(it, st) for it, st, _ in chunk], [vec for _, _, vec in chunk], cap_vecs)
     done = len(reused)
     todo = rest
     if not todo:
@@ -255,7 +232,7 @@ def _embed_items(catalog: Catalog, encoder: ClipEncoder, loaded: LoadedModel,
         nonlocal done
         items = [todo[i][0] for i, _ in pending]
         cap_vecs = _encode_captions(encoder, items, batch_size, known)
-        _put(catalog, [todo[i] for i, _ in pending], [vec for _, vec in pending], cap_vecs, banks)
+        _put(target, [todo[i] for i, _ in pending], [vec for _, vec in pending], cap_vecs)
         done += len(pending)
         pending.clear()
 
@@ -275,12 +252,14 @@ def _embed_items(catalog: Catalog, encoder: ClipEncoder, loaded: LoadedModel,
     return done, bad
 
 
-def _recaption(catalog: Catalog, encoder: ClipEncoder, todo: list[tuple[SourceItem, FileStat]],
-               batch_size: int, banks: Banks) -> None:
+def _recaption(catalog: Catalog, target: Collection, encoder: ClipEncoder,
+               todo: list[tuple[SourceItem, FileStat]], batch_size: int) -> None:
+    # many items' captions in one catalog transaction, each keeping its source's caption ids: the
+    # store contract replaces one item's captions at a time; the offsets are the collection's all the same
     for chunk in _chunks(todo, COMMIT_EVERY):
         items = [item for item, _ in chunk]
         cap_vecs = _encode_captions(encoder, items, batch_size)
-        cap_off = _caption_offsets(banks, cap_vecs)
+        cap_off = target.caption_offsets(cap_vecs)
         catalog.replace_captions(NewItem(i.image_id, str(i.path), np.zeros(encoder.dim, np.float32), i.captions,
                                          cv, i.metadata, caption_ids=i.caption_ids, caption_offsets=co)
                                  for i, cv, co in zip(items, cap_vecs, cap_off))
@@ -291,16 +270,6 @@ def _restate(catalog: Catalog, todo: list[tuple[SourceItem, FileStat]]) -> None:
     if todo:
         catalog.update_states(ItemState(item.image_id, str(item.path), st.size, st.mtime_ns, st.sha256, "",
                                         item.metadata) for item, st in todo)
-
-
-def _banks(layout: ArtifactLayout, model: dict[str, Any]) -> Banks:
-    """The hubness corrections the project chose for this model (`clipsearch.hubness`); none where a
-    bank cannot be read (logged)."""
-    try:
-        return Banks.load(layout.root, model)
-    except (ArtifactError, OSError, ValueError) as exc:
-        log.warning("hubness correction not applied: %s", exc)
-        return Banks()
 
 
 def _apply_hubness(catalog: Catalog, banks: Banks) -> dict[str, Any] | None:

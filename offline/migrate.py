@@ -23,6 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from clipsearch.artifacts import ArtifactLayout
+from clipsearch.collection import Collection
 from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError
 from clipsearch.store import Catalog, NewItem, qdrant_location
@@ -53,6 +54,7 @@ def migrate_catalog(catalog: Catalog, name: str, to: str, *, api_key: str | None
             log.info("migrate %s: the target is up to date with the catalog (seq %d)", name, source["seq"])
             return _summary(store, name, to, 0, 0, t0, up_to_date=True)
         rows = catalog.rows()
+        target = Collection(store)
         by_image: list[list[int]] = [[] for _ in rows.image_ids]
         for c, img_row in enumerate(rows.caption_image_rows):
             by_image[int(img_row)].append(c)
@@ -68,7 +70,7 @@ def migrate_catalog(catalog: Catalog, name: str, to: str, *, api_key: str | None
                                          caption_ids=tuple(rows.caption_ids[c] for c in caps),
                                          offset=float(rows.image_offsets[r]),
                                          caption_offsets=rows.caption_offsets[caps] if caps else None))
-                store.add(items)
+                target.add_embedded(items, keep_offsets=True)  # the catalog's offsets, as they are
                 bar.update(len(items))
         stale = sorted(set(store.ids()) - set(rows.image_ids))
         removed = store.delete(stale) if stale else 0

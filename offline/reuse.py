@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from clipsearch.artifacts import ArtifactLayout
 from clipsearch.manifest import ArtifactError, read_json
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class KnownVectors:
         images: dict[str, tuple[NDArray[np.float32], float]] = {}
         texts: dict[str, NDArray[np.float32]] = {}
         for split in splits:
-            edir = Path(root) / "embeddings" / split
+            edir = ArtifactLayout(root).embeddings_dir(split)
             try:
                 manifest = read_json(edir / "manifest.json")
             except (ArtifactError, OSError):

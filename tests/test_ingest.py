@@ -62,7 +62,7 @@ def test_plain_folder_without_captions_nested(tmp_path, tiny_model):
 def test_text_session_only_built_when_there_are_captions(tmp_path, tiny_model, monkeypatch):
     """A caption-less folder never encodes a text, so ingest builds no text backend for it; a folder
     with sidecar captions does."""
-    import offline.ingest as ing
+    import clipsearch.encoder as ing  # build_encoder asks it for the text tower's backend
 
     asked = []
     monkeypatch.setattr(ing, "text_backend_for", lambda *a, **k: asked.append(a[1]))

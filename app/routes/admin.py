@@ -14,8 +14,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from app.config import Settings
+from app.deps import EngineDep
 from app.schemas import ReloadResponse
-from app.state import get_state
 
 
 def build_router(settings: Settings, start_reload: Callable[[], Any]) -> APIRouter:
@@ -23,9 +23,8 @@ def build_router(settings: Settings, start_reload: Callable[[], Any]) -> APIRout
 
     @router.post("/admin/reload", response_model=ReloadResponse, status_code=202,
                  summary="Reload model and indexes from ARTIFACTS_DIR in the background")
-    async def reload(request: Request) -> JSONResponse:
-        state = get_state(request)
-        current = state.resources
+    async def reload(engine: EngineDep) -> JSONResponse:
+        current = engine.resources
         started = start_reload() is not None
         body = ReloadResponse(started=started, index_version=current.version if current else None)
         return JSONResponse(body.model_dump(), status_code=202)

@@ -12,10 +12,8 @@ from fastapi.responses import FileResponse, Response
 
 from clipsearch.artifacts import COLLECTION_NAME
 
-from app.errors import NotFound
+from app.deps import EngineDep
 from app.schemas import ErrorResponse
-from app.search import resolve
-from app.state import get_state
 
 router = APIRouter(tags=["images"])
 
@@ -25,24 +23,13 @@ _ERRORS = {404: {"model": ErrorResponse, "description": "Unknown collection or i
            503: {"model": ErrorResponse, "description": "Not ready"}}
 
 
-def _file(request: Request, image_id: str, collection: str | None):
-    res = get_state(request).require_ready()
-    store = resolve(res, collection)
-    path = res.image_file(store, image_id)
-    if path is None:
-        raise NotFound("unknown image id")
-    if not path.is_file():
-        raise NotFound("image file not available on this server")
-    return store, path
-
-
 @router.get("/images/{image_id:path}", response_class=FileResponse,
             responses={200: {"description": "The image file, as stored",
                              "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
                        **_ERRORS, 422: {"model": ErrorResponse, "description": "Invalid request"}},
             summary="The image file of an item")
-async def get_image(image_id: str, request: Request, collection: CollectionParam = None) -> FileResponse:
-    _, path = _file(request, image_id, collection)
+async def get_image(image_id: str, engine: EngineDep, collection: CollectionParam = None) -> FileResponse:
+    _, path = engine.media_file(collection, image_id)
     return FileResponse(path, headers={"Cache-Control": "public, max-age=3600",
                                        "X-Content-Type-Options": "nosniff"})
 
@@ -53,14 +40,10 @@ async def get_image(image_id: str, request: Request, collection: CollectionParam
                        304: {"description": "Not modified (If-None-Match matched the ETag)"},
                        **_ERRORS, 422: {"model": ErrorResponse, "description": "The stored image cannot be decoded"}},
             summary="A small JPEG of an item, for result grids")
-async def get_thumbnail(image_id: str, request: Request, collection: CollectionParam = None) -> Response:
-    state = get_state(request)
-    store, path = _file(request, image_id, collection)
-    try:
-        thumb = await state.run(state.thumbnails.get, store.name, image_id, path)
-    except OSError:
-        raise NotFound("image file not available on this server") from None
+async def get_thumbnail(image_id: str, request: Request, engine: EngineDep,
+                        collection: CollectionParam = None) -> Response:
     # (an ImageDecodeError, a stored file that is no image, is answered 422 invalid_image)
+    thumb = await engine.thumbnail(collection, image_id)
     headers = {"ETag": thumb.etag, "Cache-Control": "public, max-age=86400",
                "X-Content-Type-Options": "nosniff"}
     if etag_matches(request.headers.get("if-none-match"), thumb.etag):

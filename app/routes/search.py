@@ -1,16 +1,13 @@
 """POST /search/text, /search/image (multipart or JSON), /search/similar, /search/vector and /search
-(weighted terms).
+(weighted terms): each validates its request, makes one engine call (`app.engine`) and maps the page
+of plain results to its response model.
 
-Handlers stay on the event loop only for cheap work (validation, cache lookup, reading the upload);
-decode, encode and search run on the bounded inference pool. The request models are built from this
-app's Settings, so the module deliberately has no `from __future__ import annotations`: FastAPI has
-to resolve the closure-local model types in the signatures.
+The request models are built from this app's Settings, so the module deliberately has no
+`from __future__ import annotations`: FastAPI has to resolve the closure-local model types in the
+signatures.
 """
 
-import hashlib
-import json
 import time
-from collections.abc import Awaitable, Callable, Hashable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -18,28 +15,26 @@ from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 
 from clipsearch.artifacts import COLLECTION_NAME
-from clipsearch.images import ImageDecodeError
-from clipsearch.store import VectorStore
 
+from app.answer_cache import answer_body, offer_answer
 from app.config import Settings
-from app.errors import InvalidSearch, PayloadTooLarge, UnsupportedMediaType
-from app.inputs import MAX_TERMS, InputError, check_weights, decode_base64_image, validate_vector
-from app.resources import Resources
+from app.deps import EngineDep
+from app.engine import Engine, Page, TermInput
+from app.errors import InvalidSearch
+from app.inputs import MAX_TERMS
+from app.routes.common import ERRORS, MULTIPART_OVERHEAD, image_source, media_url, read_upload, \
+    require_content_type, server_timing
 from app.routes.content_routing import JsonRoute, json_body_openapi
-from app.schemas import CaptionHit, ErrorResponse, ImageHit, ImageSearchResponse, MetadataFilter, \
+from app.schemas import CaptionHit, ImageHit, ImageSearchResponse, MetadataFilter, \
     TextSearchResponse, base64_chars, image_json_request, similar_request, terms_search_request, \
     text_search_request, vector_search_request
-from app.search import SearchSpec, Term, image_search, resolve, search_vector, similar_job, spec_for, \
-    terms_job, vector_job
-from app.state import ServiceState, get_state
+from app.search import CaptionResult, Options
 
 # Paths admitted (and 429'd) as searches, with their metrics label.
 SEARCH_PATHS = {"/search/text": "text", "/search/image": "image", "/search/similar": "similar",
                 "/search/vector": "vector", "/search": "terms", "/embed/text": "embed_text",
                 "/embed/image": "embed_image"}
 DEFAULT_BODY_LIMIT = 64 * 1024  # JSON bodies; a 1000-character query needs a few KB
-# Room for the multipart boundaries, part headers and the k field around the file itself.
-MULTIPART_OVERHEAD = 16 * 1024
 # The longest JSON spelling of one query character: an escaped surrogate pair, "\ud83d\ude00".
 JSON_BYTES_PER_CHAR = 12
 # The `filter` form field of /search/image (JSON text).
@@ -61,63 +56,46 @@ def body_limits(settings: Settings) -> dict[str, int]:
             "/embed/text": embed_text, "/search/vector": 256 * 1024}
 
 
-ERRORS = {status: {"model": ErrorResponse, "description": desc} for status, desc in {
-    400: "Body could not be parsed (not UTF-8, broken multipart); image_url not a usable http(s) URL",
-    403: "image_url refused: URL fetching off, host not allowed, or a non-public address",
-    404: "Unknown collection (or, for /search/similar, image id)",
-    413: "Body or image too large", 415: "Wrong Content-Type", 422: "Invalid request or image",
-    429: "Too many searches in flight; retry after Retry-After seconds",
-    502: "image_url could not be fetched", 503: "Model and indexes not loaded (yet); the message says why",
-    504: "image_url took longer than the fetch timeout"}.items()}
-
-
-def require_content_type(*allowed: str) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type not in allowed:
-            raise UnsupportedMediaType(f"Content-Type must be {' or '.join(allowed)}, "
-                                       f"not {media_type or 'missing'}")
-    return check
-
-
 _HITS_JSON = {"images": TypeAdapter(list[ImageHit]), "captions": TypeAdapter(list[CaptionHit])}
 _FILTER = TypeAdapter(MetadataFilter)
 
 
-async def _cached(state: ServiceState, endpoint: str, key: Hashable, target: str,
-                  compute: Callable[[], Awaitable[tuple[tuple[Any, ...], dict[str, float]]]]
-                  ) -> tuple[bytes, dict[str, float] | None]:
-    """The cached results (a JSON array, serialised once) for `key` and None, or `await compute()`
-    (work on the inference pool), serialise and cache them, and return its stage timings. A hit then
-    costs no model validation at all."""
-    body = state.cache.get(key)
-    if body is not None:
-        state.metrics.cache_hits.labels(endpoint).inc()
-        return body, None
-    state.metrics.cache_misses.labels(endpoint).inc()
-    hits, stages = await compute()
-    state.metrics.observe_stages(endpoint, stages)
-    body = _HITS_JSON[target].dump_json(list(hits))
-    state.cache.put(key, body)
-    state.metrics.cache_entries.set(len(state.cache))
-    return body, stages
+def hit_models(page: Page) -> list[ImageHit] | list[CaptionHit]:
+    """A page's plain results as response models, with the links to each item's image and thumbnail."""
+    coll, default = page.spec.collection, page.default_collection
+    out: list[Any] = []
+    for r in page.results:
+        urls = {"image_url": media_url(coll, default, r.image_id),
+                "thumbnail_url": media_url(coll, default, r.image_id, "thumbnails")}
+        if isinstance(r, CaptionResult):
+            out.append(CaptionHit(caption_id=r.caption_id, caption=r.caption, image_id=r.image_id, score=r.score,
+                                  cosine=r.cosine, rank=r.rank, **urls))
+        else:
+            out.append(ImageHit(image_id=r.image_id, score=r.score, rank=r.rank, captions=list(r.captions),
+                                metadata=dict(r.metadata), **urls))
+    return out
 
 
-def server_timing(stages: dict[str, float] | None, took: float) -> str:
-    """A `Server-Timing` header (W3C): the work stages of a computed answer, or `cache` for a hit,
-    then `total` (the handler's time), in milliseconds. Browsers' dev tools and benchmarks read it."""
-    parts = ["cache;desc=hit"] if stages is None else [f"{name};dur={sec * 1000:.3f}" for name, sec in stages.items()]
-    return ", ".join([*parts, f"total;dur={took * 1000:.3f}"])
+def search_response(request: Request, engine: Engine, endpoint: str, page: Page, t0: float,
+                    with_target: bool = False) -> Response:
+    """The TextSearchResponse / ImageSearchResponse of a page (its JSON assembled by `answer_body`,
+    which the raw answer cache shares), with its Server-Timing; the handler's total is metered."""
+    spec = page.spec
+    results = page.memo.get("json")
+    if results is None:  # serialised once per cache entry
+        results = page.memo["json"] = _HITS_JSON[spec.target].dump_json(hit_models(page))
+    fields = {**({"target": spec.target} if with_target else {}), "k": spec.k, "offset": spec.offset,
+              "collection": spec.collection}
+    offer_answer(request.scope, results, fields)
+    took = time.perf_counter() - t0
+    engine.metrics.observe_stages(endpoint, {"total": took})
+    return Response(answer_body(results, fields, took, cached=page.stages is None), media_type="application/json",
+                    headers={"Server-Timing": server_timing(page.stages, took)})
 
 
-def _search_response(results_json: bytes, spec: SearchSpec, took: float, stages: dict[str, float] | None,
-                     with_target: bool = False) -> Response:
-    """The TextSearchResponse / ImageSearchResponse JSON, assembled around the cached results."""
-    tail = json.dumps({**({"target": spec.target} if with_target else {}), "k": spec.k, "offset": spec.offset,
-                       "collection": spec.collection, "took_ms": round(took * 1000, 3),
-                       "cached": stages is None})
-    return Response(b'{"results":' + results_json + b"," + tail[1:].encode(), media_type="application/json",
-                    headers={"Server-Timing": server_timing(stages, took)})
+def options(body: Any, target: str = "images") -> Options:
+    """The search options of a validated request body (text, similar, vector, terms, JSON image)."""
+    return Options(body.collection, body.k, body.offset, body.min_score, body.filter, target)
 
 
 def _form_filter(raw: str | None) -> dict[str, Any] | None:
@@ -141,47 +119,19 @@ def build_router(settings: Settings) -> APIRouter:
     k_form = Form(ge=1, le=settings.max_k, description=f"How many results (1..{settings.max_k})")
     upload_cap = settings.max_upload_bytes
 
-    async def image_answer(state: ServiceState, res: Resources, store: VectorStore, spec: SearchSpec, data: bytes, t0: float,
-                           fetch_s: float | None = None) -> Response:
-        """The answer to an image query, whichever body brought the bytes (an upload and the same
-        bytes as base64 share one cache entry)."""
-        key = spec.cache_key("image", hashlib.sha256(data).hexdigest(), res.version)
-        results, stages = await _cached(state, "image", key, spec.target,
-                                        lambda: image_search(state, res, store, spec, data,
-                                                             settings.max_image_pixels))
-        if stages is not None and fetch_s is not None:
-            stages = {"fetch": fetch_s, **stages}
-        took = time.perf_counter() - t0
-        state.metrics.observe_stages("image", {"total": took})
-        return _search_response(results, spec, took, stages, with_target=True)
-
     @router.post("/search/text", response_model=TextSearchResponse, responses=ERRORS,
                  dependencies=[Depends(require_content_type("application/json"))],
                  summary="Images that match a text query")
-    async def search_text(body: TextSearchRequest, request: Request) -> Response:
-        state = get_state(request)
-        res = state.require_ready()
+    async def search_text(body: TextSearchRequest, request: Request, engine: EngineDep) -> Response:
         t0 = time.perf_counter()
-        store, spec = spec_for(res, body)
-        query = body.query  # already normalised (NFC, whitespace collapsed) by the request model
+        # the query is already normalised (NFC, whitespace collapsed) by the request model
+        page = await engine.search_text(body.query, options(body))
+        return search_response(request, engine, "text", page, t0)
 
-        async def compute() -> tuple[tuple[ImageHit, ...], dict[str, float]]:
-            hits, stages = await state.batcher.search(res, query, lambda vec: search_vector(res, store, spec, vec))
-            return hits, {s: v for s, v in stages.items() if s != "batch_size"}
-
-        results, stages = await _cached(state, "text", spec.cache_key("text", query, res.version), "images",
-                                        compute)
-        took = time.perf_counter() - t0
-        state.metrics.observe_stages("text", {"total": took})
-        return _search_response(results, spec, took, stages)
-
-    async def search_image_json(body: ImageJsonRequest, request: Request) -> Response:  # type: ignore[valid-type]
-        state = get_state(request)
-        res = state.require_ready()
+    async def search_image_json(body: ImageJsonRequest, request: Request, engine: EngineDep) -> Response:  # type: ignore[valid-type]
         t0 = time.perf_counter()
-        store, spec = spec_for(res, body, body.target)
-        data, fetch_s = await image_bytes(state, body)
-        return await image_answer(state, res, store, spec, data, t0, fetch_s)
+        page = await engine.search_image(image_source(body), options(body, body.target))
+        return search_response(request, engine, "image", page, t0, with_target=True)
 
     # First: it takes the application/json requests, the multipart handler below everything else.
     router.add_api_route("/search/image", search_image_json, methods=["POST"], include_in_schema=False,
@@ -194,7 +144,7 @@ def build_router(settings: Settings) -> APIRouter:
                          "uploaded image (multipart `file`) or a JSON one (`image` as base64 or a "
                          "data: URI, or `image_url`)")
     async def search_image(
-        request: Request,
+        request: Request, engine: EngineDep,
         file: Annotated[UploadFile, File(description=f"JPEG/PNG/WebP/... image, at most "
                                                      f"{upload_cap} bytes")],
         k: Annotated[int, k_form] = settings.default_k,
@@ -212,99 +162,35 @@ def build_router(settings: Settings) -> APIRouter:
             "Metadata filter as JSON text, the same object /search/text takes, e.g. "
             '{"kind": "photo"} or {"folder": ["2019", "2020"]}'))] = None,  # type: ignore[assignment]
     ) -> Response:
-        state = get_state(request)
-        res = state.require_ready()
         t0 = time.perf_counter()
-        store = resolve(res, collection)
-        spec = SearchSpec(store.name, k, offset, min_score, _form_filter(filter), target)
-        data = await read_upload(file, upload_cap)
-        return await image_answer(state, res, store, spec, data, t0)
+        page = await engine.search_image(lambda: read_upload(file, upload_cap),
+                                         Options(collection, k, offset, min_score, _form_filter(filter), target))
+        return search_response(request, engine, "image", page, t0, with_target=True)
 
     @router.post("/search/similar", response_model=TextSearchResponse, responses=ERRORS,
                  dependencies=[Depends(require_content_type("application/json"))],
                  summary="More images like one already in the collection (no upload)")
-    async def search_similar(body: SimilarRequest, request: Request) -> Response:
-        state = get_state(request)
-        res = state.require_ready()
+    async def search_similar(body: SimilarRequest, request: Request, engine: EngineDep) -> Response:
         t0 = time.perf_counter()
-        store, spec = spec_for(res, body)
-        key = spec.cache_key("similar", body.image_id, res.version)
-        results, stages = await _cached(state, "similar", key, "images",
-                                        lambda: state.run(similar_job, res, store, spec, body.image_id))
-        took = time.perf_counter() - t0
-        state.metrics.observe_stages("similar", {"total": took})
-        return _search_response(results, spec, took, stages)
+        page = await engine.search_similar(body.image_id, options(body))
+        return search_response(request, engine, "similar", page, t0)
 
     @router.post("/search/vector", response_model=ImageSearchResponse, responses=ERRORS,
                  dependencies=[Depends(require_content_type("application/json"))],
                  summary="Images or captions nearest to a query vector (e.g. from POST /embed/*)")
-    async def search_by_vector(body: VectorRequest, request: Request) -> Response:  # type: ignore[valid-type]
-        state = get_state(request)
-        res = state.require_ready()
+    async def search_by_vector(body: VectorRequest, request: Request, engine: EngineDep) -> Response:  # type: ignore[valid-type]
         t0 = time.perf_counter()
-        store, spec = spec_for(res, body, body.target)
-        vec = validate_vector(body.vector, store.dim)
-        key = spec.cache_key("vector", hashlib.sha256(vec.tobytes()).hexdigest(), res.version)
-        results, stages = await _cached(state, "vector", key, body.target,
-                                        lambda: state.run(vector_job, res, store, spec, vec))
-        took = time.perf_counter() - t0
-        state.metrics.observe_stages("vector", {"total": took})
-        return _search_response(results, spec, took, stages, with_target=True)
+        page = await engine.search_vector(body.vector, options(body, body.target))
+        return search_response(request, engine, "vector", page, t0, with_target=True)
 
     @router.post("/search", response_model=ImageSearchResponse, responses=ERRORS,
                  dependencies=[Depends(require_content_type("application/json"))],
                  summary="A weighted, mixed query: texts, images of the collection and uploaded images, "
                          "each with a weight (negative steers away)")
-    async def search_terms(body: TermsRequest, request: Request) -> Response:  # type: ignore[valid-type]
-        state = get_state(request)
-        res = state.require_ready()
+    async def search_terms(body: TermsRequest, request: Request, engine: EngineDep) -> Response:  # type: ignore[valid-type]
         t0 = time.perf_counter()
-        store, spec = spec_for(res, body, body.target)
-        check_weights([t.weight for t in body.terms], MAX_TERMS)  # before any encoding
-        cap, image_bytes_total = settings.max_upload_bytes, 0  # the cap holds for all images together
-        terms = []
-        for t in body.terms:
-            if t.image is not None:
-                data = decode_base64_image(t.image, cap)
-                image_bytes_total += len(data)
-                if image_bytes_total > cap:
-                    raise InputError("payload_too_large", f"the images of one query together are larger "
-                                                          f"than the {cap:,}-byte limit")
-                terms.append(Term("image", data, t.weight))
-            elif t.image_id is not None:
-                terms.append(Term("image_id", t.image_id, t.weight))
-            else:
-                terms.append(Term("text", t.text, t.weight))
-        key = spec.cache_key("terms", tuple(t.cache_part() for t in terms), res.version)
-        results, stages = await _cached(state, "terms", key, body.target,
-                                        lambda: state.run(terms_job, res, store, spec, terms,
-                                                          settings.max_image_pixels, settings.query_image_tta))
-        took = time.perf_counter() - t0
-        state.metrics.observe_stages("terms", {"total": took})
-        return _search_response(results, spec, took, stages, with_target=True)
+        terms = [TermInput(t.weight, text=t.text, image_id=t.image_id, image=t.image) for t in body.terms]
+        page = await engine.search_terms(terms, options(body, body.target))
+        return search_response(request, engine, "terms", page, t0, with_target=True)
 
     return router
-
-
-async def read_upload(file: UploadFile, cap: int) -> bytes:
-    """An uploaded file's bytes: never more than one byte past `cap` is read (413 then), and an empty
-    file is an invalid image (422)."""
-    data = await file.read(cap + 1)
-    if len(data) > cap:
-        raise PayloadTooLarge(f"image upload is larger than {cap} bytes")
-    if not data:
-        raise ImageDecodeError("empty file (0 bytes)")
-    return data
-
-
-async def image_bytes(state: ServiceState, body: Any) -> tuple[bytes, float | None]:
-    """The image of a JSON body (`image` base64 or `image_url`) under the upload cap, and the fetch's
-    seconds when it came from a URL."""
-    cap = state.settings.max_upload_bytes
-    if body.image is not None:
-        return decode_base64_image(body.image, cap), None
-    t0 = time.perf_counter()
-    data = await state.fetcher.fetch(body.image_url)
-    if not data:
-        raise ImageDecodeError("the image URL answered an empty body")
-    return data, time.perf_counter() - t0

@@ -40,7 +40,7 @@ from numpy.typing import NDArray
 from clipsearch.artifacts import CollectionLayout
 from clipsearch.index import IndexParams, VectorIndex
 from clipsearch.manifest import ArtifactError, atomic_write_text, read_json, sha256_json
-from clipsearch.store.base import Filter, Hit, Item, StoreError, Target, filter_keys
+from clipsearch.store.base import Filter, Hit, Item, StoreError, Target, VectorStore, filter_keys
 from clipsearch.store.catalog import Catalog, NewItem
 from clipsearch.store.kernels import exact_top, hnsw_and_delta
 from clipsearch.store.live import FACET_MAX_VALUES, Live
@@ -58,8 +58,10 @@ SNAPSHOT_NAMES = {"images": "images.hnsw", "captions": "captions.hnsw"}
 __all__ = ["EXACT_MAX", "EXACT_FILTERED_MAX", "FACET_MAX_VALUES", "FaissStore", "SNAPSHOT_NAMES"]
 
 
-class FaissStore:
+class FaissStore(VectorStore):
     """One collection; `open` one on disk or `in_memory` one (tests, fakes)."""
+
+    compacts = True
 
     def __init__(self, name: str, catalog: Catalog, layout: CollectionLayout | None = None,
                  params: IndexParams | None = None, exact_max: int = EXACT_MAX, verify: bool = True):
@@ -131,6 +133,10 @@ class FaissStore:
         pos = live.row_of.get(image_id)
         return None if pos is None else live.items[pos]
 
+    def get_many(self, image_ids: Sequence[str]) -> list[Item | None]:
+        live = self._current()  # one state for the whole page
+        return [None if (pos := live.row_of.get(i)) is None else live.items[pos] for i in image_ids]
+
     def vector(self, image_id: str) -> NDArray[np.float32] | None:
         live = self._current()
         with self._lock:
@@ -198,7 +204,7 @@ class FaissStore:
         return self._current().hubness_images
 
     def stats(self) -> dict[str, Any]:
-        """What a service exports as metrics (optional beyond the VectorStore contract)."""
+        """What a service exports as metrics (`VectorStore.stats`), and the compaction counters."""
         live = self._current()
         with self._lock:
             out: dict[str, Any] = {"seq": live.seq}

@@ -49,7 +49,7 @@ from qdrant_client import QdrantClient, models
 
 from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError, sha256_json
-from clipsearch.store.base import Filter, Hit, Item, StoreError, Target, filter_keys, value_key
+from clipsearch.store.base import Filter, Hit, Item, StoreError, Target, VectorStore, filter_keys, value_key
 from clipsearch.store.catalog import NewItem
 from clipsearch.store.qdrant_connection import POOL, QdrantLocation
 
@@ -122,8 +122,9 @@ class _Summary:
     metadata_fields: Mapping[str, list[Any]]
 
 
-class QdrantStore:
-    """One collection in Qdrant; `open` an existing one or `create` one."""
+class QdrantStore(VectorStore):
+    """One collection in Qdrant; `open` an existing one or `create` one. Qdrant compacts (optimises)
+    its segments itself: `compacts` stays False."""
 
     def __init__(self, name: str, location: QdrantLocation, client: QdrantClient, readonly: bool = True,
                  params: IndexParams | None = None):
@@ -224,6 +225,10 @@ class QdrantStore:
         return int(self._meta["dim"])
 
     @property
+    def writable(self) -> bool:
+        return not self.readonly
+
+    @property
     def hubness(self) -> Mapping[str, Any] | None:
         """How the caption offsets were made (image → caption searches), or None."""
         return self._meta.get("hubness")
@@ -256,11 +261,19 @@ class QdrantStore:
         return [i for _, i in sorted(rows)]
 
     def get(self, image_id: str) -> Item | None:
-        pts = self.client.retrieve(self.names["images"], [image_point_id(image_id)], with_payload=True)
-        if not pts:
-            return None
-        p = pts[0].payload or {}
-        return Item(p["image_id"], p["path"], tuple(p.get("captions", ())), dict(p.get("metadata", {})))
+        return self.get_many([image_id])[0]
+
+    def get_many(self, image_ids: Sequence[str]) -> list[Item | None]:
+        """One retrieve for the whole page."""
+        if not image_ids:
+            return []
+        pts = self.client.retrieve(self.names["images"], [image_point_id(i) for i in image_ids], with_payload=True)
+        found = {}
+        for pt in pts:
+            p = pt.payload or {}
+            found[p["image_id"]] = Item(p["image_id"], p["path"], tuple(p.get("captions", ())),
+                                        dict(p.get("metadata", {})))
+        return [found.get(i) for i in image_ids]
 
     def vector(self, image_id: str) -> NDArray[np.float32] | None:
         pts = self.client.retrieve(self.names["images"], [image_point_id(image_id)], with_payload=False,
@@ -428,10 +441,6 @@ class QdrantStore:
     def _writable(self) -> None:
         if self.readonly:
             raise ArtifactError(f"collection {self.name!r} is open read-only")
-
-    def _read_meta(self) -> dict[str, Any] | None:
-        state = self._read_state()
-        return None if state is None else state[0]
 
     def _read_state(self) -> tuple[dict[str, Any], bool] | None:
         """(the collection's metadata, whether its images have the offset column), or None when the

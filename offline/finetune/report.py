@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from clipsearch.artifacts import ArtifactLayout
 from clipsearch.manifest import save_with, sha256_file, write_json_atomic
 from offline.finetune.loop import StageResult
 from offline.plots import plot_finetune_curves
@@ -28,7 +29,7 @@ def stage_dict(res: StageResult, label: str) -> dict[str, Any]:
 
 
 def write_results(out: Path, name: str, record: dict[str, Any]) -> tuple[Path, Path]:
-    res_dir = Path(out) / "results"
+    res_dir = ArtifactLayout(out).results_dir
     json_path, png_path = res_dir / f"finetune_{name}.json", res_dir / f"finetune_{name}.png"
     write_json_atomic(json_path, record)
     plot_finetune_curves(record, png_path)
@@ -36,7 +37,7 @@ def write_results(out: Path, name: str, record: dict[str, Any]) -> tuple[Path, P
 
 
 def summary(record: dict[str, Any], reused: bool, seconds: float) -> dict[str, Any]:
-    res_dir = Path(record["checkpoint"]).parent.parent / "results"
+    res_dir = ArtifactLayout(Path(record["checkpoint"]).parent.parent).results_dir  # <out>/models/<name>.pt
     out = {"checkpoint": record["checkpoint"], "checkpoint_sha256": record["checkpoint_sha256"],
            "results": str(res_dir / f"finetune_{record['name']}.json"),
            "plot": str(res_dir / f"finetune_{record['name']}.png"), "reused": reused,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from clipsearch.artifacts import ArtifactLayout
 from clipsearch.families import family_of
 from clipsearch.manifest import ArtifactError, now_iso, read_json, sha256_file, sha256_json, write_json_atomic
 from clipsearch.models import LoadedModel, load_model, normalize_pretrained
@@ -86,9 +87,10 @@ def finetune(out: Path, model_name: str, pretrained: str | None, stages: list[tu
     lrs = [resolve_lrs(c, model_name, pretrained) for _, c in stages]
     start_sha = sha256_file(pretrained) if pretrained and Path(pretrained).is_file() else None
     key = _run_key(model_name, pretrained, start_sha, splits, stages, lrs)
-    ckpt = out / "models" / f"{name}.pt"
-    manifest_path = out / "models" / f"{name}.json"
-    json_path = out / "results" / f"finetune_{name}.json"
+    layout = ArtifactLayout(out)
+    ckpt = layout.models_dir / f"{name}.pt"
+    manifest_path = layout.models_dir / f"{name}.json"
+    json_path = layout.results_dir / f"finetune_{name}.json"
     if not force and manifest_path.is_file() and ckpt.is_file() and json_path.is_file():
         try:
             manifest = read_json(manifest_path)

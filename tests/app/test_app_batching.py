@@ -222,7 +222,7 @@ def test_service_state_shares_one_image_batcher_sized_from_the_encoder(tmp_path)
     set its slots follow the encoder's image session (default `image_threads` = every core)."""
     from app.batching import ImageBatcher
     from app.config import Settings, cpu_cores
-    from app.state import ServiceState
+    from app.engine import Engine as ServiceState
 
     settings = Settings(artifacts_dir=tmp_path)
     assert settings.image_threads == cpu_cores()

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from clipsearch.artifacts import ArtifactLayout
+from clipsearch.collection import Collection, load_banks
 from clipsearch.hubness import BANK_FILES, Banks, correction_info, hubness_dir, hubness_path
 from clipsearch.manifest import save_npy_atomic, sha256_file, write_json_atomic
 from clipsearch.store import Catalog
 
 from app.config import Settings
 from app.main import create_app
-from app.resources import _load_banks, make_resources, open_collections
+from app.resources import make_resources, open_collections
 from tests.app.test_app_writes import AUTH, TOKEN, _noise_png, build_collection, upload
 
 from fastapi.testclient import TestClient
@@ -60,7 +61,7 @@ def served(tmp_path, dataset, fakes):
         stores, skipped, model, default = open_collections(settings)
         return make_resources(encoder, list(stores.values()), model, default=default,
                               base_dir=settings.artifacts_dir, skipped=skipped,
-                              banks=_load_banks(settings.artifacts_dir, model))
+                              banks=load_banks(settings.artifacts_dir, model))
 
     app = create_app(Settings(artifacts_dir=root, write_token=TOKEN, torch_threads=1, inference_threads=2,
                               device="cpu", refresh_interval_ms=0), loader=load)
@@ -138,6 +139,6 @@ def test_a_collection_built_without_a_correction_gives_new_rows_none(tmp_path, d
     banks = write_banks(root, fakes.FAKE_MODEL, fakes.ColorEncoder.dim)  # banks exist, the collection has none
     stores, _, model, default = open_collections(Settings(artifacts_dir=root, write_token=TOKEN))
     res = make_resources(fakes.ColorEncoder(), list(stores.values()), model, default=default, banks=banks)
-    assert res.banks_for(res.store()) == Banks()
+    assert Collection.served(res.store(), res.banks).banks == Banks()
     for s in stores.values():
         s.close()

@@ -55,6 +55,26 @@ def test_is_a_vector_store(filled):
     assert isinstance(store, VectorStore)
 
 
+def test_get_many_is_get_for_each_id_in_order(filled):
+    """A page of results reads its items in one call: the same items, in order, None where unknown."""
+    store, items = filled
+    ids = [items[5].image_id, "nope.jpg", items[0].image_id, items[5].image_id]
+    assert store.get_many(ids) == [store.get(i) for i in ids]
+    assert store.get_many(ids)[1] is None and store.get_many([]) == []
+
+
+def test_capabilities_are_declared_not_probed(filled):
+    """What a service asks of a store is on the contract: writable, compacts (then stats for the
+    compaction policy), the corrections' records, close."""
+    store, _ = filled
+    assert store.writable is True
+    assert isinstance(store.compacts, bool)
+    stats = store.stats()
+    if store.compacts:
+        assert stats is not None and {"live", "tombstones", "delta"} <= set(stats["images"])
+    assert store.hubness is None and store.hubness_images is None  # made without a correction
+
+
 def test_add_count_ids_get_vector(filled, contract):
     store, items = filled
     assert store.count("images") == 8
