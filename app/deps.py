@@ -10,7 +10,8 @@ from fastapi import Depends, Request
 from app.engine import Engine
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
+    # async: FastAPI runs a plain `def` dependency on its thread pool, one hop per request for a lookup
     return request.app.state.service
 
 
