@@ -407,11 +407,12 @@ def run_ingest(args: argparse.Namespace, loaded=None, source: Path | None = None
 
     source = Path(source or args.source)
     name = collection_name(args, source)
+    owned = loaded is None  # a model loaded here is ingest's alone: it may free the towers it won't run
     loaded = loaded or _ingest_model(args)
     params = IndexParams("hnsw", args.m, args.ef_construction, args.ef_search)
     result = ingest(source, args.out, name, loaded, batch_size=args.batch_size, workers=args.workers,
                     force=args.force, image_backend=args.image_backend, text_backend=args.text_backend,
-                    params=params,
+                    params=params, release_torch=owned,
                     known=KnownVectors.from_splits(args.out, loaded.identity.to_dict()) if reuse_splits else None)
     if getattr(args, "store", "faiss") != "faiss":
         from offline.migrate import migrate

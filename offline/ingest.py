@@ -32,6 +32,7 @@ from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError, now_iso, write_json_atomic
 from clipsearch.media import is_owned_media
 from clipsearch.models import LoadedModel
+from clipsearch.onnx.runtime import release_memory
 from clipsearch.store import Catalog, FaissStore, NewItem
 from clipsearch.store.catalog import ItemState
 from offline.embed import ImageFiles, collate_images
@@ -48,9 +49,11 @@ COMMIT_EVERY = 256  # images per catalog transaction: what an interrupted ingest
 def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedModel, *,
            batch_size: int = 64, workers: int = 0, force: bool = False, image_backend: str = "auto",
            text_backend: str = "onnx", params: IndexParams | None = None,
-           known: KnownVectors | None = None) -> dict[str, Any]:
+           known: KnownVectors | None = None, release_torch: bool = False) -> dict[str, Any]:
     """`known`: vectors already made for some of the inputs (`offline/reuse.py`; `build` passes its
-    split embeddings), used instead of embedding them again."""
+    split embeddings), used instead of embedding them again. `release_torch`: `loaded` is this call's
+    alone, so the torch towers it will not run (served by ONNX Runtime / bf16, or not needed) are
+    freed once the encoder is built (`ClipEncoder.release_torch_towers`)."""
     t0 = time.perf_counter()
     layout = ArtifactLayout(Path(out))
     coll = layout.collection(collection)
@@ -86,13 +89,21 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
         removed = catalog.delete(plan.removed)
         banks = _banks(layout, identity)
         threads = torch.get_num_threads()
+        needs_text = bool(plan.recaptioned) or any(item.captions for item, _ in plan.to_embed)
         encoder = ClipEncoder(
             loaded, batch_size=batch_size,
             image_backend=(image_backend_for(loaded, image_backend, layout.onnx_dir, threads)
                            if plan.to_embed else None),
             # a folder without captions never encodes a text: no text session to build and check
             text_backend=(text_backend_for(loaded, text_backend, layout.onnx_dir, threads)
-                          if plan.recaptioned or any(item.captions for item, _ in plan.to_embed) else None))
+                          if needs_text else None))
+        if release_torch:
+            freed = encoder.release_torch_towers(
+                image=encoder.image_backend is not None or not plan.to_embed,
+                text=encoder.text_backend is not None or not needs_text)
+            release_memory()
+            log.info("ingest: torch towers released (their work runs elsewhere or not at all): %s",
+                     ", ".join(freed) or "none")
         t_embed = time.perf_counter()
         embedded, bad = _embed_items(catalog, encoder, loaded, plan.to_embed, batch_size, workers, banks,
                                      known or KnownVectors())
@@ -230,7 +241,7 @@ def _embed_items(catalog: Catalog, encoder: ClipEncoder, loaded: LoadedModel,
     files = ImageFiles([str(item.path) for item, _ in todo], loaded.preprocess)
     if workers > 0:
         loader: Any = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
-                                 prefetch_factor=4)
+                                 prefetch_factor=2)  # batches decoded ahead per worker: each is ~45 MB of pixels
     else:  # decode in threads of this process, overlapped with the forward pass, a bounded few batches ahead
         loader = threaded_batches(files, batch_size, threads=DECODE_THREADS, collate=collate_images)
     pending: list[tuple[int, np.ndarray]] = []
