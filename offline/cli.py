@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(p)
     _add_model(p)
     p.set_defaults(model=None)  # default: the model this project built (<out>/model.json)
+    # images decoded per step: ~0.7 MB of pixels each, a few steps in flight; the ONNX image tower runs
+    # them in slices of 4 anyway, so a larger batch costs memory and buys no speed (docs/ingest_memory.md)
+    p.set_defaults(batch_size=32)
     _add_backends(p)
     _add_index(p)
     _add_store(p, "--store", "where the collection is served from: faiss (the embedded store, default), a "

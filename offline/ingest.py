@@ -32,7 +32,7 @@ from clipsearch.index import IndexParams
 from clipsearch.manifest import ArtifactError, now_iso, write_json_atomic
 from clipsearch.media import is_owned_media
 from clipsearch.models import LoadedModel
-from clipsearch.onnx.runtime import release_memory
+from clipsearch.onnx.runtime import release_memory, return_large_frees
 from clipsearch.store import Catalog, FaissStore, NewItem
 from clipsearch.store.catalog import ItemState
 from offline.embed import ImageFiles, collate_images
@@ -97,6 +97,8 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
             # a folder without captions never encodes a text: no text session to build and check
             text_backend=(text_backend_for(loaded, text_backend, layout.onnx_dir, threads)
                           if needs_text else None))
+        if plan.to_embed:
+            return_large_frees()  # decoded pixel tensors go back to the OS when freed
         if release_torch:
             freed = encoder.release_torch_towers(
                 image=encoder.image_backend is not None or not plan.to_embed,

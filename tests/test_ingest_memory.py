@@ -146,3 +146,15 @@ def test_ingest_command_releases_only_a_model_it_loaded(tmp_path, monkeypatch):
     main(["ingest", str(src), "--out", str(tmp_path / "art"), "--collection", "x", "--model", "test-tiny-vit",
           "--pretrained", "none"])
     assert seen == [True]
+
+
+def test_ingest_decodes_smaller_batches_than_embed_by_default():
+    """Ingest's batch only sets how many images are decoded per step (the image session runs slices of
+    IMAGE_RUN_ROWS): its default is smaller, the other stages keep theirs, and an explicit one wins."""
+    from offline.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["ingest", "photos"]).batch_size == 32
+    assert parser.parse_args(["ingest", "photos", "--batch-size", "64"]).batch_size == 64
+    assert parser.parse_args(["embed"]).batch_size == 64
+    assert IMAGE_RUN_ROWS <= 8

@@ -39,9 +39,9 @@ OUTPUT = "embedding"
 MIN_COS = 0.9999
 # rows of pixels per session run of an image tower: ONNX Runtime's CPU arena keeps the largest run's
 # activations for the session's lifetime, and a 240 px EfficientNet-Lite1 needs ~30 MB of them per image,
-# so one ingest batch of 64 images and their mirrors (128 rows) held ~3.8 GB. Runs of 8 hold ~0.3 GB
+# so one ingest batch of 64 images and their mirrors (128 rows) held ~3.8 GB. Runs of 4 hold ~0.15 GB
 # and were as fast or faster here (docs/ingest_memory.md): the arena is bounded by this, not by the batch.
-IMAGE_RUN_ROWS = 8
+IMAGE_RUN_ROWS = 4
 # input name, rank, dtype and shape (for messages) of each tower's graph
 INPUTS: dict[Tower, tuple[str, int, type, str]] = {
     "text": ("tokens", 2, np.int64, "token ids [batch, length]"),
@@ -248,6 +248,24 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         pass
+
+
+MMAP_THRESHOLD = 256 * 1024
+
+
+def return_large_frees(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Have glibc serve every allocation of `threshold` bytes or more with its own mapping, which goes
+    back to the OS when freed (`mallopt(M_MMAP_THRESHOLD)`; this also stops glibc from raising the
+    threshold by itself). Batch encoding frees a ~0.7 MB pixel tensor per image in decoding threads;
+    under glibc's default the threshold soon rises above that size and the freed tensors stay in
+    per-thread heaps: ~0.1-0.2 GB more RSS during a lit-effnet1-minilm ingest (docs/ingest_memory.md).
+    Process-wide, so for batch jobs (ingest, embed), not the service. False where it cannot be set."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def onnx_module_runner(module: torch.nn.Module, example: torch.Tensor, threads: int | None = None,
