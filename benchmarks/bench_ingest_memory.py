@@ -9,8 +9,8 @@ Every `--sample` s it reads VmRSS of the process and of its child processes (dec
 from /proc and the catalog's row count (read-only), and at the end the kernel's VmHWM (exact peak).
 
 Reported per run: peak RSS (VmHWM of the process + the largest sampled sum of its children), steady RSS
-(median of the samples while the catalog grows from a third of the images to all of them), the
-largest sample in that window, images/s (images / the report's embed_seconds: images and captions),
+(median of the samples over the last two thirds of the embedding phase, which ends when the catalog
+holds every image and lasted the report's embed_seconds), the largest sample in that window, images/s (images / the report's embed_seconds: images and captions),
 and the CPU's features. `--code DIR ...` runs other checkouts on the same data in the same
 invocation (e.g. the code before a change), interleaved, so a shared machine slows all alike.
 
@@ -103,6 +103,16 @@ def catalog_rows(path: Path) -> int:
         return 0
 
 
+def steady_samples(samples: list[dict[str, Any]], n: int, embed_seconds: float) -> list[float]:
+    """RSS (process + children) over the last two thirds of the embedding phase: the phase ends at the
+    first sample with all `n` rows in the catalog and lasted the report's `embed_seconds`."""
+    done = next((s["t"] for s in samples if s["rows"] >= n), None)
+    if done is None:
+        return []
+    start = done - embed_seconds * 2 / 3
+    return [s["rss_mb"] + s["children_mb"] for s in samples if start <= s["t"] <= done]
+
+
 def make_subset(data: Path, n: int, dst: Path, captions: bool) -> int:
     """The first `n` images of a Kaggle-layout copy (`Images/` + `captions.txt`), symlinked, with their
     captions (or none: a plain photo folder)."""
@@ -130,6 +140,8 @@ def run_one(code: Path, sub: Path, art: Path, collection: str, args: argparse.Na
            "--model", model, "--pretrained", args.pretrained, "--batch-size", str(batch),
            "--image-backend", backend, "--workers", str(args.workers)]
     env = {**os.environ, "PYTHONPATH": str(code), "TQDM_DISABLE": "1"}
+    # what the run really is: the first in an artifacts folder exports the towers, later ones reuse them
+    exported = (art / "onnx").is_dir() and any((art / "onnx").glob("*.onnx"))
     catalog = art / "collections" / collection / "catalog.sqlite"
     art.mkdir(parents=True, exist_ok=True)
     logf = art / f"{collection}.log"
@@ -150,16 +162,46 @@ def run_one(code: Path, sub: Path, art: Path, collection: str, args: argparse.Na
     if proc.returncode != 0:
         raise RuntimeError(f"ingest failed ({proc.returncode}); see {logf}:\n{logf.read_text()[-2000:]}")
     report = json.loads((art / "collections" / collection / "report.json").read_text())
-    window = [s for s in samples if n / 3 <= s["rows"] < n] or [s for s in samples if s["rows"] >= n / 3]
-    steady = [s["rss_mb"] + s["children_mb"] for s in window]
+    steady = steady_samples(samples, n, report["embed_seconds"])
     children_peak = max((s["children_mb"] for s in samples), default=0.0)
-    return {"wall_s": round(wall, 1), "embed_seconds": report["embed_seconds"],
+    return {"exports": "reused" if exported else "made", "wall_s": round(wall, 1), "embed_seconds": report["embed_seconds"],
             "images_per_s": round(n / report["embed_seconds"], 2) if report["embed_seconds"] else None,
             "peak_rss_mb": round(hwm + children_peak, 1), "peak_main_mb": round(hwm, 1),
             "peak_children_mb": round(children_peak, 1),
             "steady_rss_mb": round(statistics.median(steady), 1) if steady else None,
             "steady_max_mb": round(max(steady), 1) if steady else None, "steady_samples": len(steady),
             "log": str(logf), "samples": samples}
+
+
+ROWS_PROBE = """
+import sys, time, numpy as np
+from clipsearch.onnx.runtime import OnnxTowerEncoder
+def rss():
+    return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) / 1024
+enc = OnnxTowerEncoder(sys.argv[1], 'image', threads=int(sys.argv[3]), max_rows=int(sys.argv[2]))
+h, w = enc.session.get_inputs()[0].shape[2:]
+x = np.random.default_rng(0).standard_normal((128, 3, h, w), dtype=np.float32)
+base = rss()
+times = []
+for _ in range(3):
+    t = time.perf_counter(); enc.encode_pixels(x); times.append(time.perf_counter() - t)
+print(rss() - base, 128 / sorted(times)[1])
+"""
+
+
+def rows_sweep(onnx_file: Path, rows: list[int], threads: int, nice: int) -> list[dict[str, Any]]:
+    """The exported image tower alone, 128 random rows (a batch of 64 and its mirrors) per call, run in
+    slices of each `rows` (0: one run), each in a fresh process: RSS the session keeps after the runs
+    (its arena) and images/s (the median of 3 calls)."""
+    out = []
+    for r in rows:
+        res = subprocess.run(["nice", "-n", str(nice), sys.executable, "-c", ROWS_PROBE, str(onnx_file), str(r),
+                              str(threads)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             capture_output=True, text=True, check=True)
+        grown, rate = (float(v) for v in res.stdout.split()[-2:])
+        out.append({"rows_per_run": r or 128, "rss_growth_mb": round(grown, 1), "images_per_s": round(rate, 2)})
+        log(f"  rows {r or 128}: +{grown:.0f} MB, {rate:.1f} img/s")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -175,11 +217,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader decoding workers (0: threads)")
     ap.add_argument("--no-captions", dest="captions", action="store_false",
                     help="a plain folder: no captions, so no text tower")
-    ap.add_argument("--phases", nargs="+", default=["cold", "warm"], choices=("cold", "warm"))
+    ap.add_argument("--phases", nargs="+", default=["cold", "warm"], choices=("cold", "warm"),
+                    help="runs per artifacts folder (each name a collection); what each run was, cold (it "
+                         "made the exports) or warm (reused them), is recorded from the folder")
     ap.add_argument("--code", type=Path, nargs="+", default=[ROOT], help="checkouts to run (default: this one)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--sample", type=float, default=1.0, help="seconds between RSS samples")
     ap.add_argument("--nice", type=int, default=10)
+    ap.add_argument("--rows-sweep", type=int, nargs="*", default=None,
+                    help="after the ingests: the first run's exported image tower alone, a 128-row batch "
+                         "in slices of each of these row counts (0: one run): RSS kept and images/s")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="session threads for --rows-sweep")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -202,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         label = code.name if len(args.code) > 1 else "this"
                         log(f"{model} {backend} batch {batch} {phase} ({label})")
                         r = run_one(code, sub, arts[code], phase, args, model, backend, batch, n)
-                        r.update(model=model, backend=backend, batch_size=batch, phase=phase, code=label, code_index=i)
+                        r.update(model=model, backend=backend, batch_size=batch, code=label, code_index=i,
+                                 phase="warm" if r["exports"] == "reused" else "cold")
                         result["runs"].append(r)
                         rows.append(r)
                         log(f"  peak {r['peak_rss_mb']:.0f} MB, steady {r['steady_rss_mb']} MB, "
@@ -212,6 +261,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines = [head] + [f"{r['model']:20s} {r['backend']:7s} {r['batch_size']:5d} {r['phase']:5s} {r['code']:8s} "
                       f"{n:6d} {r['peak_rss_mb']:8.0f} {r['steady_rss_mb'] or 0:9.0f} {r['images_per_s'] or 0:6.1f}"
                       for r in rows]
+    if args.rows_sweep:
+        first = next(iter(sorted(work.glob("art_*/onnx/*.image*.onnx"))), None)
+        if first is None:
+            log("no exported image tower to sweep")
+        else:
+            log(f"rows sweep on {first.name}")
+            result["rows_sweep"] = rows_sweep(first, args.rows_sweep, args.threads, args.nice)
+            lines.append("image session alone, 128 rows per call: " + ", ".join(
+                f"{r['rows_per_run']} rows/run +{r['rss_growth_mb']:.0f} MB {r['images_per_s']:.1f} img/s"
+                for r in result["rows_sweep"]))
     cpu = result["env"]["cpu"]
     lines.append("cpu: " + ", ".join(f"{k}={v}" for k, v in cpu.items()))
     return finish(result, "\n".join(lines), args.out)
