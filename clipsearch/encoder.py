@@ -141,6 +141,36 @@ class ClipEncoder:
         # HF towers mask padding by pad_token_id; right-truncation is equally safe there.
         self._pad_id = text_pad_id(self.model)
 
+    @property
+    def released(self) -> set[Tower]:
+        """Towers of this model whose torch weights were freed (kept on the model, for every encoder)."""
+        return self.loaded.extra.setdefault("released_towers", set())
+
+    def release_torch_towers(self, image: bool = False, text: bool = False) -> list[Tower]:
+        """Free the weights of torch towers this encoder will not run again: their parameters move to
+        the meta device (no storage), the modules stay. A tower served by a backend (ONNX Runtime, the
+        bf16 copy) never runs in torch, and an ingest that encodes no caption never needs the text
+        tower; ViT-B-32's fp32 towers are ~600 MB. The model changes in place, so only a caller that owns
+        it may ask (the `ingest` command loads its own). The image tower is `visual`, the text tower
+        every other child of the model. Returns the towers released; a released tower's torch path
+        raises RuntimeError."""
+        done: list[Tower] = []
+        for tower, wanted in (("image", image), ("text", text)):
+            if not wanted or tower in self.released:
+                continue
+            for name, child in self.model.named_children():
+                if (name == "visual") == (tower == "image"):
+                    child.to("meta")
+            self.released.add(tower)
+            done.append(tower)
+        return done
+
+    def _torch_tower(self, tower: Tower) -> torch.nn.Module:
+        if tower in self.released:
+            raise RuntimeError(f"the torch {tower} tower of {self.loaded.identity.model} was released "
+                               "(release_torch_towers); load the model again to run it")
+        return self.model
+
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.loaded.tokenizer(list(texts))
 
@@ -148,13 +178,14 @@ class ClipEncoder:
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.text_backend is not None:
             return torch.from_numpy(self.text_backend.encode_tokens(tokens))
+        model = self._torch_tower("text")
         tokens = tokens.to(self.device)
         if self.fast_text:
             tokens = truncate_tokens(tokens, self._pad_id)
             if self._clip_text:
-                feats = clip_encode_text_truncated(self.model, tokens)
+                feats = clip_encode_text_truncated(model, tokens)
                 return F.normalize(feats.float(), dim=-1)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        return F.normalize(model.encode_text(tokens).float(), dim=-1)
 
     def encode_texts(self, texts: Sequence[str]) -> NDArray[np.float32]:
         """In batches of `batch_size`, texts of similar length together (a batch runs to its longest
@@ -189,7 +220,7 @@ class ClipEncoder:
     def _forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.image_backend is not None:
             return torch.from_numpy(self.image_backend.encode_pixels(pixels))
-        feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        feats = self._torch_tower("image").encode_image(pixels.to(self.device, non_blocking=True))
         return F.normalize(feats.float(), dim=-1)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:

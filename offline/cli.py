@@ -153,6 +153,9 @@ def build_parser(prog: str = "python -m offline") -> argparse.ArgumentParser:
     _add_ingest(p)
     _add_model(p)
     p.set_defaults(model=None)  # default: the model this project built (<out>/model.json)
+    # images decoded per step: ~0.7 MB of pixels each, a few steps in flight; the ONNX image tower runs
+    # them in slices of 4 anyway, so a larger batch costs memory and buys no speed (docs/ingest_memory.md)
+    p.set_defaults(batch_size=32)
     _add_backends(p)
     _add_index(p)
     _add_store(p, "--store", "where the collection is served from: faiss (the embedded store, default), a "
@@ -424,11 +427,12 @@ def run_ingest(args: argparse.Namespace, loaded=None, source: Path | None = None
 
     source = Path(source or args.source)
     name = collection_name(args, source)
+    owned = loaded is None  # a model loaded here is ingest's alone: it may free the towers it won't run
     loaded = loaded or _ingest_model(args)
     params = IndexParams("hnsw", args.m, args.ef_construction, args.ef_search)
     result = ingest(source, args.out, name, loaded, batch_size=args.batch_size, workers=args.workers,
                     force=args.force, image_backend=args.image_backend, text_backend=args.text_backend,
-                    params=params,
+                    params=params, release_torch=owned,
                     known=KnownVectors.from_splits(args.out, loaded.identity.to_dict()) if reuse_splits else None)
     if getattr(args, "store", "faiss") != "faiss":
         from offline.migrate import migrate

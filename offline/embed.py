@@ -136,7 +136,7 @@ def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, work
     edir.mkdir(parents=True, exist_ok=True)
     image_recs, text_recs, data_hash = split_records(out, split)
     identity = loaded.identity.to_dict()
-    key = sha256_json({"format": EMBED_FORMAT, "model": identity, "data": data_hash})
+    key = embeddings_key(identity, data_hash)
     manifest_path = edir / "manifest.json"
     manifest: dict[str, Any] = {}
     if manifest_path.is_file() and not force:
@@ -197,6 +197,41 @@ def embed(out: Path, split: str, loaded: LoadedModel, batch_size: int = 64, work
         write_json_atomic(manifest_path, manifest)
     return {"split": split, "dir": str(edir), "reused": reused, "counts": manifest["counts"],
             "seconds": round(time.perf_counter() - t0, 2), **timings}
+
+
+def embeddings_key(identity: dict[str, Any], data_hash: str) -> str:
+    """What makes a split's embeddings up to date: the format, the model's identity, the split file."""
+    return sha256_json({"format": EMBED_FORMAT, "model": identity, "data": data_hash})
+
+
+def save_split_embeddings(out: Path, split: str, identity: dict[str, Any], images: np.ndarray, texts: np.ndarray,
+                          source: str) -> dict[str, Any]:
+    """Write a split's image and caption embeddings made elsewhere (rows in `split_records` order) as
+    `embed` writes them for the model `identity`, so `embed` finds them up to date and does not embed
+    the split again. `build` uses it for the train split: fine-tuning on cached tower features
+    already computes the trained model's train embeddings (`offline.finetune.runner`), which the
+    hubness stage would otherwise recompute with a second full pass. `source` says where they came from."""
+    out = Path(out)
+    image_recs, text_recs, data_hash = split_records(out, split)
+    dim = int(identity["embed_dim"])
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    texts = np.ascontiguousarray(texts, dtype=np.float32)
+    if images.shape != (len(image_recs), dim) or texts.shape != (len(text_recs), dim):
+        raise ValueError(f"{split}: got {images.shape} images and {texts.shape} captions, expected "
+                         f"({len(image_recs)}, {dim}) and ({len(text_recs)}, {dim})")
+    edir = embeddings_dir(out, split)
+    edir.mkdir(parents=True, exist_ok=True)
+    key = embeddings_key(identity, data_hash)
+    save_npy_atomic(edir / "images.npy", images)
+    write_json_atomic(edir / "images.json", image_recs)
+    save_npy_atomic(edir / "texts.npy", texts)
+    write_json_atomic(edir / "texts.json", text_recs)
+    manifest = {"key": key, "parts": {"images": key, "texts": key}, "skipped_images": [], "split": split,
+                "model": identity, "data_sha256": data_hash,
+                "counts": {"images": len(image_recs), "texts": len(text_recs)}, "dim": dim, "dtype": "float32",
+                "normalized": True, "created": now_iso(), "source": source}
+    write_json_atomic(edir / "manifest.json", manifest)  # last: the files above are committed by it
+    return {"split": split, "dir": str(edir), "counts": manifest["counts"], "source": source}
 
 
 def load_image_embeddings(out: Path, split: str) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from clipsearch.index import IndexParams
 from clipsearch.manifest import now_iso, write_json_atomic
 from clipsearch.media import is_owned_media
 from clipsearch.models import LoadedModel
+from clipsearch.onnx.runtime import release_memory, return_large_frees
 from clipsearch.store import Catalog, FaissStore, NewItem
 from clipsearch.store.bad_files import read_bad_files
 from clipsearch.store.catalog import ItemState
@@ -51,12 +52,15 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
            batch_size: int = 64, workers: int = 0, force: bool = False, image_backend: str = "auto",
            text_backend: str = "onnx", params: IndexParams | None = None,
            known: KnownVectors | None = None, hold: Callable[[SourceItem], bool] | None = None,
-           encoder: ClipEncoder | None = None, max_tries: int = 1, snapshot: bool = True) -> dict[str, Any]:
+           encoder: ClipEncoder | None = None, max_tries: int = 1, snapshot: bool = True,
+           release_torch: bool = False) -> dict[str, Any]:
     """`known`: vectors already made for some of the inputs (`offline/reuse.py`; `build` passes its
     split embeddings), used instead of embedding them again. The folder watcher (`offline/watch.py`)
     passes `hold` (files still being written: left as they are, neither added nor removed), its own
     long-lived `encoder`, `max_tries` (decode failures retried before a file is parked as bad) and
-    `snapshot=False` (no HNSW snapshot after every small batch)."""
+    `snapshot=False` (no HNSW snapshot after every small batch). `release_torch`: `loaded` is this
+    call's alone, so the torch towers it will not run (served by ONNX Runtime / bf16, or not needed)
+    are freed once the encoder is built (`ClipEncoder.release_torch_towers`)."""
     t0 = time.perf_counter()
     layout = ArtifactLayout(Path(out))
     coll = layout.collection(collection)
@@ -102,11 +106,20 @@ def ingest(source: str | Path, out: str | Path, collection: str, loaded: LoadedM
         relink_known(catalog, plan)  # moves, renames and copies: the vectors they already have
         removed = store.delete(plan.removed)
         threads = torch.get_num_threads()
+        needs_text = bool(plan.recaptioned) or any(item.captions for item, _ in plan.to_embed)
         # a folder without captions never encodes a text: no text session to build and check
         encoder = encoder or build_encoder(
             loaded, batch_size=batch_size, cache_dir=layout.onnx_dir, threads=threads,
-            image=image_backend if plan.to_embed else None,
-            text=text_backend if plan.recaptioned or any(item.captions for item, _ in plan.to_embed) else None)
+            image=image_backend if plan.to_embed else None, text=text_backend if needs_text else None)
+        if plan.to_embed:
+            return_large_frees()  # decoded pixel tensors go back to the OS when freed
+        if release_torch:
+            freed = encoder.release_torch_towers(
+                image=encoder.image_backend is not None or not plan.to_embed,
+                text=encoder.text_backend is not None or not needs_text)
+            release_memory()
+            log.info("ingest: torch towers released (their work runs elsewhere or not at all): %s",
+                     ", ".join(freed) or "none")
         t_embed = time.perf_counter()
         embedded, bad = _embed_items(target, encoder, loaded, plan.to_embed, batch_size, workers,
                                      known or KnownVectors())
@@ -222,7 +235,7 @@ def _embed_items(target: Collection, encoder: ClipEncoder, loaded: LoadedModel,
     files = ImageFiles([str(item.path) for item, _ in todo], loaded.preprocess)
     if workers > 0:
         loader: Any = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=collate_images,
-                                 prefetch_factor=4)
+                                 prefetch_factor=2)  # batches decoded ahead per worker: each is ~45 MB of pixels
     else:  # decode in threads of this process, overlapped with the forward pass, a bounded few batches ahead
         loader = threaded_batches(files, batch_size, threads=DECODE_THREADS, collate=collate_images)
     pending: list[tuple[int, np.ndarray]] = []

@@ -37,6 +37,11 @@ EXPORT_FORMAT = 1  # bump when an exported graph changes, so stale cache files a
 OPSET = 17
 OUTPUT = "embedding"
 MIN_COS = 0.9999
+# rows of pixels per session run of an image tower: ONNX Runtime's CPU arena keeps the largest run's
+# activations for the session's lifetime, and a 240 px EfficientNet-Lite1 needs ~30 MB of them per image,
+# so one ingest batch of 64 images and their mirrors (128 rows) held ~3.8 GB. Runs of 4 hold ~0.15 GB
+# and were as fast or faster here (docs/ingest_memory.md): the arena is bounded by this, not by the batch.
+IMAGE_RUN_ROWS = 4
 # input name, rank, dtype and shape (for messages) of each tower's graph
 INPUTS: dict[Tower, tuple[str, int, type, str]] = {
     "text": ("tokens", 2, np.int64, "token ids [batch, length]"),
@@ -147,11 +152,14 @@ class OnnxTowerEncoder:
     """
 
     def __init__(self, path: str | os.PathLike[str], tower: Tower, threads: int = 1, spinning: bool = False,
-                 pad_id: int = 0):
+                 pad_id: int = 0, max_rows: int | None = None):
+        """`max_rows`: the most rows one session run gets (a larger batch runs in slices of it, with the
+        same result); default `IMAGE_RUN_ROWS` for an image tower, no limit for a text tower."""
         self.path = Path(path)
         self.tower = tower
         self.threads = threads
         self.pad_id = pad_id
+        self.max_rows = max_rows if max_rows is not None else (IMAGE_RUN_ROWS if tower == "image" else 0)
         self.session = open_session(self.path, threads, spinning)
         self.dim = int(self.session.get_outputs()[0].shape[-1])
         self.self_check_cos: float | None = None
@@ -166,8 +174,15 @@ class OnnxTowerEncoder:
         if self.tower == "text":
             real = np.flatnonzero((x != self.pad_id).any(axis=0))
             x = x[:, : int(real[-1]) + 1 if real.size else 1]
-        (out,) = self.session.run([OUTPUT], {name: np.ascontiguousarray(x, dtype=dtype)})
-        return np.ascontiguousarray(out, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=dtype)
+        step = self.max_rows if self.max_rows > 0 else len(x)
+        if step >= len(x):
+            (out,) = self.session.run([OUTPUT], {name: x})
+            return np.ascontiguousarray(out, dtype=np.float32)
+        out = np.empty((len(x), self.dim), dtype=np.float32)
+        for i in range(0, len(x), step):
+            out[i:i + step] = self.session.run([OUTPUT], {name: x[i:i + step]})[0]
+        return out
 
     def encode_tokens(self, tokens: torch.Tensor | np.ndarray) -> NDArray[np.float32]:
         self._expect("text")
@@ -214,6 +229,43 @@ def maybe_onnx(tower: Tower, loaded: LoadedModel, missing: str | None,
         log.warning("onnx %s: export or load failed for %s (%s: %s); using the torch %s path",
                     tower, loaded.identity.model, type(exc).__name__, exc, tower)
         return None
+    finally:
+        release_memory()  # an export leaves large freed buffers and reference cycles behind
+
+
+def release_memory() -> None:
+    """Collect reference cycles and hand freed heap back to the OS (glibc `malloc_trim`).
+
+    An in-process export and the transformer optimizer leave a few hundred MB behind: the ONNX
+    protobufs in reference cycles, and freed heap that glibc keeps. Measured with lit-effnet1-minilm's
+    text export: 1.70 GB RSS after it, 1.23 GB after this (docs/ingest_memory.md)."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        pass
+
+
+MMAP_THRESHOLD = 256 * 1024
+
+
+def return_large_frees(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Have glibc serve every allocation of `threshold` bytes or more with its own mapping, which goes
+    back to the OS when freed (`mallopt(M_MMAP_THRESHOLD)`; this also stops glibc from raising the
+    threshold by itself). Batch encoding frees a ~0.7 MB pixel tensor per image in decoding threads;
+    under glibc's default the threshold soon rises above that size and the freed tensors stay in
+    per-thread heaps: ~0.1-0.2 GB more RSS during a lit-effnet1-minilm ingest (docs/ingest_memory.md).
+    Process-wide, so for batch jobs (ingest, embed), not the service. False where it cannot be set."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def onnx_module_runner(module: torch.nn.Module, example: torch.Tensor, threads: int | None = None,

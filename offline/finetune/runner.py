@@ -19,7 +19,7 @@ import torch
 from clipsearch.artifacts import ArtifactLayout
 from clipsearch.families import family_of
 from clipsearch.manifest import ArtifactError, now_iso, read_json, sha256_file, sha256_json, write_json_atomic
-from clipsearch.models import LoadedModel, load_model, normalize_pretrained
+from clipsearch.models import LoadedModel, ModelIdentity, load_model, normalize_pretrained
 from offline.finetune.config import (FINETUNE_FORMAT, SPLITS, FinetuneConfig, FinetuneError, config_dict,
                                      config_from_args, validate_config)
 from offline.finetune.features import FeatureBackend, extract_features
@@ -151,6 +151,7 @@ def finetune(out: Path, model_name: str, pretrained: str | None, stages: list[tu
     test_final = recall_of(backend_for(stages[-1][1]), splits["test"])[0] if eval_test else None
 
     sha = save_checkpoint(model, ckpt)
+    timings.update(_save_train_embeddings(out, model_name, ckpt, sha, backend_for(stages[-1][1]), name))
     history = [h for _, r in results for h in r.history]
     record = {
         "name": name,
@@ -176,6 +177,29 @@ def finetune(out: Path, model_name: str, pretrained: str | None, stages: list[tu
     for f in state_dir.glob("*.pt"):  # the run is complete: resume states are no longer needed
         f.unlink()
     return summary(record, reused=False, seconds=time.perf_counter() - t0)
+
+
+def _save_train_embeddings(out: Path, model_name: str, ckpt: Path, sha: str, backend: Backend,
+                           name: str) -> dict[str, float]:
+    """The trained model's train-split embeddings from the cached features (the frozen fronts did not
+    change, so the trained ends on them are the model's own embeddings, within float tolerance),
+    written as `offline embed` writes them for this checkpoint, so the hubness stage's query banks
+    need no second pass over train. Keyed by the identity `load_model(ckpt, image_tta)` gives, with
+    image_tta "mirror" exactly when the backend mirrors: a build that loads the checkpoint otherwise
+    does not match the key and embeds train itself."""
+    if not isinstance(backend, FeatureBackend) or "train" not in backend.feats:
+        return {}
+    from offline.embed import save_split_embeddings
+
+    t = time.perf_counter()
+    images, texts = backend.embed("train")
+    identity = ModelIdentity(model_name, str(Path(ckpt).expanduser().resolve()), sha, int(images.shape[1]),
+                             "mirror" if backend.mirror else None)
+    save_split_embeddings(out, "train", identity.to_dict(), images, texts,
+                          source=f"finetune {name}: cached train features through the trained model")
+    log.info("finetune: train embeddings of the trained model written from the feature cache (%d images, "
+             "%d captions) in %.1f s", len(images), len(texts), time.perf_counter() - t)
+    return {"train_embeddings": round(time.perf_counter() - t, 2)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
