@@ -170,7 +170,7 @@ def run_one(code: Path, sub: Path, art: Path, collection: str, args: argparse.Na
             "peak_children_mb": round(children_peak, 1),
             "steady_rss_mb": round(statistics.median(steady), 1) if steady else None,
             "steady_max_mb": round(max(steady), 1) if steady else None, "steady_samples": len(steady),
-            "log": str(logf), "samples": samples}
+            "log": str(logf.relative_to(art.parent)), "samples": samples}
 
 
 ROWS_PROBE = """

@@ -39,7 +39,7 @@ OUTPUT = "embedding"
 MIN_COS = 0.9999
 # rows of pixels per session run of an image tower: ONNX Runtime's CPU arena keeps the largest run's
 # activations for the session's lifetime, and a 240 px EfficientNet-Lite1 needs ~30 MB of them per image,
-# so one ingest batch of 64 images and their mirrors (128 rows) held ~3.8 GB. Runs of 4 hold ~0.15 GB
+# so one ingest batch of 64 images and their mirrors (128 rows) held ~3.8 GB. Runs of 4 hold ~0.11 GB
 # and were as fast or faster here (docs/ingest_memory.md): the arena is bounded by this, not by the batch.
 IMAGE_RUN_ROWS = 4
 # input name, rank, dtype and shape (for messages) of each tower's graph
