@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -69,3 +70,18 @@ def finish(result: dict[str, Any], table: str, out: Path | None) -> dict[str, An
     log("\n" + table)
     write_json(out, result)
     return result
+
+
+def catalog_rows(catalog: Path) -> int | None:
+    """Items in a collection's catalog, read-only while an ingest writes it; None when there is none yet
+    or it cannot be read at this moment."""
+    if not catalog.is_file():
+        return None
+    try:
+        con = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, timeout=0.5)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None

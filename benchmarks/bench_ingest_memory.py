@@ -28,7 +28,6 @@ import argparse
 import csv
 import json
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import finish, log, machine_env  # noqa: E402
+from benchmarks._common import catalog_rows, finish, log, machine_env  # noqa: E402
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
@@ -88,19 +87,6 @@ def children_rss_mb(pid: int) -> float:
                 todo.append(c)
                 total += status_mb(c, "VmRSS") or 0.0
     return total
-
-
-def catalog_rows(path: Path) -> int:
-    if not path.is_file():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.5)
-        try:
-            return int(con.execute("SELECT COUNT(*) FROM items").fetchone()[0])
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
 
 
 def steady_samples(samples: list[dict[str, Any]], n: int, embed_seconds: float) -> list[float]:
@@ -156,7 +142,7 @@ def run_one(code: Path, sub: Path, art: Path, collection: str, args: argparse.Na
             if rss is not None:
                 samples.append({"t": round(time.perf_counter() - t0, 1), "rss_mb": round(rss, 1),
                                 "children_mb": round(children_rss_mb(proc.pid), 1),
-                                "rows": catalog_rows(catalog)})
+                                "rows": catalog_rows(catalog) or 0})
             time.sleep(args.sample)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:

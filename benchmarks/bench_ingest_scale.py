@@ -53,7 +53,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import FLICKR8K_HELP, finish, flickr8k_dir, flickr8k_images, loadavg, log, machine_env, write_json  # noqa: E402
+from benchmarks._common import FLICKR8K_HELP, catalog_rows, finish, flickr8k_dir, flickr8k_images, loadavg, log, machine_env, write_json  # noqa: E402
 
 SIDES = (160, 320, 480, 640)
 PER_FOLDER = 1000
@@ -140,19 +140,6 @@ def cpu_s(pid: int) -> float | None:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
-        return None
-
-
-def catalog_rows(catalog: Path) -> int | None:
-    if not catalog.is_file():
-        return None
-    try:
-        con = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, timeout=0.5)
-        try:
-            return int(con.execute("SELECT COUNT(*) FROM items").fetchone()[0])
-        finally:
-            con.close()
-    except sqlite3.Error:
         return None
 
 
